@@ -1,0 +1,283 @@
+"""Typed configuration: defaults, then the YAML file, then `PROXY_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+ENV_PREFIX = "PROXY_"
+CONFIG_ENV = "PROXY_CONFIG"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the source, the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A `host:port` to listen on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Certificate and key for serving HTTPS on `listen`; both unset means plain HTTP."""
+
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the proxy needs to run, validated once at start."""
+
+    htpasswd: Path
+    listen: Address
+    upstream: URL
+    realm: str
+    admin_listen: Address | None
+    connect_timeout: float
+    read_timeout: float
+    keepalive_timeout: float
+    shutdown_timeout: float
+    upstream_connections: int
+    auth_cache_ttl: float
+    auth_cache_size: int
+    auth_workers: int
+    log_level: str
+    tls: TLSConfig
+
+
+# Value parsers: each takes what YAML or the environment gave, or raises ValueError("expected ...").
+
+
+def _address(value: object) -> Address:
+    text = str(value).strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"expected host:port with a port from 1 to 65535, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"expected an IPv6 host in brackets like [::1]:8080, got {value!r}")
+    return Address(host or "0.0.0.0", int(port_text))
+
+
+def _optional_address(value: object) -> Address | None:
+    if value is None or str(value).strip() == "":
+        return None
+    return _address(value)
+
+
+def _upstream(value: object) -> URL:
+    url = URL(str(value).strip())
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+    if url.user or url.password:
+        raise ValueError("expected no credentials in the URL: the proxy never forwards any")
+    if url.raw_path not in ("", "/") or url.raw_query_string or url.raw_fragment:
+        raise ValueError(f"expected only scheme://host:port, got {value!r}")
+    return url.origin()
+
+
+def _path(value: object) -> Path:
+    if value is None or str(value).strip() == "":
+        raise ValueError("expected a file path")
+    return Path(str(value).strip())
+
+
+def _optional_path(value: object) -> Path | None:
+    if value is None or str(value).strip() == "":
+        return None
+    return Path(str(value).strip())
+
+
+def _realm(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in '"\\') or not text.isprintable():
+        raise ValueError(f"expected printable text without quotes or backslashes, got {value!r}")
+    return text
+
+
+def _seconds(value: object) -> float:
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _count(value: object) -> int:
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return int(text)
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(value: object) -> str:
+    text = str(value).strip().lower()
+    if text not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class _Setting:
+    parse: Callable[[object], Any]
+    default: object
+
+
+# Dotted key -> how to parse it and its default (in the form a user would write it).
+SETTINGS: dict[str, _Setting] = {
+    "listen": _Setting(_address, "0.0.0.0:8080"),
+    "upstream": _Setting(_upstream, "http://127.0.0.1:5000"),
+    "htpasswd": _Setting(_path, None),
+    "realm": _Setting(_realm, "Registry"),
+    "admin_listen": _Setting(_optional_address, "127.0.0.1:8081"),
+    "connect_timeout": _Setting(_seconds, 5),
+    "read_timeout": _Setting(_seconds, 300),
+    "keepalive_timeout": _Setting(_seconds, 75),
+    "shutdown_timeout": _Setting(_seconds, 30),
+    "upstream_connections": _Setting(_count, 100),
+    "auth_cache_ttl": _Setting(_seconds, 300),
+    "auth_cache_size": _Setting(_count, 10000),
+    "auth_workers": _Setting(_count, 2),
+    "log_level": _Setting(_log_level, "info"),
+    "tls.cert": _Setting(_optional_path, None),
+    "tls.key": _Setting(_optional_path, None),
+}
+_SECTIONS = {key.rpartition(".")[0] for key in SETTINGS if "." in key}
+
+
+def env_name(key: str) -> str:
+    """`tls.cert` -> `PROXY_TLS_CERT`."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from defaults, the optional YAML file and the environment."""
+    environ = os.environ if environ is None else environ
+    given: dict[str, tuple[object, str]] = {}
+    if path is not None:
+        given.update(_read_yaml(path))
+    given.update(_read_environment(environ))
+
+    values: dict[str, Any] = {}
+    for key, setting in SETTINGS.items():
+        raw, where = given.get(key, (setting.default, "default"))
+        try:
+            values[key] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key}: {exc}") from None
+
+    tls = TLSConfig(cert=values.pop("tls.cert"), key=values.pop("tls.key"))
+    if (tls.cert is None) != (tls.key is None):
+        missing = "tls.key" if tls.key is None else "tls.cert"
+        raise ConfigError(f"{missing}: expected both tls.cert and tls.key, or neither")
+    return Config(tls=tls, **values)
+
+
+def _read_environment(environ: Mapping[str, str]) -> Iterator[tuple[str, tuple[object, str]]]:
+    known = {env_name(key): key for key in SETTINGS}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        if name not in known:
+            raise ConfigError(
+                f"environment {name}: unknown setting (known: {', '.join(sorted(known))})"
+            )
+        yield known[name], (value, f"environment {name}")
+
+
+def _read_yaml(path: Path) -> dict[str, tuple[object, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read configuration file: {reason}") from None
+
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        found: dict[str, tuple[object, str]] = {}
+        if root is not None:
+            _collect(loader, root, "", path, found)
+        return found
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 0
+        raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _collect(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    prefix: str,
+    path: Path,
+    found: dict[str, tuple[object, str]],
+) -> None:
+    where = f"{path}:{node.start_mark.line + 1}"
+    if not isinstance(node, yaml.MappingNode):
+        section = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{where}: {section}: expected a mapping of settings")
+    for key_node, value_node in node.value:
+        line = f"{path}:{key_node.start_mark.line + 1}"
+        key = prefix + str(key_node.value)
+        if key in found or (key in _SECTIONS and any(k.startswith(key + ".") for k in found)):
+            raise ConfigError(f"{line}: {key}: set more than once")
+        if key in _SECTIONS:
+            if not (isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")):
+                _collect(loader, value_node, key + ".", path, found)
+        elif key in SETTINGS:
+            if not isinstance(value_node, yaml.ScalarNode):
+                raise ConfigError(f"{line}: {key}: expected a single value")
+            found[key] = (loader.construct_object(value_node, deep=True), line)
+        else:
+            known = ", ".join(sorted(SETTINGS))
+            raise ConfigError(f"{line}: unknown key {key!r} (known keys: {known})")
+
+
+def describe(config: Config) -> dict[str, object]:
+    """The effective configuration as plain values, in the file's shape, for `check-config`."""
+    flat: dict[str, object] = {
+        "listen": str(config.listen),
+        "upstream": str(config.upstream),
+        "htpasswd": str(config.htpasswd),
+        "realm": config.realm,
+        "admin_listen": str(config.admin_listen) if config.admin_listen else "",
+        "connect_timeout": config.connect_timeout,
+        "read_timeout": config.read_timeout,
+        "keepalive_timeout": config.keepalive_timeout,
+        "shutdown_timeout": config.shutdown_timeout,
+        "upstream_connections": config.upstream_connections,
+        "auth_cache_ttl": config.auth_cache_ttl,
+        "auth_cache_size": config.auth_cache_size,
+        "auth_workers": config.auth_workers,
+        "log_level": config.log_level,
+        "tls": {
+            "cert": str(config.tls.cert) if config.tls.cert else None,
+            "key": str(config.tls.key) if config.tls.key else None,
+        },
+    }
+    return flat

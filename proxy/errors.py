@@ -1,0 +1,60 @@
+"""Responses the proxy itself produces, in the registry's JSON error envelope.
+
+Clients (docker, containerd, containers/image) parse these bodies and choke on HTML
+(harbor#3270), so every error the proxy originates goes through `registry_error`.
+"""
+
+import json
+
+from aiohttp import web
+
+API_VERSION_HEADER = "Docker-Distribution-API-Version"
+API_VERSION = "registry/2.0"
+
+_JSON = "application/json"
+
+
+def registry_error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """Build an error response shaped like distribution's `errcode.Errors`."""
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": None}]})
+    response = web.Response(status=status, text=body, content_type=_JSON)
+    response.headers[API_VERSION_HEADER] = API_VERSION
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def unauthorized(realm: str) -> web.Response:
+    """The Basic challenge docker and podman learn the auth scheme from."""
+    return registry_error(
+        401,
+        "UNAUTHORIZED",
+        "authentication required",
+        headers={"WWW-Authenticate": f'Basic realm="{realm}"'},
+    )
+
+
+def not_found() -> web.Response:
+    """Anything outside the registry API."""
+    return registry_error(404, "NOT_FOUND", "not found")
+
+
+def bad_gateway() -> web.Response:
+    """The upstream registry refused the connection or could not be resolved."""
+    return registry_error(502, "UNAVAILABLE", "upstream registry unreachable")
+
+
+def gateway_timeout() -> web.Response:
+    """The upstream registry did not answer in time."""
+    return registry_error(504, "UNAVAILABLE", "upstream registry timed out")
+
+
+def expectation_failed() -> web.Response:
+    """An Expect header other than 100-continue."""
+    return registry_error(417, "UNSUPPORTED", "unsupported Expect header")

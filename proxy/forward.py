@@ -1,0 +1,193 @@
+"""Relaying one request to the upstream registry and its response back, streaming both bodies."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy import errors
+
+log = logging.getLogger("registry_proxy.forward")
+
+# RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones clients still send.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never passed upstream: our own credentials, the 100-continue we already answered, and
+# forwarding headers a client could spoof (the registry trusts them over Host when building
+# Location URLs: distribution registry/api/v2/urls.go).
+_CLIENT_ONLY = frozenset({"authorization", "expect", "forwarded", "host", "x-real-ip"})
+_FORWARDING_PREFIX = "x-forwarded-"
+
+# The best relay buffer measured on loopback (see README, Performance).
+READ_BUFSIZE = 1 << 20
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Header names a sender listed in Connection, which are hop-by-hop too."""
+    return {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
+
+
+def upstream_request_headers(request: web.Request) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop and spoofable ones, plus our forwarding headers."""
+    dropped = HOP_BY_HOP | _connection_tokens(request.headers)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lowered = name.lower()
+        if lowered in dropped or lowered in _CLIENT_ONLY or lowered.startswith(_FORWARDING_PREFIX):
+            continue
+        headers.add(name, value)
+    # The client's own Host (with its port) makes the registry build Locations that point at us.
+    headers["Host"] = request.host
+    headers["X-Forwarded-Proto"] = request.scheme
+    if request.remote:
+        headers["X-Forwarded-For"] = request.remote
+    return headers
+
+
+def client_response_headers(
+    upstream: aiohttp.ClientResponse, upstream_origin: URL, client_origin: str
+) -> CIMultiDict[str]:
+    """The upstream's headers minus hop-by-hop ones, with Locations at the upstream rewritten."""
+    dropped = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        if name.lower() not in dropped:
+            headers.add(name, value)
+    location = headers.get("Location")
+    if location and location.startswith(("http://", "https://")):
+        target = URL(location, encoded=True)
+        if target.origin() == upstream_origin:
+            # A user must never be sent to the upstream directly.
+            headers["Location"] = client_origin + (target.raw_path_qs or "/")
+    return headers
+
+
+class Forwarder:
+    """Relays requests to one upstream registry over a pooled keep-alive client session."""
+
+    def __init__(self, session: aiohttp.ClientSession, upstream: URL) -> None:
+        self._session = session
+        self._upstream = upstream.origin()
+        self._base = str(self._upstream)
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        """Forward the request; errors before the response starts become registry JSON errors."""
+        # raw_path is the request target as sent: percent-escapes and query (`_state`,
+        # `digest=sha256%3A...`) pass byte for byte.
+        url = URL(self._base + request.raw_path, encoded=True)
+        body = request.content if request.body_exists else None
+        try:
+            upstream = await self._session.request(
+                request.method,
+                url,
+                headers=upstream_request_headers(request),
+                data=body,
+                allow_redirects=False,
+            )
+        except aiohttp.ClientConnectorError as exc:
+            log.warning("upstream %s unreachable: %s", self._base, exc.os_error or exc)
+            return errors.bad_gateway()
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            log.warning("upstream %s timed out before answering %s", self._base, request.method)
+            return errors.gateway_timeout()
+        except aiohttp.ClientError as exc:
+            if _client_gone(request):
+                log.debug("client went away during %s upload", request.method)
+            else:
+                log.warning("upstream %s failed before answering: %s", self._base, _describe(exc))
+            return errors.bad_gateway()
+
+        try:
+            return await self._relay_response(request, upstream)
+        finally:
+            upstream.release()
+
+    async def _relay_response(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        client_origin = f"{request.scheme}://{request.host}"
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=client_response_headers(upstream, self._upstream, client_origin),
+        )
+        await response.prepare(request)
+        reader = upstream.content
+        while True:
+            try:
+                chunk = await reader.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Headers (maybe a Content-Length) are out: ending the body cleanly would make
+                # a truncated blob look complete, so the client's connection is cut instead.
+                log.warning(
+                    "upstream %s broke off %s %s mid-body: %s",
+                    self._base,
+                    request.method,
+                    request.rel_url.path,
+                    _describe(exc),
+                )
+                upstream.close()
+                _abort(request)
+                return response
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                # The client went away; the half-read upstream connection cannot be reused.
+                upstream.close()
+                return response
+        await response.write_eof()
+        return response
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def create_session(
+    *, connections: int, connect_timeout: float, read_timeout: float
+) -> aiohttp.ClientSession:
+    """The one upstream client session: pooled, never decompressing, no total timeout."""
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0, force_close=False)
+    return aiohttp.ClientSession(
+        connector=connector,
+        # Multi-GB blobs take long: no total deadline, only connect and per-read idleness.
+        timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout),
+        auto_decompress=False,
+        read_bufsize=READ_BUFSIZE,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
