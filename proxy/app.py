@@ -100,7 +100,14 @@ async def _credential_checker(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
     """The public application."""
-    app = web.Application(handler_args={"auto_decompress": False})
+    app = web.Application(
+        handler_args={
+            # Digests are over the bytes as sent: never inflate request bodies.
+            "auto_decompress": False,
+            # Room for Basic credentials with passwords of up to 8 KiB.
+            "max_field_size": 16384,
+        }
+    )
     app[CONFIG] = config
     app[CHECKER] = CredentialChecker(
         users,

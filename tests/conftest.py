@@ -1,0 +1,74 @@
+"""Fixtures: the real registry, an htpasswd file written by apache2-utils, and the proxy."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Proxy, Registry
+
+# user -> (htpasswd flags, password); every scheme apache2-utils writes that we accept.
+USERS = {
+    "alice": (["-B", "-C", "5"], "alice-secret-ü"),
+    "bob": (["-m"], "bob:pass with colon"),
+    "carol": (["-s"], "carol-sha1"),
+}
+
+
+@pytest.fixture(scope="session")
+def users() -> dict[str, str]:
+    """user -> password for every user in `htpasswd_file`."""
+    return {user: password for user, (_, password) in USERS.items()}
+
+
+@pytest.fixture(scope="session")
+def htpasswd_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An htpasswd file written by the real `htpasswd` tool."""
+    path = tmp_path_factory.mktemp("auth") / "htpasswd"
+    for user, (flags, password) in USERS.items():
+        create = ["-c"] if not path.exists() else []
+        subprocess.run(
+            ["htpasswd", "-b", *create, *flags, str(path), user, password],
+            check=True,
+            capture_output=True,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """The real registry binary with its own storage directory."""
+    server = Registry(tmp_path_factory.mktemp("registry"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(
+    registry: Registry, htpasswd_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Proxy]:
+    """registry-proxy in front of the real registry."""
+    server = Proxy(tmp_path_factory.mktemp("proxy"), registry.url, htpasswd_file)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_proxy(htpasswd_file: Path, tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    """Start extra proxies (another upstream, other settings); stopped after the test."""
+    started: list[Proxy] = []
+
+    def start(upstream: str, htpasswd: Path | None = None, **env: str) -> Proxy:
+        server = Proxy(tmp_path / f"proxy{len(started)}", upstream, htpasswd or htpasswd_file, env)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,178 @@
+"""Basic credential parsing and the credential checker's cache, sharing and decoy."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from collections.abc import Callable
+
+import pytest
+from passlib.hash import bcrypt
+
+from proxy import auth
+from proxy.auth import CredentialChecker, Outcome, parse_basic
+
+BCRYPT_PW = "correct horse"
+BCRYPT_HASH = bcrypt.using(rounds=4).hash(BCRYPT_PW)
+
+
+def basic(raw: bytes) -> str:
+    return "Basic " + base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (basic(b"alice:pw"), ("alice", "pw")),
+        (basic(b"bob:a:b:c"), ("bob", "a:b:c")),
+        (basic(b"u:"), ("u", "")),
+        (basic("ünï:pässwörd".encode()), ("ünï", "pässwörd")),
+        ("basic " + base64.b64encode(b"u:p").decode(), ("u", "p")),
+        ("  Basic   " + base64.b64encode(b"u:p").decode() + "  ", ("u", "p")),
+    ],
+)
+def test_parse_valid(header: str, expected: tuple[str, str]) -> None:
+    assert parse_basic(header) == expected
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Basic",
+        "Basic ",
+        "Bearer abc.def",
+        "Digest username=x",
+        "Basic !!!notbase64",
+        "Basic " + base64.b64encode(b"no-colon").decode(),
+        basic(b":password-without-user"),
+        basic(b"\xff\xfe:latin1"),
+        basic(b"u:pass\x00word"),
+        basic(b"us\x00er:pw"),
+        "Basic " + "QQ" * 5000,
+    ],
+)
+def test_parse_malformed_is_none(header: str | None) -> None:
+    assert parse_basic(header) is None
+
+
+def checker(users: dict[str, str] | None = None, **kwargs: float) -> CredentialChecker:
+    options: dict[str, float] = {"cache_ttl": 60, "cache_size": 100, "workers": 2}
+    options.update(kwargs)
+    return CredentialChecker(
+        users or {"alice": BCRYPT_HASH},
+        cache_ttl=options["cache_ttl"],
+        cache_size=int(options["cache_size"]),
+        workers=int(options["workers"]),
+    )
+
+
+class CountingVerify:
+    """Wraps the real verify to count hash computations."""
+
+    def __init__(self, verify: Callable[[str, str], bool]) -> None:
+        self.verify = verify
+        self.calls = 0
+        self.targets: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, password: str, stored: str) -> bool:
+        with self.lock:
+            self.calls += 1
+            self.targets.append(stored)
+        return self.verify(password, stored)
+
+
+@pytest.fixture
+def counting(monkeypatch: pytest.MonkeyPatch) -> CountingVerify:
+    counter = CountingVerify(auth._verify)
+    monkeypatch.setattr(auth, "_verify", counter)
+    return counter
+
+
+async def test_success_is_cached(counting: CountingVerify) -> None:
+    check = checker()
+    assert await check.check("alice", BCRYPT_PW) is Outcome.VERIFIED
+    assert await check.check("alice", BCRYPT_PW) is Outcome.CACHED
+    assert counting.calls == 1
+    check.close()
+
+
+async def test_failures_are_not_cached(counting: CountingVerify) -> None:
+    check = checker()
+    assert await check.check("alice", "wrong") is Outcome.REJECTED
+    assert await check.check("alice", "wrong") is Outcome.REJECTED
+    assert counting.calls == 2
+    check.close()
+
+
+async def test_concurrent_identical_checks_share_one_hash(counting: CountingVerify) -> None:
+    check = checker()
+    outcomes = await asyncio.gather(*(check.check("alice", BCRYPT_PW) for _ in range(20)))
+    assert all(o.ok for o in outcomes)
+    assert counting.calls == 1
+    check.close()
+
+
+async def test_cache_expires(counting: CountingVerify, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
+    check = checker(cache_ttl=10)
+    assert await check.check("alice", BCRYPT_PW) is Outcome.VERIFIED
+    now[0] += 9
+    assert await check.check("alice", BCRYPT_PW) is Outcome.CACHED
+    now[0] += 2
+    assert await check.check("alice", BCRYPT_PW) is Outcome.VERIFIED
+    assert counting.calls == 2
+    check.close()
+
+
+async def test_cache_is_bounded(counting: CountingVerify) -> None:
+    users = {f"u{i}": bcrypt.using(rounds=4).hash("pw") for i in range(3)}
+    check = checker(users, cache_size=2)
+    for user in users:
+        await check.check(user, "pw")
+    assert await check.check("u2", "pw") is Outcome.CACHED
+    assert await check.check("u0", "pw") is Outcome.VERIFIED  # evicted, least recently used
+    check.close()
+
+
+async def test_replacing_users_forgets_cached_credentials(counting: CountingVerify) -> None:
+    check = checker()
+    assert await check.check("alice", BCRYPT_PW) is Outcome.VERIFIED
+    check.replace_users({"bob": BCRYPT_HASH})
+    assert await check.check("alice", BCRYPT_PW) is Outcome.REJECTED
+    assert await check.check("bob", BCRYPT_PW) is Outcome.VERIFIED
+    check.close()
+
+
+async def test_unknown_user_is_checked_against_a_decoy_of_the_same_cost(
+    counting: CountingVerify,
+) -> None:
+    slow = bcrypt.using(rounds=6).hash("pw")
+    check = checker({"alice": BCRYPT_HASH, "bob": slow})
+    assert await check.check("mallory", "pw") is Outcome.REJECTED
+    assert counting.calls == 1
+    decoy = counting.targets[0]
+    assert decoy not in (BCRYPT_HASH, slow)
+    assert bcrypt.from_string(decoy).rounds == 6
+    check.close()
+
+
+async def test_unknown_user_never_authenticates_even_with_the_decoy_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(auth, "_verify", lambda password, stored: True)
+    check = checker()
+    assert await check.check("mallory", "anything") is Outcome.REJECTED
+    check.close()
+
+
+def test_passwords_longer_than_bcrypt_reads_never_match() -> None:
+    long_password = "x" * 72
+    stored = bcrypt.using(rounds=4, truncate_error=False).hash(long_password)
+    assert auth._verify(long_password, stored)
+    assert not auth._verify(long_password + "extra", stored)
+    assert not auth._verify("y" * 8192, stored)
