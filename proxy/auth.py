@@ -11,7 +11,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from passlib.hash import apr_md5_crypt, bcrypt
@@ -86,7 +86,9 @@ class CredentialChecker:
         cache_ttl: float,
         cache_size: int,
         workers: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
@@ -114,7 +116,7 @@ class CredentialChecker:
         key = self._cache_key(user, password, stored)
         expiry = self._cache.get(key)
         if expiry is not None:
-            if expiry > time.monotonic():
+            if expiry > self._clock():
                 self._cache.move_to_end(key)
                 return Outcome.CACHED
             del self._cache[key]
@@ -143,7 +145,7 @@ class CredentialChecker:
         return hmac.new(self._key_secret, message, hashlib.sha256).digest()
 
     def _remember(self, key: bytes) -> None:
-        self._cache[key] = time.monotonic() + self._cache_ttl
+        self._cache[key] = self._clock() + self._cache_ttl
         self._cache.move_to_end(key)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

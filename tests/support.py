@@ -242,7 +242,7 @@ def write_oci_layout(directory: Path, tag: str, layers: list[Mapping[str, bytes]
         (blobs / digest.split(":", 1)[1]).write_bytes(data)
         return digest
 
-    layer_descriptors = []
+    layer_descriptors: list[dict[str, str | int]] = []
     diff_ids = []
     for files in layers:
         compressed = _tar_gz(files)
@@ -288,4 +288,4 @@ def write_oci_layout(directory: Path, tag: str, layers: list[Mapping[str, bytes]
     }
     (directory / "index.json").write_text(json.dumps(index))
     (directory / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    return [d["digest"] for d in layer_descriptors]
+    return [str(d["digest"]) for d in layer_descriptors]

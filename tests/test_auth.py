@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -58,14 +59,19 @@ def test_parse_malformed_is_none(header: str | None) -> None:
     assert parse_basic(header) is None
 
 
-def checker(users: dict[str, str] | None = None, **kwargs: float) -> CredentialChecker:
-    options: dict[str, float] = {"cache_ttl": 60, "cache_size": 100, "workers": 2}
-    options.update(kwargs)
+def checker(
+    users: dict[str, str] | None = None,
+    *,
+    cache_ttl: float = 60,
+    cache_size: int = 100,
+    clock: Callable[[], float] = time.monotonic,
+) -> CredentialChecker:
     return CredentialChecker(
         users or {"alice": BCRYPT_HASH},
-        cache_ttl=options["cache_ttl"],
-        cache_size=int(options["cache_size"]),
-        workers=int(options["workers"]),
+        cache_ttl=cache_ttl,
+        cache_size=cache_size,
+        workers=2,
+        clock=clock,
     )
 
 
@@ -116,10 +122,9 @@ async def test_concurrent_identical_checks_share_one_hash(counting: CountingVeri
     check.close()
 
 
-async def test_cache_expires(counting: CountingVerify, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cache_expires(counting: CountingVerify) -> None:
     now = [1000.0]
-    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
-    check = checker(cache_ttl=10)
+    check = checker(cache_ttl=10, clock=lambda: now[0])
     assert await check.check("alice", BCRYPT_PW) is Outcome.VERIFIED
     now[0] += 9
     assert await check.check("alice", BCRYPT_PW) is Outcome.CACHED
