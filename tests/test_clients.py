@@ -29,12 +29,6 @@ CLIENT_TIMEOUT = 60.0
 BIG_LAYER_BYTES = 4 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(tool) for tool in ("docker", "skopeo", "podman")),
-    reason="needs the docker, skopeo and podman CLIs",
-)
-
-
 class Clients:
     """Runs client CLIs in a sealed environment; failures report the client's output."""
 
