@@ -29,6 +29,7 @@ CLIENT_TIMEOUT = 60.0
 BIG_LAYER_BYTES = 4 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
+
 class Clients:
     """Runs client CLIs in a sealed environment; failures report the client's output."""
 
