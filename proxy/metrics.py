@@ -1,0 +1,150 @@
+"""Prometheus metrics, one registry per application; label values come from small fixed sets."""
+
+from __future__ import annotations
+
+import platform
+
+import aiohttp
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from proxy import __version__
+
+PREFIX = "registry_proxy"
+
+# Request durations span cached manifest GETs (~1 ms) to multi-GB blob transfers.
+_DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+)
+_HASH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+AUTH_OUTCOMES = ("success", "cached", "bad_credentials", "no_credentials", "throttled")
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "5xx")
+RELOAD_RESULTS = ("success", "failure")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The method, or OTHER: clients choose methods, labels must stay bounded."""
+    return method if method in METHODS else "OTHER"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class Metrics:
+    """Every metric the proxy exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Requests answered, by method, action and status class.",
+            ["method", "action", "status_class"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from request headers to the last response byte, by action.",
+            ["action"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            f"{PREFIX}_received_bytes",
+            "Request body bytes received from clients, by action.",
+            ["action"],
+            registry=r,
+        )
+        self.sent_bytes = Counter(
+            f"{PREFIX}_sent_bytes",
+            "Response bytes (headers and body) sent to clients, by action.",
+            ["action"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight",
+            "Requests being handled (transfers in progress included), by action.",
+            ["action"],
+            registry=r,
+        )
+        self.auth = Counter(
+            f"{PREFIX}_auth",
+            "Authentication outcomes.",
+            ["outcome"],
+            registry=r,
+        )
+        self.password_checks = Histogram(
+            f"{PREFIX}_password_check_duration_seconds",
+            "Password hash computations (bcrypt, apr1, SHA) and their duration.",
+            buckets=_HASH_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            f"{PREFIX}_upstream_errors",
+            "Upstream failures: connect, timeout, reset (mid-body or before headers), 5xx answers.",
+            ["kind"],
+            registry=r,
+        )
+        self.users = Gauge(
+            f"{PREFIX}_users",
+            "Users in the credential table in use.",
+            registry=r,
+        )
+        self.reloads = Counter(
+            f"{PREFIX}_htpasswd_reloads",
+            "htpasswd reloads by result; a failure keeps the last good table.",
+            ["result"],
+            registry=r,
+        )
+        self.last_reload = Gauge(
+            f"{PREFIX}_htpasswd_last_success_timestamp_seconds",
+            "Unix time the credential table in use was loaded.",
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            f"{PREFIX}_upstream_up",
+            "1 when the upstream answered its last /v2/ probe, else 0.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info",
+            "Version information; always 1.",
+            ["version", "python", "aiohttp"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version(), aiohttp.__version__).set(1)
+        # Pre-create the fixed label sets so rates start at zero instead of appearing late.
+        for outcome in AUTH_OUTCOMES:
+            self.auth.labels(outcome)
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(kind)
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
+
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes."""
+        return generate_latest(self.registry)

@@ -1,0 +1,64 @@
+"""What a registry API path asks for: the action, the repository and the reference.
+
+The patterns follow distribution's router (`registry/api/v2/routes.go`, `regexp.go`), tried in
+its order, so the proxy and the registry read a path the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import unquote
+
+
+class Action(StrEnum):
+    """A small fixed set, safe as a metrics label."""
+
+    PING = "ping"
+    CATALOG = "catalog"
+    TAGS = "tags"
+    MANIFEST = "manifest"
+    BLOB = "blob"
+    UPLOAD = "upload"
+    REFERRERS = "referrers"
+    OTHER = "other"
+
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_NAME = rf"(?P<name>{_COMPONENT}(?:/{_COMPONENT})*)"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+
+_ROUTES: list[tuple[Action, re.Pattern[str]]] = [
+    (Action.PING, re.compile(r"/v2/")),
+    (Action.CATALOG, re.compile(r"/v2/_catalog")),
+    (Action.TAGS, re.compile(rf"/v2/{_NAME}/tags/list")),
+    (Action.MANIFEST, re.compile(rf"/v2/{_NAME}/manifests/(?P<ref>{_TAG}|{_DIGEST})")),
+    (Action.BLOB, re.compile(rf"/v2/{_NAME}/blobs/(?P<ref>{_DIGEST})")),
+    (Action.UPLOAD, re.compile(rf"/v2/{_NAME}/blobs/uploads/(?P<ref>[A-Za-z0-9._=-]*)")),
+    (Action.REFERRERS, re.compile(rf"/v2/{_NAME}/referrers/(?P<ref>{_DIGEST})")),
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The parts of a request target that access rules, metrics and the audit log use."""
+
+    action: Action
+    repository: str | None = None
+    reference: str | None = None
+
+
+def classify(raw_path: str) -> Target:
+    """Classify a raw request target (query ignored, percent-escapes decoded like the registry)."""
+    try:
+        path = unquote(raw_path.partition("?")[0], errors="strict")
+    except UnicodeDecodeError:
+        return Target(Action.OTHER)
+    for action, pattern in _ROUTES:
+        match = pattern.fullmatch(path)
+        if match:
+            groups = match.groupdict()
+            return Target(action, groups.get("name"), groups.get("ref") or None)
+    return Target(Action.OTHER)
