@@ -1,0 +1,1 @@
+"""Benchmark of registry-proxy against nginx (distribution's recipe) and the bare registry."""

@@ -1,0 +1,336 @@
+"""The three servers under test, each a child process on free loopback ports in a temp dir.
+
+Adapted from tests/support.py so the benchmark stands on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+NGINX_TEMPLATE = BENCH_DIR / "nginx.conf.template"
+REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+NGINX_BINARY = shutil.which("nginx") or "/usr/sbin/nginx"
+STARTUP_DEADLINE = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, deadline: float = STARTUP_DEADLINE
+) -> None:
+    """Poll `condition` until it holds, or raise naming `what`."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out after {deadline}s waiting for {what}")
+
+
+def http_status(url: str, headers: Mapping[str, str] | None = None) -> int | None:
+    """Status of a GET, or None when nothing answers."""
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return None
+
+
+@dataclass
+class Process:
+    """A child process whose combined output goes to a log file."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+    popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+
+    def check_alive(self) -> None:
+        assert self.popen is not None
+        if self.popen.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(20)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+class Registry:
+    """Distribution's registry (Debian's `docker-registry`), quiet so it is never the log sink."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.yml"
+        config.write_text(
+            f"""version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {self.root / "data"}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{self.port}
+  secret: bench-secret
+"""
+        )
+        self.process = Process(
+            "registry", [REGISTRY_BINARY, "serve", str(config)], self.root / "registry.log"
+        )
+        self.process.start()
+        process = self.process
+
+        def answers() -> bool:
+            process.check_alive()
+            return http_status(self.url + "/v2/") == 200
+
+        wait_until(answers, "the registry to answer /v2/")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+def render_nginx_conf(
+    template: str, *, root: Path, port: int, upstream_port: int, htpasswd: Path, workers: int
+) -> str:
+    """The recipe's server block with this run's ports, paths and (as root) worker user."""
+    user_line = "user root;" if os.geteuid() == 0 else ""
+    values = {
+        "@USER_LINE@": user_line,
+        "@WORKERS@": str(workers),
+        "@ROOT@": str(root),
+        "@PORT@": str(port),
+        "@UPSTREAM_PORT@": str(upstream_port),
+        "@HTPASSWD@": str(htpasswd),
+    }
+    text = template
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    leftover = [word for word in text.split() if word.startswith("@") and word.endswith("@")]
+    if leftover:
+        raise RuntimeError(f"unfilled placeholders in {NGINX_TEMPLATE}: {leftover}")
+    return text
+
+
+class Nginx:
+    """nginx as distribution's "authenticate proxy with nginx" recipe, a non-daemon child."""
+
+    def __init__(self, root: Path, upstream_port: int, htpasswd: Path, workers: int = 1) -> None:
+        self.root = root
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.htpasswd = htpasswd
+        self.workers = workers
+        self.process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes (children of the master)."""
+        assert self.process is not None
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.root / "temp" / sub).mkdir(parents=True, exist_ok=True)
+        conf = self.root / "nginx.conf"
+        conf.write_text(
+            render_nginx_conf(
+                NGINX_TEMPLATE.read_text(),
+                root=self.root,
+                port=self.port,
+                upstream_port=self.upstream_port,
+                htpasswd=self.htpasswd,
+                workers=self.workers,
+            )
+        )
+        test = subprocess.run(
+            [NGINX_BINARY, "-t", "-p", str(self.root), "-c", str(conf)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if test.returncode != 0:
+            raise RuntimeError(f"nginx rejected {conf}:\n{test.stderr}")
+        self.process = Process(
+            "nginx",
+            [NGINX_BINARY, "-p", str(self.root), "-c", str(conf)],
+            self.root / "nginx.log",
+        )
+        self.process.start()
+        process = self.process
+
+        def answers() -> bool:
+            process.check_alive()
+            return http_status(self.url + "/v2/") == 401
+
+        wait_until(answers, "nginx to answer /v2/")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+def proxy_snapshot(rev: str, into: Path) -> Path:
+    """Extract the `proxy` package as committed at `rev`, so the benchmark runs code that the
+    working tree's edits in progress cannot change under it."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_DIR), "archive", "--format=tar", rev, "proxy"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {rev} proxy: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def proxy_source_info(rev: str | None) -> dict[str, object]:
+    """Which proxy code ran: a commit, or the working tree and whether proxy/ had edits."""
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(
+            ["git", "-C", str(REPO_DIR), *args], capture_output=True, text=True, check=False
+        )
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    if rev is not None:
+        return {"source": "git", "rev": rev, "commit": git("rev-parse", f"{rev}^{{commit}}")}
+    return {
+        "source": "working tree",
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes_in_proxy": bool(git("status", "--porcelain", "--", "proxy")),
+    }
+
+
+class Proxy:
+    """registry-proxy started as `python -m proxy serve`, configured by environment."""
+
+    def __init__(
+        self,
+        root: Path,
+        upstream: str,
+        htpasswd: Path,
+        *,
+        source: Path = REPO_DIR,
+        python: str | None = None,
+    ) -> None:
+        self.root = root
+        self.upstream = upstream
+        self.htpasswd = htpasswd
+        # `python -m proxy` imports the `proxy` package from the directory it starts in.
+        self.source = source
+        self.python = python or sys.executable
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+        env.update(
+            PROXY_LISTEN=f"127.0.0.1:{self.port}",
+            PROXY_ADMIN_LISTEN=f"127.0.0.1:{self.admin_port}",
+            PROXY_UPSTREAM=self.upstream,
+            PROXY_HTPASSWD=str(self.htpasswd),
+        )
+        self.process = Process(
+            "proxy",
+            [self.python, "-m", "proxy", "serve"],
+            self.root / "proxy.log",
+            env=env,
+            cwd=self.source,
+        )
+        self.process.start()
+        process = self.process
+
+        def answers() -> bool:
+            process.check_alive()
+            return http_status(f"http://127.0.0.1:{self.admin_port}/healthz") == 200
+
+        wait_until(answers, "the proxy's /healthz")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
