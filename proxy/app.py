@@ -1,42 +1,94 @@
-"""The aiohttp applications: public routes (authenticate, then forward) and their lifecycle."""
+"""The aiohttp applications: public routes (authenticate, then forward), admin routes, lifecycle."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import unquote
 
+import aiohttp
 from aiohttp import web
 
 from proxy import errors
-from proxy.auth import CredentialChecker, parse_basic
+from proxy.auth import CredentialChecker, Outcome, parse_basic
 from proxy.config import Config
+from proxy.exchange import Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
+from proxy.metrics import Metrics
+from proxy.reload import CredentialReloader
 
 log = logging.getLogger("registry_proxy")
 
-CONFIG = web.AppKey("config", Config)
-CHECKER = web.AppKey("checker", CredentialChecker)
-FORWARDER = web.AppKey("forwarder", Forwarder)
-
-# Request key holding the authenticated user name (None once a check failed).
-USER = "registry_proxy.user"
-
 _API_PREFIX = "/v2/"
+_OUTCOME_LABELS = {
+    Outcome.CACHED: "cached",
+    Outcome.VERIFIED: "success",
+    Outcome.REJECTED: "bad_credentials",
+}
+
+
+class ProxyState:
+    """Readiness and the count of requests in progress, for /readyz and the drain on shutdown."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self.upstream_answered = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.upstream_answered and not self.draining
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in progress; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+STATE = web.AppKey("state", ProxyState)
+CHECKER = web.AppKey("checker", CredentialChecker)
+RELOADER = web.AppKey("reloader", CredentialReloader)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+def _exchange(request: web.Request) -> Exchange:
+    return exchange_of(request, request.app[CONFIG].trusted_proxies)
 
 
 async def authenticated_user(request: web.Request) -> str | None:
     """The user whose Basic credentials this request carries, checked once per request."""
-    if USER not in request:
-        user = None
-        credentials = parse_basic(request.headers.get("Authorization"))
-        if credentials is not None:
+    exchange = _exchange(request)
+    if exchange.auth_outcome is None:
+        header = request.headers.get("Authorization")
+        credentials = parse_basic(header)
+        if credentials is None:
+            exchange.auth_outcome = "bad_credentials" if header else "no_credentials"
+        else:
             outcome = await request.app[CHECKER].check(*credentials)
+            exchange.auth_outcome = _OUTCOME_LABELS[outcome]
             if outcome.ok:
-                user = credentials[0]
-        request[USER] = user
-    result: str | None = request[USER]
-    return result
+                exchange.user = credentials[0]
+        request.app[METRICS].auth.labels(exchange.auth_outcome).inc()
+    return exchange.user
 
 
 def _challenge(request: web.Request) -> web.Response:
@@ -70,11 +122,20 @@ def is_api_path(raw_path: str) -> bool:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every request on the public listener: authenticate first, then forward or 404."""
-    if await authenticated_user(request) is None:
-        return _challenge(request)
-    if not is_api_path(request.raw_path):
-        return errors.not_found()
-    return await request.app[FORWARDER](request)
+    state = request.app[STATE]
+    exchange = _exchange(request)
+    in_flight = request.app[METRICS].in_flight.labels(exchange.target.action)
+    state.enter()
+    in_flight.inc()
+    try:
+        if await authenticated_user(request) is None:
+            return _challenge(request)
+        if not is_api_path(request.raw_path):
+            return errors.not_found()
+        return await request.app[FORWARDER](request, exchange)
+    finally:
+        in_flight.dec()
+        state.leave()
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -84,17 +145,46 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
     )
-    app[FORWARDER] = Forwarder(session, config.upstream)
+    app[SESSION] = session
+    app[FORWARDER] = Forwarder(session, config.upstream, app[METRICS])
     try:
         yield
     finally:
         await session.close()
 
 
-async def _credential_checker(app: web.Application) -> AsyncIterator[None]:
+async def _probe_upstream_forever(app: web.Application) -> None:
+    config, state, metrics = app[CONFIG], app[STATE], app[METRICS]
+    url = config.upstream.with_path(_API_PREFIX)
+    timeout = aiohttp.ClientTimeout(total=config.upstream_probe_interval)
+    while True:
+        try:
+            async with app[SESSION].get(url, timeout=timeout, allow_redirects=False) as response:
+                answered = response.status < 500
+        except (aiohttp.ClientError, TimeoutError):
+            answered = False
+        if answered and not state.upstream_answered:
+            log.info("upstream %s answers", config.upstream)
+        elif state.upstream_answered and not answered:
+            log.warning("upstream %s stopped answering /v2/", config.upstream)
+        state.upstream_answered = answered
+        metrics.upstream_up.set(1 if answered else 0)
+        await asyncio.sleep(config.upstream_probe_interval)
+
+
+async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
+    tasks = [
+        asyncio.create_task(_probe_upstream_forever(app)),
+        asyncio.create_task(app[RELOADER].watch()),
+    ]
     try:
         yield
     finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         app[CHECKER].close()
 
 
@@ -108,24 +198,45 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
             "max_field_size": 16384,
         }
     )
-    app[CONFIG] = config
-    app[CHECKER] = CredentialChecker(
+    metrics = Metrics()
+    checker = CredentialChecker(
         users,
         cache_ttl=config.auth_cache_ttl,
         cache_size=config.auth_cache_size,
         workers=config.auth_workers,
+        on_hash=metrics.password_checks.observe,
     )
-    app.cleanup_ctx.extend([_upstream_session, _credential_checker])
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[STATE] = ProxyState()
+    app[CHECKER] = checker
+    app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
+    app.cleanup_ctx.extend([_upstream_session, _background_tasks])
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)
     return app
 
 
-async def _healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
+def create_admin_app(proxy_app: web.Application) -> web.Application:
+    """The admin application (metrics and probes), served on `admin_listen` only."""
+    metrics, state = proxy_app[METRICS], proxy_app[STATE]
 
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
 
-def create_admin_app() -> web.Application:
-    """The admin application, served on `admin_listen` only."""
+    async def readyz(request: web.Request) -> web.Response:
+        if state.ready:
+            return web.Response(text="ready\n")
+        reason = "draining" if state.draining else "upstream not answering"
+        return web.Response(status=503, text=f"not ready: {reason}\n")
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(metrics.exposition)
+        return web.Response(
+            body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
+
     app = web.Application()
-    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_page)
     return app

@@ -64,7 +64,7 @@ def _verify(password: str, stored: str) -> bool:
         return False
 
 
-def _decoy_hash(users: Mapping[str, str]) -> str:
+def decoy_hash(users: Mapping[str, str]) -> str:
     """A hash as costly to check as the table's most costly one, for users that do not exist."""
     costs = [bcrypt.from_string(h).rounds for h in users.values() if h.startswith("$2")]
     if costs:
@@ -87,8 +87,10 @@ class CredentialChecker:
         cache_size: int,
         workers: int,
         clock: Callable[[], float] = time.monotonic,
+        on_hash: Callable[[float], None] | None = None,
     ) -> None:
         self._clock = clock
+        self._on_hash = on_hash
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
@@ -104,10 +106,10 @@ class CredentialChecker:
     def user_count(self) -> int:
         return len(self._users)
 
-    def replace_users(self, users: Mapping[str, str]) -> None:
+    def replace_users(self, users: Mapping[str, str], decoy: str | None = None) -> None:
         """Swap in a new user table; every cached success is forgotten."""
         self._users = dict(users)
-        self._decoy = _decoy_hash(self._users)
+        self._decoy = decoy if decoy is not None else decoy_hash(self._users)
         self._cache.clear()
 
     async def check(self, user: str, password: str) -> Outcome:
@@ -126,7 +128,7 @@ class CredentialChecker:
             # Unknown users are checked against a decoy of the same cost: equal timing.
             target = stored if stored is not None else self._decoy
             pending = asyncio.get_running_loop().run_in_executor(
-                self._pool, _verify, password, target
+                self._pool, self._timed_verify, password, target
             )
             self._pending[key] = pending
             pending.add_done_callback(lambda _: self._pending.pop(key, None))
@@ -135,6 +137,14 @@ class CredentialChecker:
             return Outcome.REJECTED
         self._remember(key)
         return Outcome.VERIFIED
+
+    def _timed_verify(self, password: str, stored: str) -> bool:
+        started = time.perf_counter()
+        try:
+            return _verify(password, stored)
+        finally:
+            if self._on_hash is not None:
+                self._on_hash(time.perf_counter() - started)
 
     def close(self) -> None:
         """Stop the worker pool."""

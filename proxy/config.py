@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ class Address:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class Config:
     auth_cache_size: int
     auth_workers: int
     log_level: str
+    access_log: str
+    trusted_proxies: tuple[Network, ...]
+    upstream_probe_interval: float
     tls: TLSConfig
 
 
@@ -141,10 +148,40 @@ def _log_level(value: object) -> str:
     return text
 
 
+_ACCESS_LOG_STYLES = ("json", "text", "off")
+
+
+def _access_log(value: object) -> str:
+    text = str(value).strip().lower()
+    if text not in _ACCESS_LOG_STYLES:
+        raise ValueError(f"expected one of {', '.join(_ACCESS_LOG_STYLES)}, got {value!r}")
+    return text
+
+
+def _networks(value: object) -> tuple[Network, ...]:
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError(f"expected a list of addresses or CIDR networks, got {value!r}")
+    networks = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"expected an address or CIDR network, got {item!r}") from None
+    return tuple(networks)
+
+
 @dataclass(frozen=True)
 class _Setting:
     parse: Callable[[object], Any]
     default: object
+    # Lists and mappings are allowed in YAML (the environment gives a string to parse).
+    structured: bool = False
 
 
 # Dotted key -> how to parse it and its default (in the form a user would write it).
@@ -163,6 +200,9 @@ SETTINGS: dict[str, _Setting] = {
     "auth_cache_size": _Setting(_count, 10000),
     "auth_workers": _Setting(_count, 2),
     "log_level": _Setting(_log_level, "info"),
+    "access_log": _Setting(_access_log, "json"),
+    "trusted_proxies": _Setting(_networks, None, structured=True),
+    "upstream_probe_interval": _Setting(_seconds, 5),
     "tls.cert": _Setting(_optional_path, None),
     "tls.key": _Setting(_optional_path, None),
 }
@@ -250,7 +290,7 @@ def _collect(
             if not (isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null")):
                 _collect(loader, value_node, key + ".", path, found)
         elif key in SETTINGS:
-            if not isinstance(value_node, yaml.ScalarNode):
+            if not SETTINGS[key].structured and not isinstance(value_node, yaml.ScalarNode):
                 raise ConfigError(f"{line}: {key}: expected a single value")
             found[key] = (loader.construct_object(value_node, deep=True), line)
         else:
@@ -275,6 +315,9 @@ def describe(config: Config) -> dict[str, object]:
         "auth_cache_size": config.auth_cache_size,
         "auth_workers": config.auth_workers,
         "log_level": config.log_level,
+        "access_log": config.access_log,
+        "trusted_proxies": [str(network) for network in config.trusted_proxies],
+        "upstream_probe_interval": config.upstream_probe_interval,
         "tls": {
             "cert": str(config.tls.cert) if config.tls.cert else None,
             "key": str(config.tls.key) if config.tls.key else None,

@@ -10,6 +10,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import errors
+from proxy.exchange import Exchange
+from proxy.metrics import Metrics
 
 log = logging.getLogger("registry_proxy.forward")
 
@@ -47,7 +49,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     }
 
 
-def upstream_request_headers(request: web.Request) -> CIMultiDict[str]:
+def upstream_request_headers(request: web.Request, client: str, scheme: str) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop and spoofable ones, plus our forwarding headers."""
     dropped = HOP_BY_HOP | _connection_tokens(request.headers)
     headers: CIMultiDict[str] = CIMultiDict()
@@ -58,9 +60,9 @@ def upstream_request_headers(request: web.Request) -> CIMultiDict[str]:
         headers.add(name, value)
     # The client's own Host (with its port) makes the registry build Locations that point at us.
     headers["Host"] = request.host
-    headers["X-Forwarded-Proto"] = request.scheme
-    if request.remote:
-        headers["X-Forwarded-For"] = request.remote
+    headers["X-Forwarded-Proto"] = scheme
+    if client:
+        headers["X-Forwarded-For"] = client
     return headers
 
 
@@ -85,12 +87,13 @@ def client_response_headers(
 class Forwarder:
     """Relays requests to one upstream registry over a pooled keep-alive client session."""
 
-    def __init__(self, session: aiohttp.ClientSession, upstream: URL) -> None:
+    def __init__(self, session: aiohttp.ClientSession, upstream: URL, metrics: Metrics) -> None:
         self._session = session
+        self._errors = metrics.upstream_errors
         self._upstream = upstream.origin()
         self._base = str(self._upstream)
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """Forward the request; errors before the response starts become registry JSON errors."""
         # raw_path is the request target as sent: percent-escapes and query (`_state`,
         # `digest=sha256%3A...`) pass byte for byte.
@@ -100,32 +103,38 @@ class Forwarder:
             upstream = await self._session.request(
                 request.method,
                 url,
-                headers=upstream_request_headers(request),
+                headers=upstream_request_headers(request, exchange.client, exchange.scheme),
                 data=body,
                 allow_redirects=False,
             )
         except aiohttp.ClientConnectorError as exc:
+            self._errors.labels("connect").inc()
             log.warning("upstream %s unreachable: %s", self._base, exc.os_error or exc)
             return errors.bad_gateway()
         except (TimeoutError, aiohttp.ServerTimeoutError):
+            self._errors.labels("timeout").inc()
             log.warning("upstream %s timed out before answering %s", self._base, request.method)
             return errors.gateway_timeout()
         except aiohttp.ClientError as exc:
             if _client_gone(request):
                 log.debug("client went away during %s upload", request.method)
             else:
+                self._errors.labels("reset").inc()
                 log.warning("upstream %s failed before answering: %s", self._base, _describe(exc))
             return errors.bad_gateway()
 
+        exchange.upstream_status = upstream.status
+        if upstream.status >= 500:
+            self._errors.labels("5xx").inc()
         try:
-            return await self._relay_response(request, upstream)
+            return await self._relay_response(request, upstream, exchange.scheme)
         finally:
             upstream.release()
 
     async def _relay_response(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, request: web.Request, upstream: aiohttp.ClientResponse, scheme: str
     ) -> web.StreamResponse:
-        client_origin = f"{request.scheme}://{request.host}"
+        client_origin = f"{scheme}://{request.host}"
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
@@ -137,6 +146,7 @@ class Forwarder:
             try:
                 chunk = await reader.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
+                self._errors.labels("timeout" if isinstance(exc, TimeoutError) else "reset").inc()
                 # Headers (maybe a Content-Length) are out: ending the body cleanly would make
                 # a truncated blob look complete, so the client's connection is cut instead.
                 log.warning(

@@ -1,16 +1,19 @@
-"""Loggers and the access log; nothing secret (credentials, upload `_state` tokens) is written."""
+"""Loggers and the access log; nothing secret (credentials, query strings) is ever written."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-access_log = logging.getLogger("registry_proxy.access")
+from proxy.exchange import EXCHANGE_KEY, Exchange
+from proxy.metrics import Metrics, method_label, status_class
+from proxy.paths import Action
 
-# Request key the app stores the authenticated user under (see proxy.app).
-USER_KEY = "registry_proxy.user"
+access_log = logging.getLogger("registry_proxy.access")
 
 
 def setup_logging(level: str) -> None:
@@ -23,22 +26,58 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
 
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: who, what (path without the query), outcome, size and time."""
+def access_record(
+    request: BaseRequest, response: StreamResponse, seconds: float
+) -> dict[str, object]:
+    """The audit fields of one finished request (the path without its query: `_state` tokens)."""
+    exchange = request.get(EXCHANGE_KEY)
+    target = exchange.target if isinstance(exchange, Exchange) else None
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "client": exchange.client if isinstance(exchange, Exchange) else request.remote,
+        "user": exchange.user if isinstance(exchange, Exchange) else None,
+        "method": request.method,
+        "action": str(target.action if target else Action.OTHER),
+        "repository": target.repository if target else None,
+        "reference": target.reference if target else None,
+        "path": request.rel_url.path if target else None,
+        "status": response.status,
+        "bytes_in": request.content.total_bytes,
+        "bytes_out": response.body_length,
+        "duration": round(seconds, 6),
+        "upstream_status": exchange.upstream_status if isinstance(exchange, Exchange) else None,
+    }
 
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        user = request.get(USER_KEY) or "-"
-        self.logger.info(
-            '%s %s "%s %s" %d %d %.3f',
-            request.remote or "-",
-            user,
-            request.method,
-            request.rel_url.path,
-            response.status,
-            response.body_length,
-            time,
-        )
 
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+_TEXT_FORMAT = (
+    '{client} {user} "{method} {path}" {status} {bytes_in} {bytes_out} {duration} {upstream_status}'
+)
+
+
+def _text(record: dict[str, object]) -> str:
+    return _TEXT_FORMAT.format(**{k: "-" if v is None else v for k, v in record.items()})
+
+
+def access_logger_class(metrics: Metrics, style: str) -> type[AbstractAccessLogger]:
+    """An aiohttp access logger that feeds `metrics` and writes `style` lines (json, text, off)."""
+
+    class AccessLogger(AbstractAccessLogger):
+        def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+            record = access_record(request, response, time)
+            action = str(record["action"])
+            metrics.requests.labels(
+                method_label(request.method), action, status_class(response.status)
+            ).inc()
+            metrics.request_duration.labels(action).observe(time)
+            metrics.received_bytes.labels(action).inc(request.content.total_bytes)
+            metrics.sent_bytes.labels(action).inc(response.body_length)
+            if style == "json":
+                self.logger.info("%s", json.dumps(record, separators=(",", ":")))
+            elif style == "text":
+                self.logger.info("%s", _text(record))
+
+        @property
+        def enabled(self) -> bool:
+            return True
+
+    return AccessLogger

@@ -1,49 +1,55 @@
-"""Running the proxy: listeners, signals and an orderly shutdown."""
+"""Running the proxy: listeners, signals, reloads and the drain on shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Mapping
 
 from aiohttp import web
 
-from proxy.app import create_admin_app, create_app
+from proxy.app import METRICS, RELOADER, STATE, create_admin_app, create_app
 from proxy.config import Config
-from proxy.log import AccessLogger, access_log
-from proxy.tls import server_context
+from proxy.log import access_log, access_logger_class
+from proxy.reload import CertificateReloader
 
 log = logging.getLogger("registry_proxy")
+
+# After the drain deadline, how long cancelled handlers get to unwind.
+_CANCEL_GRACE = 1.0
 
 
 def run(config: Config, users: Mapping[str, str]) -> None:
     """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds."""
-    ssl_context = server_context(config.tls) if config.tls.enabled else None
-    asyncio.run(_serve(config, users, ssl_context))
+    certificates = CertificateReloader(config.tls) if config.tls.enabled else None
+    asyncio.run(_serve(config, users, certificates))
 
 
-async def _serve(config: Config, users: Mapping[str, str], ssl_context: object) -> None:
+async def _serve(
+    config: Config, users: Mapping[str, str], certificates: CertificateReloader | None
+) -> None:
+    app = create_app(config, users)
     runner = web.AppRunner(
-        create_app(config, users),
+        app,
         access_log=access_log,
-        access_log_class=AccessLogger,
+        access_log_class=access_logger_class(app[METRICS], config.access_log),
         keepalive_timeout=config.keepalive_timeout,
-        shutdown_timeout=config.shutdown_timeout,
+        shutdown_timeout=_CANCEL_GRACE,
     )
     await runner.setup()
     site = web.TCPSite(
         runner,
         config.listen.host,
         config.listen.port,
-        ssl_context=ssl_context,  # type: ignore[arg-type]
+        ssl_context=certificates.listener_context if certificates else None,
         backlog=1024,
     )
     await site.start()
-    scheme = "https" if ssl_context else "http"
     log.info(
         "serving %s://%s for %d users, forwarding to %s",
-        scheme,
+        "https" if certificates else "http",
         config.listen,
         len(users),
         config.upstream,
@@ -51,18 +57,49 @@ async def _serve(config: Config, users: Mapping[str, str], ssl_context: object) 
 
     admin_runner: web.AppRunner | None = None
     if config.admin_listen is not None:
-        admin_runner = web.AppRunner(create_admin_app(), access_log=None)
+        admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
         await admin_runner.setup()
         await web.TCPSite(admin_runner, config.admin_listen.host, config.admin_listen.port).start()
         log.info("admin listener on http://%s", config.admin_listen)
 
+    background: set[asyncio.Task[None]] = set()
+
+    def reload_all() -> None:
+        task = asyncio.create_task(app[RELOADER].reload("SIGHUP"))
+        background.add(task)
+        task.add_done_callback(background.discard)
+        if certificates is not None:
+            tls_task = asyncio.create_task(certificates.reload("SIGHUP"))
+            background.add(tls_task)
+            tls_task.add_done_callback(background.discard)
+
+    cert_watch = asyncio.create_task(certificates.watch()) if certificates else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_all)
     await stop.wait()
 
-    log.info("shutting down: no new connections, waiting up to %gs", config.shutdown_timeout)
+    state = app[STATE]
+    state.draining = True
+    await site.stop()
+    assert runner.server is not None
+    # Idle keep-alive connections close now; busy ones close after their current request.
+    runner.server.pre_shutdown()
+    log.info(
+        "shutting down: stopped accepting; waiting up to %gs for %d requests in progress",
+        config.shutdown_timeout,
+        state.in_flight,
+    )
+    if await state.wait_idle(config.shutdown_timeout):
+        log.info("all requests finished")
+    else:
+        log.warning("shutdown timeout reached: cutting %d requests in progress", state.in_flight)
+    if cert_watch is not None:
+        cert_watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cert_watch
     await runner.cleanup()
     if admin_runner is not None:
         await admin_runner.cleanup()

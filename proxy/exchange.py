@@ -1,0 +1,71 @@
+"""What the proxy learns about one request: for auth, forwarding, the access log and metrics."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from proxy.config import Network
+from proxy.paths import Target, classify
+
+# Request key holding the Exchange.
+EXCHANGE_KEY = "registry_proxy.exchange"
+
+
+@dataclass
+class Exchange:
+    """One request's facts, filled in as it is handled."""
+
+    client: str
+    scheme: str
+    target: Target
+    started: float = field(default_factory=time.perf_counter)
+    user: str | None = None
+    auth_outcome: str | None = None
+    upstream_status: int | None = None
+
+
+def _trusted(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def _client_and_scheme(request: web.BaseRequest, trusted: Sequence[Network]) -> tuple[str, str]:
+    """The client's address and scheme; forwarding headers count only from a trusted peer."""
+    peer = request.remote or ""
+    scheme = request.scheme
+    if not trusted or not _trusted(peer, trusted):
+        return peer, scheme
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+    client = peer
+    # The rightmost address not added by one of our own proxies is the real client.
+    for hop in reversed([h for h in hops if h]):
+        client = hop
+        if not _trusted(hop, trusted):
+            break
+    protos = [
+        p.strip().lower()
+        for v in request.headers.getall("X-Forwarded-Proto", ())
+        for p in v.split(",")
+    ]
+    if protos and protos[-1] in ("http", "https"):
+        scheme = protos[-1]
+    return client, scheme
+
+
+def exchange_of(request: web.BaseRequest, trusted: Sequence[Network] = ()) -> Exchange:
+    """The request's Exchange, created on first use."""
+    found = request.get(EXCHANGE_KEY)
+    if isinstance(found, Exchange):
+        return found
+    client, scheme = _client_and_scheme(request, trusted)
+    created = Exchange(client=client, scheme=scheme, target=classify(request.raw_path))
+    request[EXCHANGE_KEY] = created
+    return created

@@ -1,0 +1,112 @@
+"""Picking up changed files without a restart: the htpasswd table and the TLS certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from proxy.auth import CredentialChecker, decoy_hash
+from proxy.config import ConfigError, TLSConfig
+from proxy.htpasswd import HtpasswdError, load_htpasswd
+from proxy.metrics import Metrics
+from proxy.tls import server_context
+
+log = logging.getLogger("registry_proxy.reload")
+
+# Within the 2 s users expect a new or removed account to take effect.
+POLL_INTERVAL = 1.0
+
+Signature = tuple[int, int, int, int] | None
+
+
+def signature(path: Path) -> Signature:
+    """What changes when a file is rewritten in place or replaced by rename (Swarm, Kubernetes)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+async def watch(paths: list[Path], on_change: Callable[[], Awaitable[None]]) -> None:
+    """Call `on_change` whenever any of `paths` changes; runs until cancelled."""
+    seen = [signature(p) for p in paths]
+    while True:
+        await asyncio.sleep(POLL_INTERVAL)
+        now = [signature(p) for p in paths]
+        if now != seen:
+            seen = now
+            await on_change()
+
+
+class CredentialReloader:
+    """Swaps in a re-read htpasswd table; a bad file keeps the last good one."""
+
+    def __init__(self, path: Path, checker: CredentialChecker, metrics: Metrics) -> None:
+        self._path = path
+        self._checker = checker
+        self._metrics = metrics
+        self._lock = asyncio.Lock()
+        metrics.users.set(checker.user_count)
+        metrics.last_reload.set(time.time())
+
+    async def reload(self, reason: str) -> None:
+        """Re-read the file (parsing and decoy hashing off the event loop)."""
+        async with self._lock:
+            try:
+                users, decoy = await asyncio.to_thread(self._load)
+            except HtpasswdError as exc:
+                self._metrics.reloads.labels("failure").inc()
+                log.error("htpasswd reload (%s) failed, keeping %d users: %s",
+                          reason, self._checker.user_count, exc)  # fmt: skip
+                return
+            self._checker.replace_users(users, decoy)
+            self._metrics.reloads.labels("success").inc()
+            self._metrics.users.set(len(users))
+            self._metrics.last_reload.set(time.time())
+            log.info("htpasswd reloaded (%s): %d users", reason, len(users))
+
+    def _load(self) -> tuple[dict[str, str], str]:
+        users = load_htpasswd(self._path)
+        return users, decoy_hash(users)
+
+    async def watch(self) -> None:
+        """Reload whenever the file changes."""
+        await watch([self._path], lambda: self.reload("file changed"))
+
+
+class CertificateReloader:
+    """Serves new handshakes with a re-read certificate; existing connections keep theirs.
+
+    asyncio binds one SSLContext to the listener, so the listener's context hands each
+    handshake to the current one from its SNI callback, which OpenSSL calls for every
+    ClientHello, with or without a server name.
+    """
+
+    def __init__(self, tls: TLSConfig) -> None:
+        self._tls = tls
+        self._current = server_context(tls)
+        self.listener_context = server_context(tls)
+        self.listener_context.sni_callback = self._select
+
+    def _select(self, connection: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> None:
+        connection.context = self._current
+
+    async def reload(self, reason: str) -> None:
+        """Load the files into a fresh context; a broken pair keeps the current one."""
+        try:
+            self._current = await asyncio.to_thread(server_context, self._tls)
+        except ConfigError as exc:
+            log.error("certificate reload (%s) failed, keeping the current one: %s", reason, exc)
+            return
+        log.info("certificate reloaded (%s)", reason)
+
+    async def watch(self) -> None:
+        """Reload whenever the certificate or key file changes."""
+        assert self._tls.cert is not None and self._tls.key is not None
+        await watch([self._tls.cert, self._tls.key], lambda: self.reload("file changed"))
