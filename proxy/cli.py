@@ -1,8 +1,9 @@
-"""The `registry-proxy` command: `serve` and `check-config`."""
+"""The `registry-proxy` command: `serve`, `check-config` and `passwd`."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import sys
 from pathlib import Path
@@ -13,9 +14,24 @@ from proxy import __version__
 from proxy.config import CONFIG_ENV, ConfigError, describe, load_config
 from proxy.htpasswd import HtpasswdError, load_htpasswd
 from proxy.log import setup_logging
+from proxy.passwd import (
+    DEFAULT_COST,
+    MAX_COST,
+    MIN_COST,
+    PasswdError,
+    UnknownUserError,
+    check_password,
+    check_user_name,
+    list_users,
+    remove_user,
+    set_password,
+)
 
 # Exit status for configuration that cannot be used (the process never starts serving).
 EXIT_CONFIG = 2
+# `passwd check`: wrong password; `passwd check` and `passwd remove`: no such user.
+EXIT_NO_MATCH = 1
+HTPASSWD_ENV = "PROXY_HTPASSWD"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,13 +55,61 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="validate the configuration and htpasswd file, print the effective settings",
     )
+    _add_passwd_parser(commands, common)
     return parser
+
+
+def _add_passwd_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    file = argparse.ArgumentParser(add_help=False)
+    file.add_argument(
+        "--file",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"htpasswd file (default: ${HTPASSWD_ENV}, else `htpasswd` in the configuration)",
+    )
+    stdin = argparse.ArgumentParser(add_help=False)
+    stdin.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of stdin instead of prompting",
+    )
+    parents = [common, file]
+    passwd = commands.add_parser(
+        "passwd", parents=parents, help="manage users in the htpasswd file"
+    )
+    actions = passwd.add_subparsers(dest="passwd_command", required=True, metavar="ACTION")
+    add = actions.add_parser(
+        "add", parents=[*parents, stdin], help="add a user, or change an existing user's password"
+    )
+    add.add_argument("user")
+    add.add_argument(
+        "--cost",
+        type=int,
+        choices=range(MIN_COST, MAX_COST + 1),
+        metavar="N",
+        default=DEFAULT_COST,
+        help=f"bcrypt cost, {MIN_COST} to {MAX_COST} (default: {DEFAULT_COST})",
+    )
+    remove = actions.add_parser("remove", parents=parents, help="remove a user")
+    remove.add_argument("user")
+    actions.add_parser("list", parents=parents, help="print the user names, one per line")
+    check = actions.add_parser(
+        "check",
+        parents=[*parents, stdin],
+        help="exit 0 if the password is the user's, 1 if not (2 on errors)",
+    )
+    check.add_argument("user")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and `python -m proxy`."""
     args = _parser().parse_args(argv)
     config_path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or None
+    if args.command == "passwd":
+        return _passwd(args, config_path)
     try:
         config = load_config(Path(config_path) if config_path else None)
         users = load_htpasswd(config.htpasswd)
@@ -70,3 +134,98 @@ def main(argv: list[str] | None = None) -> int:
         print(f"registry-proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _passwd(args: argparse.Namespace, config_path: str | None) -> int:
+    """`passwd ACTION`: works without a valid configuration, e.g. to create the first user."""
+    try:
+        path = _htpasswd_path(getattr(args, "file", None), config_path)
+        if args.passwd_command == "list":
+            for user in list_users(path):
+                print(user)
+        elif args.passwd_command == "add":
+            check_user_name(args.user)
+            password = _read_password(args.password_stdin, confirm=True)
+            replaced = set_password(path, args.user, password, cost=args.cost)
+            print(f"{path}: {'updated' if replaced else 'added'} {args.user}", file=sys.stderr)
+        elif args.passwd_command == "remove":
+            left = remove_user(path, args.user)
+            print(f"{path}: removed {args.user}", file=sys.stderr)
+            if not left:
+                print(
+                    f"registry-proxy: warning: {path} has no users left; the proxy refuses it",
+                    file=sys.stderr,
+                )
+        else:
+            password = _read_password(args.password_stdin, confirm=False)
+            if not check_password(path, args.user, password):
+                print(f"{path}: wrong password for {args.user}", file=sys.stderr)
+                return EXIT_NO_MATCH
+            print(f"{path}: password correct for {args.user}", file=sys.stderr)
+    except UnknownUserError as exc:
+        print(f"registry-proxy: {exc}", file=sys.stderr)
+        return EXIT_NO_MATCH
+    except (PasswdError, HtpasswdError) as exc:
+        print(f"registry-proxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
+def _htpasswd_path(given: str | None, config_path: str | None) -> Path:
+    """--file, else $PROXY_HTPASSWD, else the configuration file's `htpasswd` key."""
+    for candidate in (given, os.environ.get(HTPASSWD_ENV)):
+        if candidate and candidate.strip():
+            return Path(candidate.strip())
+    if config_path:
+        configured = _configured_htpasswd(Path(config_path))
+        if configured is not None:
+            return configured
+    raise PasswdError(
+        f"no htpasswd file: use --file PATH, set {HTPASSWD_ENV}, or give a configuration "
+        f"(--config or ${CONFIG_ENV}) with an `htpasswd` key"
+    )
+
+
+def _configured_htpasswd(config_path: Path) -> Path | None:
+    """Only the `htpasswd` key: the rest of the configuration need not be valid yet."""
+    try:
+        root = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise PasswdError(f"{config_path}: cannot read configuration file: {reason}") from None
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 0
+        raise PasswdError(f"{config_path}:{line}: invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise PasswdError(f"{config_path}: invalid YAML: {exc}") from None
+    if root is None:
+        return None
+    if not isinstance(root, dict):
+        raise PasswdError(f"{config_path}: expected a mapping of settings")
+    value = root.get("htpasswd")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise PasswdError(f"{config_path}: htpasswd: expected a file path, got {value!r}")
+    return Path(value.strip())
+
+
+def _read_password(from_stdin: bool, *, confirm: bool) -> str:
+    if from_stdin:
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PasswdError("stdin: password is not UTF-8") from None
+        # Like `docker login --password-stdin`: one trailing line break is not part of it.
+        text = text.removesuffix("\n").removesuffix("\r")
+        if "\n" in text or "\r" in text:
+            raise PasswdError("stdin: expected the password on one line")
+        return text
+    try:
+        password = getpass.getpass("New password: " if confirm else "Password: ")
+        if confirm and getpass.getpass("Re-type new password: ") != password:
+            raise PasswdError("passwords do not match")
+    except EOFError:
+        raise PasswdError("no password given") from None
+    return password
