@@ -146,7 +146,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         read_timeout=config.read_timeout,
     )
     app[SESSION] = session
-    app[FORWARDER] = Forwarder(session, config.upstream, app[METRICS])
+    app[FORWARDER] = Forwarder(session, config.upstream, app[METRICS], config.body_timeout)
     try:
         yield
     finally:
@@ -230,6 +230,7 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
         return web.Response(status=503, text=f"not ready: {reason}\n")
 
     async def metrics_page(request: web.Request) -> web.Response:
+        metrics.tasks.set(len(asyncio.all_tasks()))
         body = await asyncio.to_thread(metrics.exposition)
         return web.Response(
             body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}

@@ -58,6 +58,8 @@ class Config:
     connect_timeout: float
     read_timeout: float
     keepalive_timeout: float
+    body_timeout: float
+    max_connections: int
     shutdown_timeout: float
     upstream_connections: int
     auth_cache_ttl: float
@@ -194,6 +196,8 @@ SETTINGS: dict[str, _Setting] = {
     "connect_timeout": _Setting(_seconds, 5),
     "read_timeout": _Setting(_seconds, 300),
     "keepalive_timeout": _Setting(_seconds, 75),
+    "body_timeout": _Setting(_seconds, 60),
+    "max_connections": _Setting(_count, 4096),
     "shutdown_timeout": _Setting(_seconds, 30),
     "upstream_connections": _Setting(_count, 100),
     "auth_cache_ttl": _Setting(_seconds, 300),
@@ -309,6 +313,8 @@ def describe(config: Config) -> dict[str, object]:
         "connect_timeout": config.connect_timeout,
         "read_timeout": config.read_timeout,
         "keepalive_timeout": config.keepalive_timeout,
+        "body_timeout": config.body_timeout,
+        "max_connections": config.max_connections,
         "shutdown_timeout": config.shutdown_timeout,
         "upstream_connections": config.upstream_connections,
         "auth_cache_ttl": config.auth_cache_ttl,

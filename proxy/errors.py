@@ -58,3 +58,8 @@ def gateway_timeout() -> web.Response:
 def expectation_failed() -> web.Response:
     """An Expect header other than 100-continue."""
     return registry_error(417, "UNSUPPORTED", "unsupported Expect header")
+
+
+def request_timeout() -> web.Response:
+    """The client stopped sending its body."""
+    return registry_error(408, "UNAVAILABLE", "request body timed out")

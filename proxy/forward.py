@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -84,11 +86,35 @@ def client_response_headers(
     return headers
 
 
+class _ClientBody:
+    """The client's body as it arrives, failing if the client goes quiet for `idle` seconds."""
+
+    def __init__(self, request: web.Request, idle: float) -> None:
+        self._content = request.content
+        self._idle = idle
+        self.stalled = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.stalled = True
+                raise
+            if not chunk:
+                return
+            yield chunk
+
+
 class Forwarder:
     """Relays requests to one upstream registry over a pooled keep-alive client session."""
 
-    def __init__(self, session: aiohttp.ClientSession, upstream: URL, metrics: Metrics) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, upstream: URL, metrics: Metrics, body_timeout: float
+    ) -> None:
         self._session = session
+        self._body_timeout = body_timeout
         self._errors = metrics.upstream_errors
         self._upstream = upstream.origin()
         self._base = str(self._upstream)
@@ -98,7 +124,7 @@ class Forwarder:
         # raw_path is the request target as sent: percent-escapes and query (`_state`,
         # `digest=sha256%3A...`) pass byte for byte.
         url = URL(self._base + request.raw_path, encoded=True)
-        body = request.content if request.body_exists else None
+        body = _ClientBody(request, self._body_timeout) if request.body_exists else None
         try:
             upstream = await self._session.request(
                 request.method,
@@ -107,21 +133,15 @@ class Forwarder:
                 data=body,
                 allow_redirects=False,
             )
-        except aiohttp.ClientConnectorError as exc:
-            self._errors.labels("connect").inc()
-            log.warning("upstream %s unreachable: %s", self._base, exc.os_error or exc)
-            return errors.bad_gateway()
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            self._errors.labels("timeout").inc()
-            log.warning("upstream %s timed out before answering %s", self._base, request.method)
-            return errors.gateway_timeout()
-        except aiohttp.ClientError as exc:
-            if _client_gone(request):
-                log.debug("client went away during %s upload", request.method)
-            else:
-                self._errors.labels("reset").inc()
-                log.warning("upstream %s failed before answering: %s", self._base, _describe(exc))
-            return errors.bad_gateway()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if body is not None and body.stalled:
+                log.info(
+                    "client sent no %s body for %gs: closing", request.method, self._body_timeout
+                )
+                response = errors.request_timeout()
+                response.force_close()
+                return response
+            return self._failed_before_headers(request, exc)
 
         exchange.upstream_status = upstream.status
         if upstream.status >= 500:
@@ -130,6 +150,25 @@ class Forwarder:
             return await self._relay_response(request, upstream, exchange.scheme)
         finally:
             upstream.release()
+
+    def _failed_before_headers(
+        self, request: web.Request, exc: TimeoutError | aiohttp.ClientError
+    ) -> web.Response:
+        """Map a failure before the upstream's response headers to a JSON error."""
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            self._errors.labels("connect").inc()
+            log.warning("upstream %s unreachable: %s", self._base, exc.os_error or exc)
+            return errors.bad_gateway()
+        if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+            self._errors.labels("timeout").inc()
+            log.warning("upstream %s timed out before answering %s", self._base, request.method)
+            return errors.gateway_timeout()
+        if _client_gone(request):
+            log.debug("client went away during %s upload", request.method)
+        else:
+            self._errors.labels("reset").inc()
+            log.warning("upstream %s failed before answering: %s", self._base, _describe(exc))
+        return errors.bad_gateway()
 
     async def _relay_response(
         self, request: web.Request, upstream: aiohttp.ClientResponse, scheme: str
@@ -162,10 +201,15 @@ class Forwarder:
             if not chunk:
                 break
             try:
-                await response.write(chunk)
-            except ConnectionError:
-                # The client went away; the half-read upstream connection cannot be reused.
+                async with asyncio.timeout(self._body_timeout):
+                    await response.write(chunk)
+            except (ConnectionError, TimeoutError) as exc:
+                # The client went away or stopped reading; the half-read upstream connection
+                # cannot be reused.
                 upstream.close()
+                if isinstance(exc, TimeoutError):
+                    log.info("client stopped reading for %gs: closing", self._body_timeout)
+                    _abort(request)
                 return response
         await response.write_eof()
         return response

@@ -10,6 +10,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -130,6 +131,18 @@ class Metrics:
             "1 when the upstream answered its last /v2/ probe, else 0.",
             registry=r,
         )
+        self.connections_refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "Client connections answered 503 at once because max_connections were open.",
+            registry=r,
+        )
+        self.tasks = Gauge(
+            f"{PREFIX}_event_loop_tasks",
+            "asyncio tasks alive at the last scrape (leak detector).",
+            registry=r,
+        )
+        # process_open_fds, process_resident_memory_bytes, process_cpu_seconds_total, ...
+        ProcessCollector(registry=r)
         self.build_info = Gauge(
             f"{PREFIX}_build_info",
             "Version information; always 1.",

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from proxy.app import METRICS, RELOADER, STATE, create_admin_app, create_app
-from proxy.config import Config
+from proxy.config import Config, ConfigError
+from proxy.limits import LimitedTCPSite, c_parser_in_use
 from proxy.log import access_log, access_logger_class
 from proxy.reload import CertificateReloader
 
@@ -23,6 +24,12 @@ _CANCEL_GRACE = 1.0
 
 def run(config: Config, users: Mapping[str, str]) -> None:
     """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds."""
+    if not c_parser_in_use():
+        # The pure-Python parser is slower and has had request smuggling bugs the C one had not.
+        raise ConfigError(
+            "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or aiohttp "
+            "installed without its extensions); refusing to serve the internet with the Python one"
+        )
     certificates = CertificateReloader(config.tls) if config.tls.enabled else None
     asyncio.run(_serve(config, users, certificates))
 
@@ -39,10 +46,12 @@ async def _serve(
         shutdown_timeout=_CANCEL_GRACE,
     )
     await runner.setup()
-    site = web.TCPSite(
+    site = LimitedTCPSite(
         runner,
         config.listen.host,
         config.listen.port,
+        max_connections=config.max_connections,
+        on_refused=app[METRICS].connections_refused.inc,
         ssl_context=certificates.listener_context if certificates else None,
         backlog=1024,
     )
