@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -103,6 +104,9 @@ def machine() -> dict[str, Any]:
         "curl": _command_version([shutil.which("curl") or "curl", "--version"]),
         "wrk": _command_version([shutil.which("wrk") or "wrk", "--version"]).split(" [")[0],
     }
+    with contextlib.suppress(OSError):
+        # Other work on the machine shows here: the figures are only comparable within a run.
+        info["load_average_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     info["summary"] = (
         f"{cpu}, {cores} cores, {mem_gib:.0f} GiB, {info['kernel']}, "
         f"Python {info['python']}, aiohttp {info['aiohttp']}"
@@ -213,6 +217,7 @@ def build(
             "Figures are medians over rounds that alternate the paths; peak RSS is the maximum.",
             "Client: curl to /dev/null for blobs, wrk for manifest GET, one raw keep-alive "
             "socket for HEAD latency; all on the same machine as the servers.",
+            "The machine may be shared with other jobs: compare figures within one run only.",
         ],
         "rows": rows,
         "targets": _targets(figures, aborts),
@@ -296,6 +301,7 @@ def markdown(results: dict[str, Any], chart_name: str | None, heading: str = "#"
         f"- machine: {machine_info['summary']}",
         f"- servers: {machine_info['registry']}; {machine_info['nginx']}; "
         f"clients: {machine_info['curl'].split(' (')[0]}, {machine_info['wrk']}",
+        f"- proxy: {_proxy_code(results)}",
         f"- run: {settings['mode']}, {results['duration_s']:.0f} s; blob "
         f"{settings['blob_size'] / (1 << 20):.0f} MiB, {settings['streams']} streams; wrk "
         f"{settings['wrk_connections']} connections x {settings['wrk_seconds']:.0f} s",
@@ -311,6 +317,15 @@ def markdown(results: dict[str, Any], chart_name: str | None, heading: str = "#"
         met = "yes" if target["met"] else "**no**"
         out.append(f"| {target['target']} | {_target_value(target)} | {met} |")
     return "\n".join(out) + "\n"
+
+
+def _proxy_code(results: dict[str, Any]) -> str:
+    code = results["extra"].get("proxy_code", {})
+    commit = str(code.get("commit", ""))[:12] or "unknown commit"
+    if code.get("source") == "git":
+        return f"commit {commit} (`--proxy-rev {code.get('rev')}`)"
+    dirty = " plus uncommitted changes" if code.get("uncommitted_changes_in_proxy") else ""
+    return f"working tree at {commit}{dirty}"
 
 
 README = BENCH_DIR / "README.md"
