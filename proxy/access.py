@@ -1,0 +1,493 @@
+"""Access rules: who may pull, push and delete which repositories, and read the catalog.
+
+Configuration (the values of the `groups` and `access` keys):
+
+    groups:
+      ci: [ci-bot]
+      team-a: [alice, bob]
+    access:
+      - {users: ["@ci"], repositories: ["**"], actions: [pull]}
+      - {users: ["@team-a"], repositories: ["team-a/**"], actions: [pull, push, delete]}
+      - {users: ["*"], actions: [catalog]}
+
+Semantics:
+
+- No rules (no `access` key, or an empty list): every authenticated user may do everything.
+- Otherwise a user's rights are the union over every rule naming them: there are no deny rules,
+  so the order of the rules does not matter. A user no rule names may only log in (`/v2/`).
+- `users`: user names, `@group` (from `groups`), or `*` for any authenticated user.
+- `repositories`: globs over the whole repository name; `*` matches any run of characters
+  within one path component, `**` any run including `/`. `team-a/*` matches `team-a/app` but not
+  `team-a/app/x`; `team-a/**` matches both; neither matches `team-a` itself.
+- `actions`: `pull`, `push`, `delete` (on the rule's repositories) and `catalog` (reading
+  `/v2/_catalog`, which only ever lists repositories the user may pull; a rule that grants only
+  `catalog` needs no `repositories`).
+- A request needs what the registry's own token authorization asks for (distribution,
+  `registry/handlers/app.go`): GET/HEAD pull; POST/PUT/PATCH pull *and* push (so push without
+  pull is useless, as with the registry); DELETE delete (cancelling an upload too); `/v2/`
+  nothing beyond authentication; `/v2/_catalog` catalog. A cross-repository blob mount also
+  needs pull on its `from` repository; without it `authorize` drops the mount parameters and the
+  registry starts a normal upload instead (containerd retries a mount only after a 401, so a 403
+  would fail its push).
+- Paths the registry's router does not know and methods it does not use are refused unless the
+  policy is unrestricted.
+
+Query strings are read like Go's `net/url` reads them (the registry is Go): `&` separates
+pairs, pairs containing `;` are ignored, `+` is a space, a pair with a bad `%` escape is ignored,
+and the first value of a repeated key wins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import quote
+
+from proxy.paths import Action, Target, classify
+
+
+class Right(StrEnum):
+    """What a rule grants."""
+
+    PULL = "pull"
+    PUSH = "push"
+    DELETE = "delete"
+    CATALOG = "catalog"
+
+
+REPOSITORY_RIGHTS = frozenset({Right.PULL, Right.PUSH, Right.DELETE})
+ANY_USER = "*"
+# The registry rejects larger `n` (its `catalog.maxentries` defaults to 1000), and a filtered
+# catalog page is buffered whole.
+CATALOG_MAX_N = 1000
+# distribution's NameTotalLengthMax: the registry refuses longer names, and the bound keeps glob
+# backtracking cheap on names a client makes up.
+REPOSITORY_MAX_LENGTH = 255
+
+_RULE_KEYS = ("users", "repositories", "actions")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_PATTERN_CHARS = re.compile(r"[a-z0-9._/*-]+")
+_WILDCARDS = re.compile(r"(\*\*|\*)")
+# Go's strconv.Atoi, which reads the registry's `n`.
+_ATOI = re.compile(r"[+-]?[0-9]+")
+_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One entry of `access`, with groups expanded and globs compiled."""
+
+    users: frozenset[str]
+    any_user: bool
+    patterns: tuple[re.Pattern[str], ...]
+    rights: frozenset[Right]
+
+    def names(self, user: str) -> bool:
+        return self.any_user or user in self.users
+
+    def covers(self, repository: str) -> bool:
+        return any(pattern.fullmatch(repository) for pattern in self.patterns)
+
+
+class AccessPolicy:
+    """The parsed `access` rules; empty means unrestricted."""
+
+    def __init__(self, rules: Sequence[Rule] = ()) -> None:
+        self._rules = tuple(rules)
+
+    @property
+    def unrestricted(self) -> bool:
+        return not self._rules
+
+    @property
+    def named_users(self) -> frozenset[str]:
+        """Every user name the rules and their groups mention (to warn about typos)."""
+        return frozenset().union(*(rule.users for rule in self._rules))
+
+    def allows(self, user: str, right: Right, repository: str | None) -> bool:
+        """Whether `user` has `right`; no rule grants a repository right on `None`."""
+        if self.unrestricted:
+            return True
+        if right is Right.CATALOG:
+            return any(right in rule.rights and rule.names(user) for rule in self._rules)
+        if repository is None or len(repository) > REPOSITORY_MAX_LENGTH:
+            return False
+        return any(
+            right in rule.rights and rule.names(user) and rule.covers(repository)
+            for rule in self._rules
+        )
+
+    def may_pull(self, user: str, repository: str) -> bool:
+        """Whether the catalog may show `repository` to `user`."""
+        return self.allows(user, Right.PULL, repository)
+
+
+def parse_access(groups: object, rules: object) -> AccessPolicy:
+    """Build the policy from the YAML values of `groups` and `access`; ValueError names the key."""
+    members = _parse_groups(groups)
+    if rules is None:
+        return AccessPolicy()
+    if not isinstance(rules, list):
+        raise ValueError(f"access: expected a list of rules, got {rules!r}")
+    return AccessPolicy(
+        [_parse_rule(f"access[{i}]", rule, members) for i, rule in enumerate(rules)]
+    )
+
+
+def _parse_groups(groups: object) -> dict[str, frozenset[str]]:
+    if groups is None:
+        return {}
+    if not isinstance(groups, Mapping):
+        raise ValueError(f"groups: expected a mapping of group name to users, got {groups!r}")
+    parsed: dict[str, frozenset[str]] = {}
+    for name, users in groups.items():
+        if not isinstance(name, str) or not _GROUP_NAME.fullmatch(name):
+            raise ValueError(
+                f"groups: invalid group name {name!r} (expected letters, digits, '.', '_', '-')"
+            )
+        where = f"groups.{name}"
+        if users is None:
+            parsed[name] = frozenset()
+            continue
+        entries = _strings(where, users)
+        for index, user in enumerate(entries):
+            if user == ANY_USER or user.startswith("@"):
+                raise ValueError(f"{where}[{index}]: a group lists user names only, got {user!r}")
+            _check_user(f"{where}[{index}]", user)
+        parsed[name] = frozenset(entries)
+    return parsed
+
+
+def _parse_rule(where: str, rule: object, groups: Mapping[str, frozenset[str]]) -> Rule:
+    if not isinstance(rule, Mapping):
+        raise ValueError(f"{where}: expected a mapping with users, repositories and actions")
+    for key in rule:
+        if key not in _RULE_KEYS:
+            raise ValueError(f"{where}: unknown key {key!r} (expected {', '.join(_RULE_KEYS)})")
+
+    rights: set[Right] = set()
+    for action in _required(where, rule, "actions"):
+        try:
+            rights.add(Right(action))
+        except ValueError:
+            expected = ", ".join(right.value for right in Right)
+            raise ValueError(
+                f"{where}.actions: unknown action {action!r} (expected {expected})"
+            ) from None
+
+    users: set[str] = set()
+    any_user = False
+    for index, entry in enumerate(_required(where, rule, "users")):
+        if entry == ANY_USER:
+            any_user = True
+        elif entry.startswith("@"):
+            if entry[1:] not in groups:
+                defined = ", ".join(sorted(groups)) or "none"
+                raise ValueError(
+                    f"{where}.users[{index}]: unknown group {entry!r} (defined: {defined})"
+                )
+            users |= groups[entry[1:]]
+        else:
+            _check_user(f"{where}.users[{index}]", entry)
+            users.add(entry)
+
+    patterns: list[re.Pattern[str]] = []
+    if rights & REPOSITORY_RIGHTS or rule.get("repositories") is not None:
+        for index, pattern in enumerate(_required(where, rule, "repositories")):
+            patterns.append(_glob(f"{where}.repositories[{index}]", pattern))
+    return Rule(frozenset(users), any_user, tuple(patterns), frozenset(rights))
+
+
+def _required(where: str, rule: Mapping[object, object], key: str) -> list[str]:
+    value = rule.get(key)
+    if value is None:
+        raise ValueError(f"{where}.{key}: required")
+    entries = _strings(f"{where}.{key}", value)
+    if not entries:
+        raise ValueError(f"{where}.{key}: expected at least one entry")
+    return entries
+
+
+def _strings(where: str, value: object) -> list[str]:
+    """A list of strings; a single string counts as a list of one."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: expected a list, got {value!r}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            # YAML reads unquoted no, on, 007 ... as booleans and numbers.
+            raise ValueError(f"{where}[{index}]: expected a string, got {item!r} (quote it)")
+    return list(value)
+
+
+def _check_user(where: str, user: str) -> None:
+    # What proxy.auth.parse_basic can return; any other name could never match.
+    if not user or ":" in user or not user.isprintable():
+        raise ValueError(f"{where}: {user!r} is not a possible user name")
+
+
+def _glob(where: str, pattern: str) -> re.Pattern[str]:
+    """`*` within one path component, `**` across components; anything else literal."""
+    # Wildcards standing for a plain component must leave a valid name, or nothing matches.
+    example = _WILDCARDS.sub("x", pattern)
+    if (
+        not _PATTERN_CHARS.fullmatch(pattern)
+        or "***" in pattern
+        or classify(f"/v2/{example}/tags/list").repository != example
+    ):
+        raise ValueError(
+            f"{where}: {pattern!r} can never match a repository name (lowercase letters, "
+            "digits, '.', '_', '-' and '/' components; wildcards '*' and '**')"
+        )
+    parts = _WILDCARDS.split(pattern)
+    regex = "".join(
+        ".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part) for part in parts
+    )
+    return re.compile(regex)
+
+
+# Which rights a request needs.
+
+
+def required_rights(
+    method: str, target: Target, query: Mapping[str, str]
+) -> list[tuple[Right, str | None]]:
+    """The rights a request needs, as the registry itself decides; [] means any user.
+
+    `query` should come from `parse_query` (Go's reading of the query string). A mount's
+    `(pull, from)` comes last.
+    """
+    if target.action is Action.PING:
+        return []
+    if target.action is Action.CATALOG:
+        return [(Right.CATALOG, None)]
+    repository = target.repository
+    rights: list[Right]
+    if method in ("GET", "HEAD"):
+        rights = [Right.PULL]
+    elif method in ("POST", "PUT", "PATCH"):
+        rights = [Right.PULL, Right.PUSH]
+    elif method == "DELETE":
+        rights = [Right.DELETE]
+    else:
+        rights = [Right.PULL, Right.PUSH, Right.DELETE]
+    needed: list[tuple[Right, str | None]] = [(right, repository) for right in rights]
+    source = mount_source(method, target, query)
+    if source is not None:
+        needed.append((Right.PULL, source))
+    return needed
+
+
+def mount_source(method: str, target: Target, query: Mapping[str, str]) -> str | None:
+    """The `from` repository of a cross-repository mount, or None."""
+    # The registry mounts on any POST to an upload URL, with or without an upload id.
+    if method != "POST" or target.action is not Action.UPLOAD:
+        return None
+    if not query.get("mount") or not query.get("from"):
+        return None
+    return query["from"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What `authorize` concluded for one request."""
+
+    allowed: bool
+    # The raw query string to send upstream (mount dropped, catalog `n` capped).
+    query: str
+    # Why it was refused, for the log and the 403 message; empty when allowed.
+    reason: str = ""
+
+
+def authorize(
+    policy: AccessPolicy,
+    user: str,
+    method: str,
+    target: Target,
+    raw_query: str,
+    content_type: str | None = None,
+) -> Decision:
+    """Decide one authenticated request; `content_type` is the first Content-Type value."""
+    if target.action is Action.CATALOG:
+        raw_query = cap_catalog_query(raw_query)
+    if policy.unrestricted:
+        return Decision(True, raw_query)
+    for right, repository in required_rights(method, target, {}):
+        if not policy.allows(user, right, repository):
+            where = f" on {repository}" if repository else ""
+            return Decision(False, raw_query, f"{right.value}{where} denied")
+    if method == "POST" and target.action is Action.UPLOAD and _is_form(content_type):
+        # Go's FormValue reads `mount` and `from` from such a body too, where we cannot see them.
+        return Decision(False, raw_query, "form-encoded upload request body refused")
+    source = mount_source(method, target, parse_query(raw_query))
+    if source is not None and not policy.allows(user, Right.PULL, source):
+        raw_query = strip_mount(raw_query)
+    return Decision(True, raw_query)
+
+
+def _is_form(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    return content_type.partition(";")[0].strip().lower() in _FORM_TYPES
+
+
+# Query strings, read the way the registry (Go's net/url) reads them.
+
+
+def _go_unescape(text: str) -> str | None:
+    """url.QueryUnescape: None where Go reports an error (and skips the pair)."""
+    if _PERCENT.search(text):
+        return None
+    data = bytearray()
+    i = 0
+    raw = text.encode("utf-8", "surrogateescape")
+    while i < len(raw):
+        byte = raw[i]
+        if byte == 0x25:  # %
+            data.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+            continue
+        data.append(0x20 if byte == 0x2B else byte)  # + is a space
+        i += 1
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _pairs(raw_query: str) -> list[tuple[str, tuple[str, str] | None]]:
+    """Each `&`-separated pair raw, with its decoded (key, value), or None if Go skips it."""
+    pairs: list[tuple[str, tuple[str, str] | None]] = []
+    for pair in raw_query.split("&") if raw_query else []:
+        decoded: tuple[str, str] | None = None
+        if pair and ";" not in pair:
+            raw_key, _, raw_value = pair.partition("=")
+            key, value = _go_unescape(raw_key), _go_unescape(raw_value)
+            if key is not None and value is not None:
+                decoded = (key, value)
+        pairs.append((pair, decoded))
+    return pairs
+
+
+def parse_query(raw_query: str) -> dict[str, str]:
+    """The query as the registry sees it: the first value of every key."""
+    query: dict[str, str] = {}
+    for _, decoded in _pairs(raw_query):
+        if decoded is not None:
+            query.setdefault(*decoded)
+    return query
+
+
+def _edit_query(raw_query: str, edit: Callable[[str, str, str], str | None]) -> str:
+    """Apply `edit(raw, key, value)` to every pair the registry reads; None drops the pair.
+
+    Pairs containing `;` are dropped (Go ignores them; Go before 1.17 split on them instead).
+    Everything else stays byte for byte.
+    """
+    out: list[str] = []
+    for raw, decoded in _pairs(raw_query):
+        if decoded is None:
+            if ";" not in raw:
+                out.append(raw)
+            continue
+        edited = edit(raw, *decoded)
+        if edited is not None:
+            out.append(edited)
+    return "&".join(out)
+
+
+def strip_mount(raw_query: str) -> str:
+    """The query without `mount` and `from`: the registry then starts a normal upload."""
+    return _edit_query(raw_query, lambda raw, key, _: None if key in ("mount", "from") else raw)
+
+
+# The catalog.
+
+
+def _above_cap(value: str) -> bool:
+    if not _ATOI.fullmatch(value) or value.startswith("-"):
+        return False
+    digits = value.lstrip("+").lstrip("0")
+    # Length first: int() refuses very long digit strings.
+    return len(digits) > len(str(CATALOG_MAX_N)) or int(digits or "0") > CATALOG_MAX_N
+
+
+def cap_catalog_query(raw_query: str, *, last: str | None = None) -> str:
+    """Clamp every `n` to CATALOG_MAX_N (and replace `last` if given); other pairs unchanged."""
+
+    def edit(raw: str, key: str, value: str) -> str | None:
+        if key == "n" and _above_cap(value):
+            return f"n={CATALOG_MAX_N}"
+        if key == "last" and last is not None:
+            return None
+        return raw
+
+    query = _edit_query(raw_query, edit)
+    if last is not None:
+        query = "&".join(part for part in (query, f"last={quote(last, safe='')}") if part)
+    return query
+
+
+def _catalog_repositories(body: bytes) -> list[str]:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    repositories = document.get("repositories") if isinstance(document, dict) else None
+    if not isinstance(repositories, list) or not all(isinstance(r, str) for r in repositories):
+        raise ValueError('catalog response is not {"repositories": [...]}')
+    return repositories
+
+
+def _catalog_body(repositories: list[str]) -> bytes:
+    # Shaped like the registry's own (Go's json.Encoder: compact, one trailing newline).
+    return json.dumps({"repositories": repositories}, separators=(",", ":")).encode() + b"\n"
+
+
+def filter_catalog(body: bytes, user: str, policy: AccessPolicy) -> bytes:
+    """The registry's catalog JSON with only the repositories `user` may pull.
+
+    Raises ValueError when the body is not a catalog: nothing of it may reach the client.
+    """
+    if policy.unrestricted:
+        return body
+    repositories = _catalog_repositories(body)
+    return _catalog_body([r for r in repositories if policy.may_pull(user, r)])
+
+
+@dataclass(frozen=True)
+class CatalogPage:
+    """A filtered catalog page and how to continue."""
+
+    body: bytes
+    # The `Link` header for the client; its `last` is never a hidden repository.
+    link: str | None
+    # Set when nothing on the page was visible but the registry has more: fetch again with
+    # `cap_catalog_query(query, last=resume_after)` instead of answering.
+    resume_after: str | None = None
+
+
+_LINK = re.compile(r"\s*<([^>]*)>(.*)", re.DOTALL)
+
+
+def filter_catalog_page(
+    body: bytes, link: str | None, user: str, policy: AccessPolicy
+) -> CatalogPage:
+    """Filter one page; the registry's `Link` names its last entry, which may be hidden."""
+    if policy.unrestricted:
+        return CatalogPage(body, link)
+    repositories = _catalog_repositories(body)
+    kept = [r for r in repositories if policy.may_pull(user, r)]
+    filtered = _catalog_body(kept)
+    if link is None:
+        return CatalogPage(filtered, None)
+    if not kept:
+        return CatalogPage(filtered, None, repositories[-1] if repositories else None)
+    match = _LINK.match(link)
+    if match is None:
+        return CatalogPage(filtered, None)
+    url, rest = match.groups()
+    path, _, query = url.partition("?")
+    return CatalogPage(filtered, f"<{path}?{cap_catalog_query(query, last=kept[-1])}>{rest}")
