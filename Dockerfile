@@ -1,0 +1,45 @@
+# registry-proxy image:  docker build -t registry-proxy:0.1.0 .
+#
+# Runs `registry-proxy serve` as an unprivileged user (uid 10001) with its configuration at
+# /etc/registry-proxy/proxy.yml (PROXY_CONFIG: deploy/proxy.yml; mount your own over it, or set
+# PROXY_<KEY> variables) and the user list at /run/secrets/htpasswd. Ports: 8080 public, 8081
+# admin (/healthz, /readyz, /metrics). The other commands work too, e.g. (as yourself, so that
+# the files in ./secrets stay yours):
+#   docker run --rm -it -u "$(id -u):$(id -g)" -v "$PWD/secrets:/run/secrets" IMAGE passwd add alice
+#   docker run --rm -u "$(id -u):$(id -g)" -v "$PWD/secrets:/run/secrets" IMAGE check-config
+# deploy/stack.yml runs it on Docker Swarm (README.md, "Production deployment (Docker Swarm)").
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# Build stage: the package and its dependencies (all wheels) in a virtual environment.
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/registry-proxy
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy/ proxy/
+RUN /opt/registry-proxy/bin/pip install . \
+ && /opt/registry-proxy/bin/registry-proxy --version
+
+# Final stage: the same Python, the virtual environment, no compilers, no pip cache, no sources.
+FROM ${PYTHON_IMAGE}
+RUN groupadd --system --gid 10001 registry-proxy \
+ && useradd --system --uid 10001 --gid registry-proxy --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin registry-proxy
+COPY --from=build /opt/registry-proxy /opt/registry-proxy
+COPY deploy/proxy.yml /etc/registry-proxy/proxy.yml
+ENV PATH=/opt/registry-proxy/bin:$PATH \
+    PROXY_CONFIG=/etc/registry-proxy/proxy.yml \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+EXPOSE 8080 8081
+# Liveness from the admin listener, with the interpreter the image already has (no curl, no wget).
+# Change the port here if you change admin_listen.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=4).status == 200 else 1)"]
+# SIGTERM starts the drain (shutdown_timeout); the process is PID 1 and handles it itself.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["registry-proxy"]
+CMD ["serve"]
