@@ -94,7 +94,7 @@ async def authenticated_user(request: web.Request) -> str | None:
 def _challenge(request: web.Request) -> web.Response:
     response = errors.unauthorized(request.app[CONFIG].realm)
     if request.body_exists:
-        # Neither read nor linger on an upload we refuse: close after answering.
+        # Never forward, and not keep, a connection carrying an upload we refuse.
         response.force_close()
     return response
 
@@ -196,6 +196,10 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
             "auto_decompress": False,
             # Room for Basic credentials with passwords of up to 8 KiB.
             "max_field_size": 16384,
+            # After answering a request whose body we did not read (a 401 upload, a stalled
+            # client), read and drop the rest for at most this long, so the client sees the
+            # answer instead of a reset, then close.
+            "lingering_time": 2.0,
         }
     )
     metrics = Metrics()

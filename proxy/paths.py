@@ -30,14 +30,18 @@ _NAME = rf"(?P<name>{_COMPONENT}(?:/{_COMPONENT})*)"
 _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 
+# re.ASCII: Go's \w (in the registry's patterns) matches ASCII only.
 _ROUTES: list[tuple[Action, re.Pattern[str]]] = [
-    (Action.PING, re.compile(r"/v2/")),
-    (Action.CATALOG, re.compile(r"/v2/_catalog")),
-    (Action.TAGS, re.compile(rf"/v2/{_NAME}/tags/list")),
-    (Action.MANIFEST, re.compile(rf"/v2/{_NAME}/manifests/(?P<ref>{_TAG}|{_DIGEST})")),
-    (Action.BLOB, re.compile(rf"/v2/{_NAME}/blobs/(?P<ref>{_DIGEST})")),
-    (Action.UPLOAD, re.compile(rf"/v2/{_NAME}/blobs/uploads/(?P<ref>[A-Za-z0-9._=-]*)")),
-    (Action.REFERRERS, re.compile(rf"/v2/{_NAME}/referrers/(?P<ref>{_DIGEST})")),
+    (action, re.compile(pattern, re.ASCII))
+    for action, pattern in [
+        (Action.PING, r"/v2/"),
+        (Action.CATALOG, r"/v2/_catalog"),
+        (Action.TAGS, rf"/v2/{_NAME}/tags/list"),
+        (Action.MANIFEST, rf"/v2/{_NAME}/manifests/(?P<ref>{_TAG}|{_DIGEST})"),
+        (Action.BLOB, rf"/v2/{_NAME}/blobs/(?P<ref>{_DIGEST})"),
+        (Action.UPLOAD, rf"/v2/{_NAME}/blobs/uploads/(?P<ref>[A-Za-z0-9._=-]*)"),
+        (Action.REFERRERS, rf"/v2/{_NAME}/referrers/(?P<ref>{_DIGEST})"),
+    ]
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
@@ -16,7 +17,8 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,18 @@ def wait_until(
         if condition():
             return
         time.sleep(0.02)
+    raise AssertionError(f"timed out after {deadline}s waiting for {what}")
+
+
+async def eventually(
+    condition: Callable[[], bool], what: str, deadline: float = STARTUP_DEADLINE
+) -> None:
+    """`wait_until` for async tests: polls without blocking the event loop (and fake upstreams)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if condition():
+            return
+        await asyncio.sleep(0.02)
     raise AssertionError(f"timed out after {deadline}s waiting for {what}")
 
 
@@ -212,6 +226,37 @@ class Proxy:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+
+Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def fake_upstream(behaviour: Behaviour) -> AsyncIterator[str]:
+    """Serve `behaviour` for each connection; yield the upstream URL; close everything after."""
+    connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connections[task] = writer
+        try:
+            await behaviour(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        for writer in connections.values():
+            writer.close()
+        await asyncio.gather(*connections, return_exceptions=True)
+        await server.wait_closed()
 
 
 # --- OCI images built from bytes, so no test needs a network or a Docker engine.

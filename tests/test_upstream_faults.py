@@ -12,44 +12,13 @@ import gzip
 import json
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from tests.support import Proxy, free_port
-
-Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@asynccontextmanager
-async def fake_upstream(behaviour: Behaviour) -> AsyncIterator[str]:
-    """Serve `behaviour` for each connection; yield the upstream URL; close everything after."""
-    connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        connections[task] = writer
-        try:
-            await behaviour(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        for writer in connections.values():
-            writer.close()
-        await asyncio.gather(*connections, return_exceptions=True)
-        await server.wait_closed()
+from tests.support import Proxy, fake_upstream, free_port
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]]:
