@@ -12,21 +12,33 @@ import aiohttp
 from aiohttp import web
 
 from proxy import errors
+from proxy.access import AccessPolicy, CatalogPage, authorize, filter_catalog_page
 from proxy.auth import CredentialChecker, Outcome, parse_basic
 from proxy.config import Config
 from proxy.exchange import Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
 from proxy.metrics import Metrics
+from proxy.paths import Action
 from proxy.reload import CredentialReloader
+from proxy.throttle import Throttle
 
 log = logging.getLogger("registry_proxy")
 
 _API_PREFIX = "/v2/"
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _OUTCOME_LABELS = {
     Outcome.CACHED: "cached",
     Outcome.VERIFIED: "success",
     Outcome.REJECTED: "bad_credentials",
 }
+
+
+class AccessControl:
+    """The access rules and read-only switch in force; SIGHUP replaces them."""
+
+    def __init__(self, policy: AccessPolicy, read_only: bool) -> None:
+        self.policy = policy
+        self.read_only = read_only
 
 
 class ProxyState:
@@ -65,6 +77,8 @@ CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ProxyState)
 CHECKER = web.AppKey("checker", CredentialChecker)
+THROTTLE = web.AppKey("throttle", Throttle)
+ACCESS = web.AppKey("access", AccessControl)
 RELOADER = web.AppKey("reloader", CredentialReloader)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -81,28 +95,74 @@ async def authenticated_user(request: web.Request) -> str | None:
         header = request.headers.get("Authorization")
         credentials = parse_basic(header)
         if credentials is None:
+            # Malformed or absent: no password was checked, so nothing counts as a guess.
             exchange.auth_outcome = "bad_credentials" if header else "no_credentials"
         else:
-            outcome = await request.app[CHECKER].check(*credentials)
-            exchange.auth_outcome = _OUTCOME_LABELS[outcome]
-            if outcome.ok:
-                exchange.user = credentials[0]
+            await _check_password(request, exchange, *credentials)
         request.app[METRICS].auth.labels(exchange.auth_outcome).inc()
     return exchange.user
 
 
-def _challenge(request: web.Request) -> web.Response:
-    response = errors.unauthorized(request.app[CONFIG].realm)
+async def _check_password(
+    request: web.Request, exchange: Exchange, user: str, password: str
+) -> None:
+    throttle, checker = request.app[THROTTLE], request.app[CHECKER]
+    blocked_for = throttle.blocked(exchange.client, user)
+    # A blocked name must not lock its owner out: credentials that just worked still do.
+    if blocked_for is not None and not checker.is_cached(user, password):
+        exchange.auth_outcome = "throttled"
+        exchange.retry_after = blocked_for
+        return
+    outcome = await checker.check(user, password)
+    exchange.auth_outcome = _OUTCOME_LABELS[outcome]
+    if outcome.ok:
+        exchange.user = user
+        throttle.record_success(exchange.client, user)
+    else:
+        throttle.record_failure(exchange.client, user)
+
+
+def _refusal(request: web.Request, exchange: Exchange, response: web.Response) -> web.Response:
     if request.body_exists:
         # Never forward, and not keep, a connection carrying an upload we refuse.
         response.force_close()
     return response
 
 
+async def _gate(request: web.Request, exchange: Exchange) -> web.Response | None:
+    """Everything that may refuse a request before it goes upstream, in order; None lets it pass."""
+    user = await authenticated_user(request)
+    if user is None:
+        if exchange.auth_outcome == "throttled":
+            return _refusal(request, exchange, errors.too_many_failures(exchange.retry_after))
+        return _refusal(request, exchange, errors.unauthorized(request.app[CONFIG].realm))
+    if not is_api_path(request.raw_path):
+        return _refusal(request, exchange, errors.not_found())
+    access = request.app[ACCESS]
+    if access.read_only and request.method in _WRITES:
+        return _refusal(request, exchange, errors.read_only())
+    decision = authorize(
+        access.policy,
+        user,
+        request.method,
+        exchange.target,
+        request.raw_path.partition("?")[2],
+        request.headers.get("Content-Type"),
+    )
+    if not decision.allowed:
+        log.info(
+            "denied %s %s to %s: %s", request.method, request.rel_url.path, user, decision.reason
+        )
+        return _refusal(request, exchange, errors.denied(decision.reason))
+    exchange.upstream_query = decision.query
+    return None
+
+
 async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
-    """Authenticate before sending `100 Continue`, so a refused upload is never sent."""
-    if await authenticated_user(request) is None:
-        return _challenge(request)
+    """Check credentials and rights before `100 Continue`: a refused upload is never sent."""
+    refusal = await _gate(request, _exchange(request))
+    if refusal is not None:
+        return refusal
     if request.headers.get("Expect", "").lower() != "100-continue":
         return errors.expectation_failed()
     if request.version >= (1, 1):
@@ -128,11 +188,21 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state.enter()
     in_flight.inc()
     try:
-        if await authenticated_user(request) is None:
-            return _challenge(request)
-        if not is_api_path(request.raw_path):
-            return errors.not_found()
-        return await request.app[FORWARDER](request, exchange)
+        refusal = await _gate(request, exchange)
+        if refusal is not None:
+            return refusal
+        forwarder = request.app[FORWARDER]
+        policy = request.app[ACCESS].policy
+        if exchange.target.action is Action.CATALOG and not policy.unrestricted:
+            user = exchange.user
+            assert user is not None
+
+            def visible(body: bytes, link: str | None) -> CatalogPage:
+                return filter_catalog_page(body, link, user, policy)
+
+            query = exchange.upstream_query or ""
+            return await forwarder.catalog(request, exchange, query, visible)
+        return await forwarder(request, exchange, exchange.upstream_query)
     finally:
         in_flight.dec()
         state.leave()
@@ -214,6 +284,10 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
     app[METRICS] = metrics
     app[STATE] = ProxyState()
     app[CHECKER] = checker
+    app[THROTTLE] = Throttle(
+        config.auth_max_failures, config.auth_failure_window, config.auth_block
+    )
+    app[ACCESS] = AccessControl(config.access, config.read_only)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
     app.cleanup_ctx.extend([_upstream_session, _background_tasks])
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)

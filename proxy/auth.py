@@ -112,6 +112,12 @@ class CredentialChecker:
         self._decoy = decoy if decoy is not None else decoy_hash(self._users)
         self._cache.clear()
 
+    def is_cached(self, user: str, password: str) -> bool:
+        """True when these exact credentials succeeded recently (no hash computed)."""
+        key = self._cache_key(user, password, self._users.get(user))
+        expiry = self._cache.get(key)
+        return expiry is not None and expiry > self._clock()
+
     async def check(self, user: str, password: str) -> Outcome:
         """Check credentials; concurrent identical checks share one hash computation."""
         stored = self._users.get(user)

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(config.log_level)
     try:
-        run(config, users)
+        run(config, users, Path(config_path) if config_path else None)
     except ConfigError as exc:
         print(f"registry-proxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG

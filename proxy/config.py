@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 from yarl import URL
 
+from proxy.access import AccessPolicy, parse_access
+
 ENV_PREFIX = "PROXY_"
 CONFIG_ENV = "PROXY_CONFIG"
 
@@ -69,6 +71,11 @@ class Config:
     access_log: str
     trusted_proxies: tuple[Network, ...]
     upstream_probe_interval: float
+    read_only: bool
+    auth_max_failures: int
+    auth_failure_window: float
+    auth_block: float
+    access: AccessPolicy
     tls: TLSConfig
 
 
@@ -178,6 +185,22 @@ def _networks(value: object) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _raw(value: object) -> object:
+    """Kept as given; validated together with related keys (`groups` with `access`)."""
+    return value
+
+
 @dataclass(frozen=True)
 class _Setting:
     parse: Callable[[object], Any]
@@ -207,6 +230,12 @@ SETTINGS: dict[str, _Setting] = {
     "access_log": _Setting(_access_log, "json"),
     "trusted_proxies": _Setting(_networks, None, structured=True),
     "upstream_probe_interval": _Setting(_seconds, 5),
+    "read_only": _Setting(_bool, False),
+    "auth_max_failures": _Setting(_count, 10),
+    "auth_failure_window": _Setting(_seconds, 300),
+    "auth_block": _Setting(_seconds, 300),
+    "groups": _Setting(_raw, None, structured=True),
+    "access": _Setting(_raw, None, structured=True),
     "tls.cert": _Setting(_optional_path, None),
     "tls.key": _Setting(_optional_path, None),
 }
@@ -234,6 +263,13 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         except ValueError as exc:
             raise ConfigError(f"{where}: {key}: {exc}") from None
 
+    groups, rules = values.pop("groups"), values.pop("access")
+    try:
+        values["access"] = parse_access(groups, rules)
+    except ValueError as exc:
+        key = "groups" if str(exc).startswith("groups") else "access"
+        raise ConfigError(f"{given.get(key, (None, 'default'))[1]}: {exc}") from None
+
     tls = TLSConfig(cert=values.pop("tls.cert"), key=values.pop("tls.key"))
     if (tls.cert is None) != (tls.key is None):
         missing = "tls.key" if tls.key is None else "tls.cert"
@@ -250,7 +286,15 @@ def _read_environment(environ: Mapping[str, str]) -> Iterator[tuple[str, tuple[o
             raise ConfigError(
                 f"environment {name}: unknown setting (known: {', '.join(sorted(known))})"
             )
-        yield known[name], (value, f"environment {name}")
+        key = known[name]
+        parsed: object = value
+        if SETTINGS[key].structured:
+            # Lists and mappings come as YAML (or JSON) text: PROXY_TRUSTED_PROXIES=[10.0.0.0/8]
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"environment {name}: {key}: expected YAML or JSON") from None
+        yield key, (parsed, f"environment {name}")
 
 
 def _read_yaml(path: Path) -> dict[str, tuple[object, str]]:
@@ -324,6 +368,11 @@ def describe(config: Config) -> dict[str, object]:
         "access_log": config.access_log,
         "trusted_proxies": [str(network) for network in config.trusted_proxies],
         "upstream_probe_interval": config.upstream_probe_interval,
+        "read_only": config.read_only,
+        "auth_max_failures": config.auth_max_failures,
+        "auth_failure_window": config.auth_failure_window,
+        "auth_block": config.auth_block,
+        "access": "unrestricted" if config.access.unrestricted else "rules (see the file)",
         "tls": {
             "cert": str(config.tls.cert) if config.tls.cert else None,
             "key": str(config.tls.key) if config.tls.key else None,

@@ -5,6 +5,7 @@ Clients (docker, containerd, containers/image) parse these bodies and choke on H
 """
 
 import json
+import math
 
 from aiohttp import web
 
@@ -63,3 +64,23 @@ def expectation_failed() -> web.Response:
 def request_timeout() -> web.Response:
     """The client stopped sending its body."""
     return registry_error(408, "UNAVAILABLE", "request body timed out")
+
+
+def denied(reason: str) -> web.Response:
+    """An authenticated user without the right for this request."""
+    return registry_error(403, "DENIED", f"requested access to the resource is denied: {reason}")
+
+
+def read_only() -> web.Response:
+    """Writes while `read_only` is on (as the registry's own read-only mode answers)."""
+    return registry_error(405, "UNSUPPORTED", "the registry is read-only for maintenance")
+
+
+def too_many_failures(retry_after: float) -> web.Response:
+    """Too many failed password checks from this address or for this user."""
+    return registry_error(
+        429,
+        "TOOMANYREQUESTS",
+        "too many failed logins; try again later",
+        headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+    )

@@ -26,6 +26,10 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     user: str | None = None
     auth_outcome: str | None = None
+    # Seconds until a password-guessing block ends, when auth_outcome is "throttled".
+    retry_after: float = 0.0
+    # The query string to send upstream (access control may drop a mount or cap `n`).
+    upstream_query: str | None = None
     upstream_status: int | None = None
 
 

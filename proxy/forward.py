@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -12,6 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import errors
+from proxy.access import CatalogPage, cap_catalog_query
 from proxy.exchange import Exchange
 from proxy.metrics import Metrics
 
@@ -36,6 +37,9 @@ HOP_BY_HOP = frozenset(
 # Location URLs: distribution registry/api/v2/urls.go).
 _CLIENT_ONLY = frozenset({"authorization", "expect", "forwarded", "host", "x-real-ip"})
 _FORWARDING_PREFIX = "x-forwarded-"
+
+# Registry catalog pages a filtered catalog request may read before answering.
+_CATALOG_PAGES = 20
 
 # The best relay buffer measured on loopback (see README, Performance).
 READ_BUFSIZE = 1 << 20
@@ -119,11 +123,20 @@ class Forwarder:
         self._upstream = upstream.origin()
         self._base = str(self._upstream)
 
-    async def __call__(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        """Forward the request; errors before the response starts become registry JSON errors."""
+    def _url(self, request: web.Request, query: str | None) -> URL:
         # raw_path is the request target as sent: percent-escapes and query (`_state`,
-        # `digest=sha256%3A...`) pass byte for byte.
-        url = URL(self._base + request.raw_path, encoded=True)
+        # `digest=sha256%3A...`) pass byte for byte unless access control rewrote the query.
+        target = request.raw_path
+        path, _, raw_query = target.partition("?")
+        if query is not None and query != raw_query:
+            target = f"{path}?{query}" if query else path
+        return URL(self._base + target, encoded=True)
+
+    async def __call__(
+        self, request: web.Request, exchange: Exchange, query: str | None = None
+    ) -> web.StreamResponse:
+        """Forward the request; errors before the response starts become registry JSON errors."""
+        url = self._url(request, query)
         body = _ClientBody(request, self._body_timeout) if request.body_exists else None
         try:
             upstream = await self._session.request(
@@ -150,6 +163,48 @@ class Forwarder:
             return await self._relay_response(request, upstream, exchange.scheme)
         finally:
             upstream.release()
+
+    async def catalog(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        query: str,
+        visible: Callable[[bytes, str | None], CatalogPage],
+    ) -> web.StreamResponse:
+        """GET /v2/_catalog, keeping only what `visible` lets through (pages hold <= 1000)."""
+        headers: CIMultiDict[str] = CIMultiDict()
+        page = CatalogPage(b'{"repositories":[]}', None)
+        for _ in range(_CATALOG_PAGES):
+            try:
+                async with self._session.get(
+                    self._url(request, query),
+                    headers=upstream_request_headers(request, exchange.client, exchange.scheme),
+                    allow_redirects=False,
+                ) as upstream:
+                    exchange.upstream_status = upstream.status
+                    body = await upstream.read()
+                    origin = f"{exchange.scheme}://{request.host}"
+                    headers = client_response_headers(upstream, self._upstream, origin)
+                    headers.popall("Content-Length", None)
+                    if upstream.status != 200:
+                        return web.Response(status=upstream.status, body=body, headers=headers)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                return self._failed_before_headers(request, exc)
+            try:
+                page = visible(body, headers.get("Link"))
+            except ValueError:
+                log.warning("upstream %s sent a catalog that is not one", self._base)
+                return errors.bad_gateway()
+            if page.resume_after is None:
+                break
+            # Nothing visible on this page: skip ahead rather than answer an empty page.
+            query = cap_catalog_query(query, last=page.resume_after)
+        headers.popall("Link", None)
+        if page.link:
+            headers["Link"] = page.link
+        elif page.resume_after is not None:
+            headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
+        return web.Response(status=200, body=page.body, headers=headers)
 
     def _failed_before_headers(
         self, request: web.Request, exc: TimeoutError | aiohttp.ClientError

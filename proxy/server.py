@@ -7,11 +7,12 @@ import contextlib
 import logging
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 
 from aiohttp import web
 
-from proxy.app import METRICS, RELOADER, STATE, create_admin_app, create_app
-from proxy.config import Config, ConfigError
+from proxy.app import ACCESS, METRICS, RELOADER, STATE, create_admin_app, create_app
+from proxy.config import Config, ConfigError, load_config
 from proxy.limits import LimitedTCPSite, c_parser_in_use
 from proxy.log import access_log, access_logger_class
 from proxy.reload import CertificateReloader
@@ -22,7 +23,7 @@ log = logging.getLogger("registry_proxy")
 _CANCEL_GRACE = 1.0
 
 
-def run(config: Config, users: Mapping[str, str]) -> None:
+def run(config: Config, users: Mapping[str, str], config_path: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds."""
     if not c_parser_in_use():
         # The pure-Python parser is slower and has had request smuggling bugs the C one had not.
@@ -31,11 +32,27 @@ def run(config: Config, users: Mapping[str, str]) -> None:
             "installed without its extensions); refusing to serve the internet with the Python one"
         )
     certificates = CertificateReloader(config.tls) if config.tls.enabled else None
-    asyncio.run(_serve(config, users, certificates))
+    asyncio.run(_serve(config, users, certificates, config_path))
+
+
+def _reload_access(app: web.Application, config_path: Path | None) -> None:
+    """Re-read the configuration for what SIGHUP applies: access rules and read-only mode."""
+    try:
+        fresh = load_config(config_path)
+    except ConfigError as exc:
+        log.error("configuration reload (SIGHUP) failed, keeping the current rules: %s", exc)
+        return
+    access = app[ACCESS]
+    access.policy, access.read_only = fresh.access, fresh.read_only
+    rules = "unrestricted" if fresh.access.unrestricted else "restricted by rules"
+    log.info("access reloaded (SIGHUP): %s, read_only=%s", rules, str(fresh.read_only).lower())
 
 
 async def _serve(
-    config: Config, users: Mapping[str, str], certificates: CertificateReloader | None
+    config: Config,
+    users: Mapping[str, str],
+    certificates: CertificateReloader | None,
+    config_path: Path | None,
 ) -> None:
     app = create_app(config, users)
     runner = web.AppRunner(
@@ -74,6 +91,7 @@ async def _serve(
     background: set[asyncio.Task[None]] = set()
 
     def reload_all() -> None:
+        _reload_access(app, config_path)
         task = asyncio.create_task(app[RELOADER].reload("SIGHUP"))
         background.add(task)
         task.add_done_callback(background.discard)

@@ -52,7 +52,13 @@ def proxy(
     registry: Registry, htpasswd_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Proxy]:
     """registry-proxy in front of the real registry."""
-    server = Proxy(tmp_path_factory.mktemp("proxy"), registry.url, htpasswd_file)
+    # Many tests send wrong passwords from 127.0.0.1 on purpose; the throttle has its own tests.
+    server = Proxy(
+        tmp_path_factory.mktemp("proxy"),
+        registry.url,
+        htpasswd_file,
+        {"PROXY_AUTH_MAX_FAILURES": "1000000"},
+    )
     server.start()
     yield server
     server.stop()
@@ -64,6 +70,7 @@ def start_proxy(htpasswd_file: Path, tmp_path: Path) -> Iterator[Callable[..., P
     started: list[Proxy] = []
 
     def start(upstream: str, htpasswd: Path | None = None, **env: str) -> Proxy:
+        env = {"PROXY_AUTH_MAX_FAILURES": "1000000", **env}
         server = Proxy(tmp_path / f"proxy{len(started)}", upstream, htpasswd or htpasswd_file, env)
         started.append(server)
         server.start()
