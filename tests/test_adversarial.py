@@ -69,7 +69,7 @@ async def exchange_raw(proxy: Proxy, data: bytes, timeout: float = 10) -> bytes:
         writer.close()
 
 
-# --- Request smuggling: the C parser (required at start) rejects ambiguous framing. ------------
+# --- Request smuggling and oversized heads: the C parser (required at start) rejects them. -----
 
 SMUGGLING = {
     "content-length-and-chunked": b"POST /v2/x/blobs/uploads/ HTTP/1.1\r\nHost: h\r\nAUTH\r\n"
@@ -87,6 +87,16 @@ SMUGGLING = {
     "space-before-colon": b"GET /v2/x/tags/list HTTP/1.1\r\nHost: h\r\nAUTH\r\n"
     b"Content-Length : 5\r\n\r\nhello",
     "unknown-method": b"BREW /v2/ HTTP/1.1\r\nHost: h\r\nAUTH\r\n\r\n",
+    # Header limits (aiohttp's defaults, the field size raised to 16 KiB for Basic credentials).
+    "200-headers": b"GET /v2/x/tags/list HTTP/1.1\r\nHost: h\r\nAUTH\r\n"
+    + b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+    + b"\r\n",
+    "9-kib-request-line": b"GET /v2/"
+    + b"a" * 9000
+    + b"/tags/list HTTP/1.1\r\nHost: h\r\nAUTH\r\n\r\n",
+    "20-kib-header": b"GET /v2/x/tags/list HTTP/1.1\r\nHost: h\r\nAUTH\r\nX-Big: "
+    + b"a" * 20000
+    + b"\r\n\r\n",
 }
 
 
