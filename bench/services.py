@@ -1,6 +1,6 @@
 """The three servers under test, each a child process on free loopback ports in a temp dir.
 
-Adapted from tests/support.py so the benchmark stands on its own.
+Polling and port helpers are the test suite's (tests/support.py).
 """
 
 from __future__ import annotations
@@ -8,53 +8,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support import free_port, http_status, wait_until
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 NGINX_TEMPLATE = BENCH_DIR / "nginx.conf.template"
 REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 NGINX_BINARY = shutil.which("nginx") or "/usr/sbin/nginx"
-STARTUP_DEADLINE = 30.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(
-    condition: Callable[[], bool], what: str, deadline: float = STARTUP_DEADLINE
-) -> None:
-    """Poll `condition` until it holds, or raise naming `what`."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out after {deadline}s waiting for {what}")
-
-
-def http_status(url: str, headers: Mapping[str, str] | None = None) -> int | None:
-    """Status of a GET, or None when nothing answers."""
-    request = urllib.request.Request(url, headers=dict(headers or {}))
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return None
 
 
 @dataclass
