@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from proxy.forward import create_session
 from tests.support import Proxy, fake_upstream, free_port
 
 
@@ -292,3 +293,16 @@ async def test_client_disconnect_mid_upload_aborts_the_upstream_request(
         # The proxy keeps serving.
         async with aiohttp.ClientSession() as session, session.get(proxy.url + "/v2/") as response:
             assert response.status == 401
+
+
+async def test_upstream_session_has_no_total_deadline() -> None:
+    # Defence for multi-GB transfers: aiohttp's default ClientTimeout(total=300) would cut any
+    # transfer longer than 5 minutes; only connect and per-read idleness are bounded.
+    session = create_session(connections=4, connect_timeout=3, read_timeout=7)
+    try:
+        assert session.timeout.total is None
+        assert session.timeout.connect == 3
+        assert session.timeout.sock_read == 7
+        assert session.auto_decompress is False
+    finally:
+        await session.close()
