@@ -43,7 +43,6 @@ _CATALOG_PAGES = 20
 
 # The best relay buffer measured on loopback (see README, Performance).
 READ_BUFSIZE = 1 << 20
-_ASYNCIO_RECV_SIZE = 256 * 1024
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -160,15 +159,9 @@ class Forwarder:
         exchange.upstream_status = upstream.status
         if upstream.status >= 500:
             self._errors.labels("5xx").inc()
-        large = (upstream.content_length or 0) > READ_BUFSIZE
-        if large:
-            _set_recv_size(upstream, READ_BUFSIZE)
         try:
             return await self._relay_response(request, upstream, exchange.scheme)
         finally:
-            if large:
-                # The connection goes back to the pool, where small responses are the rule.
-                _set_recv_size(upstream, _ASYNCIO_RECV_SIZE)
             upstream.release()
 
     async def catalog(
@@ -275,20 +268,6 @@ class Forwarder:
                 return response
         await response.write_eof()
         return response
-
-
-def _set_recv_size(upstream: aiohttp.ClientResponse, size: int) -> None:
-    """Set how much asyncio takes per recv() on the upstream connection (default 256 KiB).
-
-    For large bodies, fewer and larger reads mean fewer parser and buffer calls: a 1 GiB blob GET
-    went from ~1.2 to ~0.8 CPU seconds in the proxy (README, Performance). Small responses keep
-    the default: recv() allocates its whole size each time.
-    """
-    connection = upstream.connection
-    transport = connection.transport if connection is not None else None
-    # asyncio's selector transports read `max_size` bytes per recv(); others are left alone.
-    if transport is not None and hasattr(transport, "max_size"):
-        transport.max_size = size
 
 
 def _abort(request: web.Request) -> None:
