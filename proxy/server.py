@@ -88,17 +88,18 @@ async def _serve(
         await web.TCPSite(admin_runner, config.admin_listen.host, config.admin_listen.port).start()
         log.info("admin listener on http://%s", config.admin_listen)
 
-    background: set[asyncio.Task[None]] = set()
+    # Reload tasks are kept referenced until they finish (asyncio holds tasks weakly).
+    reloads: set[asyncio.Task[None]] = set()
 
     def reload_all() -> None:
         _reload_access(app, config_path)
-        task = asyncio.create_task(app[RELOADER].reload("SIGHUP"))
-        background.add(task)
-        task.add_done_callback(background.discard)
+        coroutines = [app[RELOADER].reload("SIGHUP")]
         if certificates is not None:
-            tls_task = asyncio.create_task(certificates.reload("SIGHUP"))
-            background.add(tls_task)
-            tls_task.add_done_callback(background.discard)
+            coroutines.append(certificates.reload("SIGHUP"))
+        for coroutine in coroutines:
+            task = asyncio.create_task(coroutine)
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
 
     cert_watch = asyncio.create_task(certificates.watch()) if certificates else None
     stop = asyncio.Event()
