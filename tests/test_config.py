@@ -135,3 +135,39 @@ def test_serve_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:
     result = run_cli("serve", env={"PROXY_CONFIG": str(config)})
     assert result.returncode == 2
     assert "proxy.yml:2: unknown key 'bogus'" in result.stderr
+
+
+def test_structured_settings_from_yaml_and_environment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "htpasswd: /h\ntrusted_proxies: [10.0.0.0/8, 192.0.2.1]\nread_only: yes\n"
+        "groups: {ci: [ci-bot]}\n"
+        "access:\n  - {users: ['@ci'], repositories: ['**'], actions: [pull]}\n",
+    )
+    config = load_config(path, {"PROXY_AUTH_BLOCK": "60"})
+    assert [str(n) for n in config.trusted_proxies] == ["10.0.0.0/8", "192.0.2.1/32"]
+    assert config.read_only is True
+    assert config.auth_block == 60
+    assert not config.access.unrestricted
+    from_env = load_config(None, {"PROXY_HTPASSWD": "/h", "PROXY_TRUSTED_PROXIES": "10.0.0.1, ::1"})
+    assert [str(n) for n in from_env.trusted_proxies] == ["10.0.0.1/32", "::1/128"]
+    assert from_env.access.unrestricted
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("htpasswd: /h\naccess:\n  - {users: [a], repositories: ['*'], actions: [pul]}\n",
+         r"proxy.yml:2: access\[0\].actions: unknown action 'pul'"),
+        ("htpasswd: /h\nread_only: maybe\n", r"proxy.yml:2: read_only: expected true or false"),
+        ("htpasswd: /h\ntrusted_proxies: [not-an-ip]\n",
+         r"proxy.yml:2: trusted_proxies: expected an address"),
+        ("htpasswd: /h\naccess_log: xml\n",
+         r"proxy.yml:2: access_log: expected one of json, text, off"),
+    ],
+)  # fmt: skip
+def test_bad_structured_settings_name_line_and_key(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, text), {})
