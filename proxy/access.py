@@ -446,17 +446,6 @@ def _catalog_body(repositories: list[str]) -> bytes:
     return json.dumps({"repositories": repositories}, separators=(",", ":")).encode() + b"\n"
 
 
-def filter_catalog(body: bytes, user: str, policy: AccessPolicy) -> bytes:
-    """The registry's catalog JSON with only the repositories `user` may pull.
-
-    Raises ValueError when the body is not a catalog: nothing of it may reach the client.
-    """
-    if policy.unrestricted:
-        return body
-    repositories = _catalog_repositories(body)
-    return _catalog_body([r for r in repositories if policy.may_pull(user, r)])
-
-
 @dataclass(frozen=True)
 class CatalogPage:
     """A filtered catalog page and how to continue."""

@@ -84,6 +84,13 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
+def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> None:
+    """Rules that name users the htpasswd file lacks are usually typos: say so once."""
+    unknown = sorted(policy.named_users - set(users))
+    if unknown:
+        log.warning("access rules name users not in the htpasswd file: %s", ", ".join(unknown))
+
+
 def _exchange(request: web.Request) -> Exchange:
     return exchange_of(request, request.app[CONFIG].trusted_proxies)
 
@@ -288,6 +295,7 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
         config.auth_max_failures, config.auth_failure_window, config.auth_block
     )
     app[ACCESS] = AccessControl(config.access, config.read_only)
+    warn_about_unknown_users(config.access, users)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
     app.cleanup_ctx.extend([_upstream_session, _background_tasks])
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)

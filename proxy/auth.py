@@ -106,6 +106,11 @@ class CredentialChecker:
     def user_count(self) -> int:
         return len(self._users)
 
+    @property
+    def users(self) -> Mapping[str, str]:
+        """The user table in use (user -> stored hash)."""
+        return self._users
+
     def replace_users(self, users: Mapping[str, str], decoy: str | None = None) -> None:
         """Swap in a new user table; every cached success is forgotten."""
         self._users = dict(users)

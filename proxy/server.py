@@ -11,7 +11,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.app import ACCESS, METRICS, RELOADER, STATE, create_admin_app, create_app
+from proxy.app import (
+    ACCESS,
+    CHECKER,
+    METRICS,
+    RELOADER,
+    STATE,
+    create_admin_app,
+    create_app,
+    warn_about_unknown_users,
+)
 from proxy.config import Config, ConfigError, load_config
 from proxy.limits import LimitedTCPSite, c_parser_in_use
 from proxy.log import access_log, access_logger_class
@@ -44,6 +53,7 @@ def _reload_access(app: web.Application, config_path: Path | None) -> None:
         return
     access = app[ACCESS]
     access.policy, access.read_only = fresh.access, fresh.read_only
+    warn_about_unknown_users(fresh.access, app[CHECKER].users)
     rules = "unrestricted" if fresh.access.unrestricted else "restricted by rules"
     log.info("access reloaded (SIGHUP): %s, read_only=%s", rules, str(fresh.read_only).lower())
 

@@ -17,7 +17,6 @@ from proxy.access import (
     Right,
     authorize,
     cap_catalog_query,
-    filter_catalog,
     filter_catalog_page,
     mount_source,
     parse_access,
@@ -377,6 +376,10 @@ def test_cap_catalog_query_can_move_last() -> None:
 
 
 CATALOG = b'{"repositories":["public/x","team-a/app","team-a/x/y","team-b/app","zzz"]}\n'
+
+
+def filter_catalog(body: bytes, user: str, policy: AccessPolicy) -> bytes:
+    return filter_catalog_page(body, None, user, policy).body
 
 
 def test_catalog_shows_only_pullable_repositories(example: AccessPolicy) -> None:

@@ -353,3 +353,11 @@ def hash_count(proxy: Proxy) -> float:
         if line.startswith("registry_proxy_password_check_duration_seconds_count "):
             return float(line.split()[1])
     raise AssertionError("no password check histogram")
+
+
+def test_rules_naming_unknown_users_are_reported(
+    registry: Registry, start_proxy: Callable[..., Proxy]
+) -> None:
+    rules = '[{users: [alice, ghost], repositories: ["**"], actions: [pull]}]'
+    proxy = start_proxy(registry.url, PROXY_ACCESS=rules)
+    assert "access rules name users not in the htpasswd file: ghost" in proxy.log()
