@@ -116,6 +116,8 @@ class Throttle:
 
     def blocked(self, address: str, user: str) -> float | None:
         """Seconds until the address's or the user's block ends (the later one), or None."""
+        if not self.tracked:
+            return None  # the usual case, on every authenticated request: nothing to look up
         now = self._clock()
         waits = [
             wait
@@ -135,4 +137,5 @@ class Throttle:
 
     def record_success(self, address: str, user: str) -> None:
         """A correct password: the user's failures are forgotten, the address's are not."""
-        self._users.clear(_user_key(user))
+        if len(self._users):
+            self._users.clear(_user_key(user))
