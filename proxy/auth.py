@@ -54,7 +54,7 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def _verify(password: str, stored: str) -> bool:
+def verify_password(password: str, stored: str) -> bool:
     """Check one password against one stored hash (runs in the worker pool)."""
     if stored.startswith("$2") and len(password.encode()) > _BCRYPT_MAX_BYTES:
         return False
@@ -152,7 +152,7 @@ class CredentialChecker:
     def _timed_verify(self, password: str, stored: str) -> bool:
         started = time.perf_counter()
         try:
-            return _verify(password, stored)
+            return verify_password(password, stored)
         finally:
             if self._on_hash is not None:
                 self._on_hash(time.perf_counter() - started)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from passlib.hash import bcrypt
 
-from proxy.auth import _verify
+from proxy.auth import verify_password
 from proxy.htpasswd import load_htpasswd
 
 DEFAULT_COST = 10
@@ -120,7 +120,7 @@ def check_password(path: Path, user: str, password: str) -> bool:
     stored = load_htpasswd(path).get(user)
     if stored is None:
         raise UnknownUserError(f"{path}: no user {user!r}")
-    return _verify(password, stored)
+    return verify_password(password, stored)
 
 
 def _user_of(line: bytes) -> str | None:

@@ -93,8 +93,8 @@ class CountingVerify:
 
 @pytest.fixture
 def counting(monkeypatch: pytest.MonkeyPatch) -> CountingVerify:
-    counter = CountingVerify(auth._verify)
-    monkeypatch.setattr(auth, "_verify", counter)
+    counter = CountingVerify(auth.verify_password)
+    monkeypatch.setattr(auth, "verify_password", counter)
     return counter
 
 
@@ -169,7 +169,7 @@ async def test_unknown_user_is_checked_against_a_decoy_of_the_same_cost(
 async def test_unknown_user_never_authenticates_even_with_the_decoy_password(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(auth, "_verify", lambda password, stored: True)
+    monkeypatch.setattr(auth, "verify_password", lambda password, stored: True)
     check = checker()
     assert await check.check("mallory", "anything") is Outcome.REJECTED
     check.close()
@@ -178,6 +178,6 @@ async def test_unknown_user_never_authenticates_even_with_the_decoy_password(
 def test_passwords_longer_than_bcrypt_reads_never_match() -> None:
     long_password = "x" * 72
     stored = bcrypt.using(rounds=4, truncate_error=False).hash(long_password)
-    assert auth._verify(long_password, stored)
-    assert not auth._verify(long_password + "extra", stored)
-    assert not auth._verify("y" * 8192, stored)
+    assert auth.verify_password(long_password, stored)
+    assert not auth.verify_password(long_password + "extra", stored)
+    assert not auth.verify_password("y" * 8192, stored)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import _verify
+from proxy.auth import verify_password
 from proxy.htpasswd import HtpasswdError, load_htpasswd
 
 
@@ -26,8 +26,8 @@ def test_accepts_bcrypt_apr1_and_sha_from_apache_htpasswd(
     table = load_htpasswd(htpasswd_file)
     assert set(table) == set(users)
     for user, password in users.items():
-        assert _verify(password, table[user]), user
-        assert not _verify(password + "x", table[user]), user
+        assert verify_password(password, table[user]), user
+        assert not verify_password(password + "x", table[user]), user
 
 
 @pytest.mark.parametrize("prefix", ["$2y$", "$2b$", "$2a$"])
@@ -36,7 +36,7 @@ def test_accepts_every_bcrypt_prefix(tmp_path: Path, prefix: str) -> None:
     htpasswd(path, "-B", "-C", "4", user="u", password="pw")
     stored = path.read_text().strip().split(":", 1)[1]
     path.write_text("u:" + prefix + stored[4:] + "\n")
-    assert _verify("pw", load_htpasswd(path)["u"])
+    assert verify_password("pw", load_htpasswd(path)["u"])
 
 
 @pytest.mark.parametrize(
@@ -84,4 +84,4 @@ def test_comments_blank_lines_and_crlf_are_fine(tmp_path: Path) -> None:
     path = tmp_path / "h"
     htpasswd(path, "-s", user="u", password="pw")
     path.write_bytes(b"# users\r\n\r\n" + path.read_bytes().replace(b"\n", b"\r\n"))
-    assert _verify("pw", load_htpasswd(path)["u"])
+    assert verify_password("pw", load_htpasswd(path)["u"])

@@ -12,7 +12,7 @@ import pytest
 from passlib.hash import bcrypt
 
 from proxy import passwd
-from proxy.auth import _verify
+from proxy.auth import verify_password
 from proxy.cli import main
 from proxy.htpasswd import HtpasswdError, load_htpasswd
 
@@ -74,7 +74,7 @@ def test_add_creates_a_file_that_apache_htpasswd_and_the_proxy_accept(
     table = load_htpasswd(path)
     assert list(table) == ["alice", "bob"]
     assert table["alice"].startswith("$2y$04$")
-    assert _verify("s3cret ü", table["alice"])
+    assert verify_password("s3cret ü", table["alice"])
 
 
 def test_default_cost_is_10_with_the_2y_prefix(tmp_path: Path, monkeypatch, capsys) -> None:
