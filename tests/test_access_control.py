@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -283,8 +284,6 @@ def test_sighup_switches_read_only_and_rules_without_dropping_connections(
     auth = {
         "Authorization": "Basic " + base64.b64encode(f"alice:{users['alice']}".encode()).decode()
     }
-    import http.client
-
     connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
     connection.request("POST", "/v2/hup/app/blobs/uploads/", headers=auth)
     response = connection.getresponse()

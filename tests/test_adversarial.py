@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -424,9 +426,6 @@ def open_fds(proxy: Proxy) -> int:
 
 
 def push_blob(base: str, repo: str, blob: bytes) -> str:
-    import hashlib
-    import urllib.request
-
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     with urllib.request.urlopen(
         urllib.request.Request(f"{base}/v2/{repo}/blobs/uploads/", method="POST")
@@ -508,8 +507,6 @@ async def test_a_thousand_aborted_downloads_and_uploads_leave_no_trace(
 
 def gauge(proxy: Proxy, name: str) -> float:
     """The sum of a metric's samples on /metrics."""
-    import urllib.request
-
     with urllib.request.urlopen(proxy.admin_url + "/metrics") as response:
         text = response.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
