@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -67,6 +68,34 @@ def http_status(url: str, headers: Mapping[str, str] | None = None) -> int | Non
         return int(exc.code)
     except OSError:
         return None
+
+
+def call(
+    url: str,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    data: bytes | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request: status, headers and body, whatever the status."""
+    request = urllib.request.Request(url, method=method, headers=dict(headers or {}), data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def push_blob(base: str, repo: str, blob: bytes, headers: Mapping[str, str] | None = None) -> str:
+    """Upload a blob as containerd does (POST, then one monolithic PUT); return its digest."""
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    status, reply, body = call(f"{base}/v2/{repo}/blobs/uploads/", "POST", headers)
+    assert status == 202, body
+    location = reply["Location"] + "&digest=" + digest.replace(":", "%3A")
+    put_headers = {**(headers or {}), "Content-Type": "application/octet-stream"}
+    status, _, body = call(location, "PUT", put_headers, blob)
+    assert status == 201, body
+    return digest
 
 
 @dataclass

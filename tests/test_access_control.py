@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import json
 import os
 import signal
 import subprocess
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import Proxy, Registry, wait_until, write_oci_layout
+from tests.support import Proxy, Registry, call, push_blob, wait_until, write_oci_layout
 
 PASSWORDS = {"ci-bot": "ci-secret", "alice": "alice-secret", "mallory": "mallory-secret"}
 RULES = """
@@ -34,29 +31,6 @@ access:
 def basic(user: str) -> dict[str, str]:
     token = base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
-
-
-def call(url: str, method: str = "GET", headers: dict[str, str] | None = None,
-         data: bytes | None = None) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
-    request = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
-
-
-def seed_blob(base: str, repo: str, blob: bytes, headers: dict[str, str] | None = None) -> str:
-    """Push a blob (POST then monolithic PUT); return its digest."""
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    status, reply, body = call(f"{base}/v2/{repo}/blobs/uploads/", "POST", headers)
-    assert status == 202, body
-    put_headers = {**(headers or {}), "Content-Type": "application/octet-stream"}
-    status, _, body = call(
-        reply["Location"] + "&digest=" + digest.replace(":", "%3A"), "PUT", put_headers, blob
-    )
-    assert status == 201, body
-    return digest
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +55,7 @@ def team(
     registry = Registry(root / "registry")
     registry.start()
     for repo in ("team-a/app", "team-b/app", "team-b/lib"):
-        seed_blob(registry.url, repo, repo.encode())
+        push_blob(registry.url, repo, repo.encode())
     config = root / "proxy.yml"
     config.write_text(RULES)
     proxy = Proxy(root / "proxy", registry.url, team_htpasswd,
@@ -163,7 +137,7 @@ def test_delete_needs_the_delete_right(
 ) -> None:
     registry, proxy = team
     repo = f"team-a/del-{uuid.uuid4().hex[:6]}"
-    digest = seed_blob(registry.url, repo, os.urandom(64))
+    digest = push_blob(registry.url, repo, os.urandom(64))
     status, _, body = call(f"{proxy.url}/v2/{repo}/blobs/{digest}", "DELETE", basic(user))
     assert status == (202 if allowed else 403), body
     if not allowed:
@@ -233,7 +207,7 @@ def test_catalog_n_is_capped_before_the_registry(team: tuple[Registry, Proxy]) -
 def test_mount_needs_pull_on_the_source(team: tuple[Registry, Proxy]) -> None:
     registry, proxy = team
     secret = os.urandom(128)
-    digest = seed_blob(registry.url, "team-b/app", secret)
+    digest = push_blob(registry.url, "team-b/app", secret)
     target = f"team-a/mount-{uuid.uuid4().hex[:6]}"
     url = (
         f"{proxy.url}/v2/{target}/blobs/uploads/?mount={digest.replace(':', '%3A')}&from=team-b/app"
@@ -245,7 +219,7 @@ def test_mount_needs_pull_on_the_source(team: tuple[Registry, Proxy]) -> None:
     assert call(f"{registry.url}/v2/{target}/blobs/{digest}", "HEAD")[0] == 404
 
     # With pull on the source (its own namespace), the mount happens.
-    own = seed_blob(registry.url, "team-a/app", os.urandom(128))
+    own = push_blob(registry.url, "team-a/app", os.urandom(128))
     url = f"{proxy.url}/v2/{target}/blobs/uploads/?mount={own.replace(':', '%3A')}&from=team-a/app"
     assert call(url, "POST", basic("alice"))[0] == 201
     assert call(f"{registry.url}/v2/{target}/blobs/{own}", "HEAD")[0] == 200
@@ -258,7 +232,7 @@ def test_read_only_blocks_writes_and_keeps_pulls(
     registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
 ) -> None:
     repo = f"ro/{uuid.uuid4().hex[:6]}"
-    digest = seed_blob(registry.url, repo, b"kept")
+    digest = push_blob(registry.url, repo, b"kept")
     proxy = start_proxy(registry.url, PROXY_READ_ONLY="true")
     auth = {
         "Authorization": "Basic " + base64.b64encode(f"alice:{users['alice']}".encode()).decode()

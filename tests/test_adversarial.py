@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import re
@@ -28,7 +27,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.auth import parse_basic
-from tests.support import Proxy, Registry, eventually, fake_upstream, http_status
+from tests.support import (
+    Proxy,
+    Registry,
+    eventually,
+    fake_upstream,
+    http_status,
+    push_blob,
+)
 
 
 def token(user: str, password: str) -> str:
@@ -423,21 +429,6 @@ def rss(proxy: Proxy) -> int:
 def open_fds(proxy: Proxy) -> int:
     assert proxy.process is not None and proxy.process.popen is not None
     return len(os.listdir(f"/proc/{proxy.process.popen.pid}/fd"))
-
-
-def push_blob(base: str, repo: str, blob: bytes) -> str:
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    with urllib.request.urlopen(
-        urllib.request.Request(f"{base}/v2/{repo}/blobs/uploads/", method="POST")
-    ) as r:
-        location = r.headers["Location"]
-    request = urllib.request.Request(
-        location + "&digest=" + digest.replace(":", "%3A"), data=blob, method="PUT",
-        headers={"Content-Type": "application/octet-stream"},
-    )  # fmt: skip
-    with urllib.request.urlopen(request) as r:
-        assert r.status == 201
-    return digest
 
 
 async def test_a_thousand_aborted_downloads_and_uploads_leave_no_trace(

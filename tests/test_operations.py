@@ -12,7 +12,6 @@ import socket
 import ssl
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import TLSConfig
 from proxy.tls import server_context
-from tests.support import Proxy, Registry, http_status, wait_until, write_oci_layout
+from tests.support import (
+    Proxy,
+    Registry,
+    call,
+    http_status,
+    push_blob,
+    wait_until,
+    write_oci_layout,
+)
 
 # The proxy polls files every second; users are promised 2 s. The margin absorbs a busy machine.
 RELOAD_DEADLINE = 2.5
@@ -33,21 +40,9 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-def request(
-    url: str, method: str = "GET", headers: dict[str, str] | None = None, data: bytes | None = None,
-    context: ssl.SSLContext | None = None,
-) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
-    req = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
-    try:
-        with urllib.request.urlopen(req, timeout=30, context=context) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
-
-
 def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of /metrics as (name, sorted labels) -> value."""
-    status, _, body = request(proxy.admin_url + "/metrics")
+    status, _, body = call(proxy.admin_url + "/metrics")
     assert status == 200
     samples = {}
     for family in text_string_to_metric_families(body.decode()):
@@ -62,27 +57,16 @@ def value(
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def push_blob(base: str, repo: str, blob: bytes, auth: dict[str, str]) -> str:
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    status, headers, _ = request(f"{base}/v2/{repo}/blobs/uploads/", "POST", auth)
-    assert status == 202
-    location = headers["Location"] + "&digest=" + digest.replace(":", "%3A")
-    put_headers = {**auth, "Content-Type": "application/octet-stream"}
-    status, _, body = request(location, "PUT", put_headers, blob)
-    assert status == 201, body
-    return digest
-
-
 def test_metrics_move_with_a_push_and_a_pull(proxy: Proxy, users: dict[str, str]) -> None:
     auth = basic("alice", users["alice"])
     before = scrape(proxy)
     blob = os.urandom(256 * 1024)
     repo = f"metrics/{uuid.uuid4().hex[:8]}"
     digest = push_blob(proxy.url, repo, blob, auth)
-    status, _, body = request(f"{proxy.url}/v2/{repo}/blobs/{digest}", headers=auth)
+    status, _, body = call(f"{proxy.url}/v2/{repo}/blobs/{digest}", headers=auth)
     assert status == 200 and body == blob
-    assert request(proxy.url + "/v2/")[0] == 401
-    request(proxy.url + "/v2/", headers=basic("alice", "wrong"))
+    assert call(proxy.url + "/v2/")[0] == 401
+    call(proxy.url + "/v2/", headers=basic("alice", "wrong"))
     after = scrape(proxy)
 
     def grew(name: str, **labels: str) -> float:
@@ -107,13 +91,13 @@ def test_metrics_move_with_a_push_and_a_pull(proxy: Proxy, users: dict[str, str]
     assert value(after, "registry_proxy_upstream_up") == 1
 
     # Labels are bounded: no user, repository or digest ever appears.
-    _, _, text = request(proxy.admin_url + "/metrics")
+    _, _, text = call(proxy.admin_url + "/metrics")
     for secret in ["alice", repo, digest.split(":")[1], users["alice"]]:
         assert secret not in text.decode()
 
 
 def test_metrics_pass_promtool(proxy: Proxy) -> None:
-    _, _, text = request(proxy.admin_url + "/metrics")
+    _, _, text = call(proxy.admin_url + "/metrics")
     result = subprocess.run(
         ["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30
     )
@@ -280,10 +264,8 @@ def test_tls_serves_https_with_locations_in_https(
     context = ssl.create_default_context()
     ca.configure_trust(context)
     auth = basic("alice", users["alice"])
-    assert request(proxy.url + "/v2/", headers=auth, context=context)[0] == 200
-    status, headers, _ = request(
-        proxy.url + "/v2/tls/blobs/uploads/", "POST", auth, context=context
-    )
+    assert call(proxy.url + "/v2/", headers=auth, context=context)[0] == 200
+    status, headers, _ = call(proxy.url + "/v2/tls/blobs/uploads/", "POST", auth, context=context)
     assert status == 202
     assert headers["Location"].startswith(f"https://{proxy.host}/v2/tls/blobs/uploads/")
     # Older clients cannot negotiate: the server context refuses anything below TLS 1.2.
@@ -357,7 +339,7 @@ def test_forwarded_proto_is_believed_only_from_trusted_proxies(
         "X-Forwarded-Proto": "https",
         "X-Forwarded-For": "203.0.113.7",
     }
-    status, reply, _ = request(proxy.url + "/v2/edge/blobs/uploads/", "POST", headers)
+    status, reply, _ = call(proxy.url + "/v2/edge/blobs/uploads/", "POST", headers)
     assert status == 202
     scheme = "https" if trusted else "http"
     assert reply["Location"].startswith(f"{scheme}://{proxy.host}/")
