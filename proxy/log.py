@@ -11,7 +11,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 
 from proxy.exchange import EXCHANGE_KEY, Exchange
 from proxy.metrics import Metrics, method_label, status_class
-from proxy.paths import Action
+from proxy.paths import Action, Target
 
 access_log = logging.getLogger("registry_proxy.access")
 
@@ -31,21 +31,26 @@ def access_record(
 ) -> dict[str, object]:
     """The audit fields of one finished request (the path without its query: `_state` tokens)."""
     exchange = request.get(EXCHANGE_KEY)
-    target = exchange.target if isinstance(exchange, Exchange) else None
+    path: str | None = request.rel_url.path
+    if not isinstance(exchange, Exchange):
+        # aiohttp answered (a 400 for a malformed request) before the proxy saw it.
+        exchange = Exchange(request.remote or "", request.scheme, Target(Action.OTHER))
+        path = None
+    target = exchange.target
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "client": exchange.client if isinstance(exchange, Exchange) else request.remote,
-        "user": exchange.user if isinstance(exchange, Exchange) else None,
+        "client": exchange.client,
+        "user": exchange.user,
         "method": request.method,
-        "action": str(target.action if target else Action.OTHER),
-        "repository": target.repository if target else None,
-        "reference": target.reference if target else None,
-        "path": request.rel_url.path if target else None,
+        "action": str(target.action),
+        "repository": target.repository,
+        "reference": target.reference,
+        "path": path,
         "status": response.status,
         "bytes_in": request.content.total_bytes,
         "bytes_out": response.body_length,
         "duration": round(seconds, 6),
-        "upstream_status": exchange.upstream_status if isinstance(exchange, Exchange) else None,
+        "upstream_status": exchange.upstream_status,
     }
 
 

@@ -123,6 +123,9 @@ async def test_smuggling_shapes_are_400_and_closed_and_never_forwarded(
     assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
     assert len(re.findall(rb"(?:^|\n)HTTP/1\.[01] \d{3} ", answer)) == 1
     assert upstream.heads == []
+    # Operators see the rejected request in the access log, as an unclassified 400.
+    await eventually(lambda: '"action":"other","repository":null' in proxy.log(), "the record")
+    assert '"status":400' in proxy.log() and "Traceback" not in proxy.log()
 
 
 # --- Authorization header parsing: properties over arbitrary input. ---------------------------
