@@ -349,22 +349,30 @@ def test_forwarded_proto_is_believed_only_from_trusted_proxies(
     )
 
 
-def test_sigterm_lets_a_download_finish_and_refuses_new_connections(
-    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
-) -> None:
-    proxy = start_proxy(registry.url)
-    auth = basic("alice", users["alice"])
-    blob = os.urandom(48 * 1024 * 1024)
-    repo = f"drain/{uuid.uuid4().hex[:8]}"
-    digest = push_blob(registry.url, repo, blob, {})
+def start_download(
+    registry: Registry, proxy: Proxy, mib: int, auth: dict[str, str]
+) -> tuple[socket.socket, str, bytes]:
+    """Put a blob of `mib` MiB in the registry and begin its download through the proxy.
 
+    Returns the socket, the digest and the first bytes read (the response head among them).
+    """
+    repo = f"drain/{uuid.uuid4().hex[:8]}"
+    digest = push_blob(registry.url, repo, os.urandom(mib << 20))
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
     sock.sendall(
         f"GET /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: {proxy.host}\r\n"
         f"Authorization: {auth['Authorization']}\r\n\r\n".encode()
     )
     received = sock.recv(65536)
-    assert received.startswith(b"HTTP/1.1 200")
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    return sock, digest, received
+
+
+def test_sigterm_lets_a_download_finish_and_refuses_new_connections(
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+) -> None:
+    proxy = start_proxy(registry.url)
+    sock, digest, received = start_download(registry, proxy, 48, basic("alice", users["alice"]))
     assert proxy.process is not None
     proxy.process.signal(signal.SIGTERM)
     wait_until(lambda: "stopped accepting" in proxy.log(), "the proxy to stop accepting")
@@ -393,15 +401,7 @@ def test_drain_deadline_cuts_what_is_left_and_says_so(
     registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
 ) -> None:
     proxy = start_proxy(registry.url, PROXY_SHUTDOWN_TIMEOUT="0.5")
-    blob = os.urandom(32 * 1024 * 1024)
-    repo = f"cut/{uuid.uuid4().hex[:8]}"
-    digest = push_blob(registry.url, repo, blob, {})
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
-    sock.sendall(
-        f"GET /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: {proxy.host}\r\n"
-        f"Authorization: {basic('alice', users['alice'])['Authorization']}\r\n\r\n".encode()
-    )
-    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock, _, _ = start_download(registry, proxy, 32, basic("alice", users["alice"]))
     assert proxy.process is not None
     started = time.monotonic()
     proxy.process.signal(signal.SIGTERM)
