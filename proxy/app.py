@@ -129,25 +129,27 @@ async def _check_password(
         throttle.record_failure(exchange.client, user)
 
 
-def _refusal(request: web.Request, exchange: Exchange, response: web.Response) -> web.Response:
-    if request.body_exists:
-        # Never forward, and not keep, a connection carrying an upload we refuse.
-        response.force_close()
-    return response
-
-
 async def _gate(request: web.Request, exchange: Exchange) -> web.Response | None:
-    """Everything that may refuse a request before it goes upstream, in order; None lets it pass."""
+    """The refusal of a request that must not go upstream, or None to let it pass."""
+    refusal = await _refusal(request, exchange)
+    if refusal is not None and request.body_exists:
+        # Never forward, and not keep, a connection carrying an upload we refuse.
+        refusal.force_close()
+    return refusal
+
+
+async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | None:
+    """Everything that may refuse a request, in order."""
     user = await authenticated_user(request)
     if user is None:
         if exchange.auth_outcome == "throttled":
-            return _refusal(request, exchange, errors.too_many_failures(exchange.retry_after))
-        return _refusal(request, exchange, errors.unauthorized(request.app[CONFIG].realm))
+            return errors.too_many_failures(exchange.retry_after)
+        return errors.unauthorized(request.app[CONFIG].realm)
     if not is_api_path(request.raw_path):
-        return _refusal(request, exchange, errors.not_found())
+        return errors.not_found()
     access = request.app[ACCESS]
     if access.read_only and request.method in _WRITES:
-        return _refusal(request, exchange, errors.read_only())
+        return errors.read_only()
     decision = authorize(
         access.policy,
         user,
@@ -160,7 +162,7 @@ async def _gate(request: web.Request, exchange: Exchange) -> web.Response | None
         log.info(
             "denied %s %s to %s: %s", request.method, request.rel_url.path, user, decision.reason
         )
-        return _refusal(request, exchange, errors.denied(decision.reason))
+        return errors.denied(decision.reason)
     exchange.upstream_query = decision.query
     return None
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -23,7 +22,6 @@ class Exchange:
     client: str
     scheme: str
     target: Target
-    started: float = field(default_factory=time.perf_counter)
     user: str | None = None
     auth_outcome: str | None = None
     # Seconds until a password-guessing block ends, when auth_outcome is "throttled".
