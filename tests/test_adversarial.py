@@ -226,8 +226,18 @@ async def test_wrong_password_flood_does_not_stall_logged_in_users(
                     assert r.status == 200
             finished.append("good")
 
+        async def in_flight() -> float:
+            async with session.get(proxy.admin_url + "/metrics") as r:
+                text = await r.text()
+            prefix = "registry_proxy_requests_in_flight{"
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith(prefix))  # fmt: skip
+
         flood = [asyncio.create_task(wrong(i)) for i in range(200)]
-        await asyncio.sleep(0)  # let the flood get its requests out first
+        # The logged-in user comes only once the proxy is busy with the flood.
+        async with asyncio.timeout(20):
+            while await in_flight() < 100:
+                await asyncio.sleep(0.01)
         await asyncio.gather(logged_in(), *flood)
     # 200 cost-9 checks on 2 threads take seconds; the logged-in user was served long before.
     assert finished.index("good") < len(finished) // 2
@@ -297,9 +307,10 @@ async def test_client_that_stops_reading_is_cut_and_memory_stays_flat(
     await reader.readexactly(4096)
     writer.transport.pause_reading()  # type: ignore[attr-defined]
     peak = base_rss
-    while "client stopped reading" not in proxy.log():
-        peak = max(peak, rss(proxy))
-        await asyncio.sleep(0.05)
+    async with asyncio.timeout(30):
+        while "client stopped reading" not in proxy.log():
+            peak = max(peak, rss(proxy))  # sampled until the proxy cuts the stalled client
+            await asyncio.sleep(0.05)
     writer.close()
     assert peak - base_rss < 64 * 1024 * 1024, (base_rss, peak)
 
