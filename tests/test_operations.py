@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -437,3 +438,30 @@ def test_drain_deadline_cuts_what_is_left_and_says_so(
     assert time.monotonic() - started < 10
     assert "cutting 1 requests in progress" in proxy.log()
     sock.close()
+
+
+def test_drain_turns_readyz_503_and_closes_idle_connections_at_once(
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+) -> None:
+    """Guards the drain's first steps: /readyz answers 503 (so the edge stops sending) and idle
+    keep-alive connections are closed at once, not when the drain deadline ends."""
+    proxy = start_proxy(registry.url)
+    auth = basic("alice", users["alice"])
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    connection.request("GET", "/v2/", headers=auth)
+    response = connection.getresponse()
+    response.read()
+    assert response.status == 200 and not response.will_close
+    idle = connection.sock
+    assert idle is not None
+    # A download the client does not read keeps the drain going for shutdown_timeout (30 s).
+    busy, _, _ = start_download(registry, proxy, 32, auth)
+    assert http_status(proxy.admin_url + "/readyz") == 200
+    assert proxy.process is not None
+    proxy.process.signal(signal.SIGTERM)
+    wait_until(lambda: http_status(proxy.admin_url + "/readyz") == 503, "/readyz to say 503", 5)
+    idle.settimeout(5)
+    assert idle.recv(65536) == b"", "the idle connection was answered instead of closed"
+    idle.close()
+    busy.close()
+    assert proxy.process.wait(30) == 0
