@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +26,10 @@ from bench.services import (
     REPO_DIR,
     Nginx,
     Proxy,
-    Registry,
     proxy_snapshot,
     proxy_source_info,
 )
+from tests.harness import HTPASSWD_BIN, Registry, htpasswd
 
 PATHS = ("direct", "nginx", "proxy")
 REPO = "bench/image"
@@ -40,7 +39,6 @@ USERS = {"bench5": (5, "bench-five-secret"), "bench10": (10, "bench-ten-secret")
 BLOB_USER = "bench10"
 # RSS readings over the aborted downloads, one after each tenth.
 ABORT_READINGS = 10
-HTPASSWD = shutil.which("htpasswd") or "/usr/bin/htpasswd"
 MB = 1_000_000
 
 
@@ -142,7 +140,7 @@ class Bench:
         self.workdir = workdir
         self.samples: dict[str, dict[str, list[float]]] = {}
         self.extra: dict[str, object] = {}
-        self.registry = Registry(workdir / "registry")
+        self.registry = Registry(workdir / "registry", quiet=True)
         self.htpasswd = workdir / "htpasswd"
         self.nginx: Nginx | None = None
         self.proxy: Proxy | None = None
@@ -153,22 +151,7 @@ class Bench:
 
     def start(self) -> None:
         for user, (cost, password) in USERS.items():
-            create = [] if self.htpasswd.exists() else ["-c"]
-            subprocess.run(
-                [
-                    HTPASSWD,
-                    "-b",
-                    "-B",
-                    "-C",
-                    str(cost),
-                    *create,
-                    str(self.htpasswd),
-                    user,
-                    password,
-                ],
-                check=True,
-                capture_output=True,
-            )
+            htpasswd(self.htpasswd, "-B", "-C", str(cost), user=user, password=password)
         self.registry.start()
         log(f"registry on {self.registry.url}; writing a {self.settings.blob_size // MiB} MiB blob")
         self.digest = client.make_blob(self.blob_path, self.settings.blob_size)
@@ -504,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "curl": client.CURL,
         "wrk": client.WRK,
         "nginx": NGINX_BINARY,
-        "htpasswd": HTPASSWD,
+        "htpasswd": HTPASSWD_BIN,
         "docker-registry": REGISTRY_BINARY,
     }
     missing = [name for name, path in tools.items() if not os.access(path, os.X_OK)]

@@ -1,121 +1,23 @@
 """The three servers under test, each a child process on free loopback ports in a temp dir.
 
-Polling and port helpers are the test suite's (tests/support.py).
+The process, registry, polling and port helpers are the test suite's (tests/harness.py).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import free_port, http_status, wait_until
+from tests.harness import REGISTRY_BIN, Process, free_port, http_status, wait_until
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 NGINX_TEMPLATE = BENCH_DIR / "nginx.conf.template"
-REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+REGISTRY_BINARY = REGISTRY_BIN
 NGINX_BINARY = shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-@dataclass
-class Process:
-    """A child process whose combined output goes to a log file."""
-
-    name: str
-    args: list[str]
-    log_path: Path
-    env: dict[str, str] | None = None
-    cwd: Path | None = None
-    popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.popen = subprocess.Popen(
-                self.args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
-                cwd=self.cwd,
-                start_new_session=True,
-            )
-
-    def check_alive(self) -> None:
-        assert self.popen is not None
-        if self.popen.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(20)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
-
-
-class Registry:
-    """Distribution's registry (Debian's `docker-registry`), quiet so it is never the log sink."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.process: Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = self.root / "config.yml"
-        config.write_text(
-            f"""version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {self.root / "data"}
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:{self.port}
-  secret: bench-secret
-"""
-        )
-        self.process = Process(
-            "registry", [REGISTRY_BINARY, "serve", str(config)], self.root / "registry.log"
-        )
-        self.process.start()
-        process = self.process
-
-        def answers() -> bool:
-            process.check_alive()
-            return http_status(self.url + "/v2/") == 200
-
-        wait_until(answers, "the registry to answer /v2/")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
 
 
 def render_nginx_conf(
@@ -189,7 +91,6 @@ class Nginx:
         if test.returncode != 0:
             raise RuntimeError(f"nginx rejected {conf}:\n{test.stderr}")
         self.process = Process(
-            "nginx",
             [NGINX_BINARY, "-p", str(self.root), "-c", str(conf)],
             self.root / "nginx.log",
         )
@@ -281,7 +182,6 @@ class Proxy:
             PROXY_HTPASSWD=str(self.htpasswd),
         )
         self.process = Process(
-            "proxy",
             [self.python, "-m", "proxy", "serve"],
             self.root / "proxy.log",
             env=env,

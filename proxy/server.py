@@ -125,6 +125,10 @@ async def _serve(
     assert runner.server is not None
     # Idle keep-alive connections close now; busy ones close after their current request.
     runner.server.pre_shutdown()
+    # aiohttp 3.14's pre_shutdown only stops an idle connection's handler; close its socket too.
+    for connection in list(runner.server.connections):
+        if not connection._request_in_progress:
+            connection.force_close()
     log.info(
         "shutting down: stopped accepting; waiting up to %gs for %d requests in progress",
         config.shutdown_timeout,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import Proxy, Registry
+from tests.support import Proxy, Registry, htpasswd
 
 # user -> (htpasswd flags, password); every scheme apache2-utils writes that we accept.
 USERS = {
@@ -29,12 +28,7 @@ def htpasswd_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An htpasswd file written by the real `htpasswd` tool."""
     path = tmp_path_factory.mktemp("auth") / "htpasswd"
     for user, (flags, password) in USERS.items():
-        create = ["-c"] if not path.exists() else []
-        subprocess.run(
-            ["htpasswd", "-b", *create, *flags, str(path), user, password],
-            check=True,
-            capture_output=True,
-        )
+        htpasswd(path, *flags, user=user, password=password)
     return path
 
 

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
 import io
 import json
 import os
-import shutil
-import signal
-import socket
 import ssl
-import subprocess
 import sys
 import tarfile
 import time
@@ -23,27 +18,38 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-STARTUP_DEADLINE = 20.0
+from tests.harness import (
+    REGISTRY_BIN,
+    STARTUP_DEADLINE,
+    Process,
+    Registry,
+    basic_auth,
+    free_port,
+    htpasswd,
+    http_status,
+    sha256,
+    wait_until,
+)
 
+# Re-exported: tests import them from here.
+__all__ = [
+    "REGISTRY_BIN",
+    "REGISTRY_BINARY",
+    "STARTUP_DEADLINE",
+    "Process",
+    "Registry",
+    "basic_auth",
+    "free_port",
+    "htpasswd",
+    "http_status",
+    "sha256",
+    "wait_until",
+]
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
-
-def wait_until(
-    condition: Callable[[], bool], what: str, deadline: float = STARTUP_DEADLINE
-) -> None:
-    """Poll `condition` until it holds; fail the test naming `what` after `deadline` seconds."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {deadline}s waiting for {what}")
+# The process and registry helpers live in tests/harness.py, shared with bench/.
+REGISTRY_BINARY = REGISTRY_BIN
 
 
 async def eventually(
@@ -56,18 +62,6 @@ async def eventually(
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out after {deadline}s waiting for {what}")
-
-
-def http_status(url: str, headers: Mapping[str, str] | None = None) -> int | None:
-    """Status of a GET, or None when nothing answers."""
-    request = urllib.request.Request(url, headers=dict(headers or {}))
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return None
 
 
 def call(
@@ -88,7 +82,7 @@ def call(
 
 def push_blob(base: str, repo: str, blob: bytes, headers: Mapping[str, str] | None = None) -> str:
     """Upload a blob as containerd does (POST, then one monolithic PUT); return its digest."""
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    digest = sha256(blob)
     status, reply, body = call(f"{base}/v2/{repo}/blobs/uploads/", "POST", headers)
     assert status == 202, body
     location = reply["Location"] + "&digest=" + digest.replace(":", "%3A")
@@ -98,99 +92,39 @@ def push_blob(base: str, repo: str, blob: bytes, headers: Mapping[str, str] | No
     return digest
 
 
-@dataclass
-class Process:
-    """A background process whose combined output goes to a log file."""
-
-    args: list[str]
-    log_path: Path
-    env: dict[str, str] | None = None
-    popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.popen = subprocess.Popen(
-            self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-        )
-        log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int) -> None:
-        assert self.popen is not None
-        self.popen.send_signal(signum)
-
-    def wait(self, timeout: float = 30) -> int:
-        assert self.popen is not None
-        return self.popen.wait(timeout)
-
-    def stop(self) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(15)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
-
-
-@dataclass
-class Registry:
-    """The real distribution registry (Debian's `docker-registry`) on a loopback port."""
-
-    root: Path
-    port: int = field(default_factory=free_port)
-    process: Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = self.root / "config.yml"
-        config.write_text(
-            f"""version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: {self.root / "data"}
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:{self.port}
-  secret: test-secret-shared-by-all-registry-replicas
-"""
-        )
-        self.process = Process([REGISTRY_BINARY, "serve", str(config)], self.root / "registry.log")
-        self.process.start()
-        wait_until(lambda: http_status(self.url + "/v2/") == 200, "the registry to answer /v2/")
-
-    def log(self) -> str:
-        assert self.process is not None
-        return self.process.log()
-
-    def requested_uris(self) -> list[str]:
-        """Request targets the registry logged (`http.request.uri=...`), in order."""
-        uris = []
-        for line in self.log().splitlines():
-            marker = "http.request.uri="
-            if marker in line:
-                value = line.split(marker, 1)[1].split(" ", 1)[0]
-                uris.append(value.strip('"'))
-        return uris
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
+def push_image(
+    base: str, repo: str, tag: str = "v1", headers: Mapping[str, str] | None = None
+) -> str:
+    """Push what a client pushes (config, one layer, an OCI manifest tagged `tag`); return the
+    manifest's digest. Registry v3 lists a repository in its catalog only once it has a manifest.
+    """
+    layer = _tar_gz({"repository.txt": repo.encode()})
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [
+            sha256(gzip.decompress(layer))]}}
+    ).encode()  # fmt: skip
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": push_blob(base, repo, config, headers),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": push_blob(base, repo, layer, headers),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    put_headers = {**(headers or {}), "Content-Type": OCI_MANIFEST}
+    status, _, body = call(f"{base}/v2/{repo}/manifests/{tag}", "PUT", put_headers, manifest)
+    assert status == 201, body
+    return sha256(manifest)
 
 
 @dataclass
@@ -302,8 +236,7 @@ def _tar_gz(files: Mapping[str, bytes]) -> bytes:
     return gzip.compress(raw.getvalue(), mtime=0)
 
 
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+_sha256 = sha256
 
 
 def write_oci_layout(directory: Path, tag: str, layers: list[Mapping[str, bytes]]) -> list[str]:

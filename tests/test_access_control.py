@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Proxy, Registry, call, push_blob, wait_until, write_oci_layout
+from tests.support import (
+    Proxy,
+    Registry,
+    basic_auth,
+    call,
+    htpasswd,
+    push_blob,
+    push_image,
+    wait_until,
+    write_oci_layout,
+)
 
 PASSWORDS = {"ci-bot": "ci-secret", "alice": "alice-secret", "mallory": "mallory-secret"}
 RULES = """
@@ -29,20 +39,14 @@ access:
 
 
 def basic(user: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
+    return basic_auth(user, PASSWORDS[user])
 
 
 @pytest.fixture(scope="module")
 def team_htpasswd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("team") / "htpasswd"
     for user, password in PASSWORDS.items():
-        create = [] if path.exists() else ["-c"]
-        subprocess.run(
-            ["htpasswd", "-bB", "-C", "4", *create, str(path), user, password],
-            check=True,
-            capture_output=True,
-        )
+        htpasswd(path, "-B", "-C", "4", user=user, password=password)
     return path
 
 
@@ -55,7 +59,7 @@ def team(
     registry = Registry(root / "registry")
     registry.start()
     for repo in ("team-a/app", "team-b/app", "team-b/lib"):
-        push_blob(registry.url, repo, repo.encode())
+        push_image(registry.url, repo)
     config = root / "proxy.yml"
     config.write_text(RULES)
     proxy = Proxy(root / "proxy", registry.url, team_htpasswd,
@@ -234,9 +238,7 @@ def test_read_only_blocks_writes_and_keeps_pulls(
     repo = f"ro/{uuid.uuid4().hex[:6]}"
     digest = push_blob(registry.url, repo, b"kept")
     proxy = start_proxy(registry.url, PROXY_READ_ONLY="true")
-    auth = {
-        "Authorization": "Basic " + base64.b64encode(f"alice:{users['alice']}".encode()).decode()
-    }
+    auth = basic_auth("alice", users["alice"])
     assert call(f"{proxy.url}/v2/{repo}/blobs/{digest}", headers=auth)[:3:2] == (200, b"kept")
     for method in ("POST", "PUT", "PATCH", "DELETE"):
         status, _, body = call(
@@ -255,9 +257,7 @@ def test_sighup_switches_read_only_and_rules_without_dropping_connections(
     config = tmp_path / "proxy.yml"
     config.write_text("read_only: false\n")
     proxy = start_proxy(registry.url, PROXY_CONFIG=str(config))
-    auth = {
-        "Authorization": "Basic " + base64.b64encode(f"alice:{users['alice']}".encode()).decode()
-    }
+    auth = basic_auth("alice", users["alice"])
     connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
     connection.request("POST", "/v2/hup/app/blobs/uploads/", headers=auth)
     response = connection.getresponse()

@@ -13,7 +13,6 @@ import os
 import re
 import socket
 import statistics
-import subprocess
 import time
 import urllib.request
 import uuid
@@ -30,15 +29,17 @@ from proxy.auth import parse_basic
 from tests.support import (
     Proxy,
     Registry,
+    basic_auth,
     eventually,
     fake_upstream,
+    htpasswd,
     http_status,
     push_blob,
 )
 
 
 def token(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return basic_auth(user, password)["Authorization"]
 
 
 class CountingUpstream:
@@ -161,16 +162,8 @@ def test_authorization_parser_never_raises_on_any_base64_payload(payload: bytes)
 @pytest.fixture
 def costly_htpasswd(tmp_path: Path, users: dict[str, str]) -> Path:
     path = tmp_path / "htpasswd"
-    subprocess.run(
-        ["htpasswd", "-bBc", "-C", "5", str(path), "alice", users["alice"]],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        ["htpasswd", "-bB", "-C", "9", str(path), "slow", "slow-password"],
-        check=True,
-        capture_output=True,
-    )
+    htpasswd(path, "-B", "-C", "5", user="alice", password=users["alice"])
+    htpasswd(path, "-B", "-C", "9", user="slow", password="slow-password")
     return path
 
 
@@ -365,16 +358,19 @@ async def read_head(proxy: Proxy, data: bytes) -> bytes:
         writer.close()
 
 
+@pytest.mark.parametrize("connection", ["Upgrade", "keep-alive"])
 async def test_upgrade_requests_are_not_upgraded(
-    start_proxy: Callable[..., Proxy], users: dict[str, str]
+    start_proxy: Callable[..., Proxy], users: dict[str, str], connection: str
 ) -> None:
-    # Defence: Upgrade and Connection are hop-by-hop; the proxy never answers 101.
+    """Guards: Upgrade and Connection are hop-by-hop; the proxy never answers 101. With
+    `Connection: keep-alive` the Upgrade header is not named in Connection, so only `upgrade`
+    in the hop-by-hop set keeps it from the upstream."""
     async with counting_upstream() as (upstream, url):
         proxy = start_proxy(url)
         head = await read_head(
             proxy,
             f"GET /v2/x/tags/list HTTP/1.1\r\nHost: {proxy.host}\r\n"
-            f"Authorization: {token('alice', users['alice'])}\r\nConnection: Upgrade\r\n"
+            f"Authorization: {token('alice', users['alice'])}\r\nConnection: {connection}\r\n"
             "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             "Sec-WebSocket-Version: 13\r\n\r\n".encode(),
         )

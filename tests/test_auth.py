@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import bcrypt as bcrypt_module
 import pytest
 from passlib.hash import bcrypt
 
@@ -175,7 +176,19 @@ async def test_unknown_user_never_authenticates_even_with_the_decoy_password(
     check.close()
 
 
-def test_passwords_longer_than_bcrypt_reads_never_match() -> None:
+@pytest.fixture(params=["installed bcrypt", "bcrypt 4.x"])
+def bcrypt_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The installed bcrypt, and one that behaves like 4.x (pyproject allows >=4.1): it reads
+    only the first 72 bytes of a longer password instead of raising as 5.0 does."""
+    if request.param == "bcrypt 4.x":
+        real = bcrypt_module.hashpw
+        monkeypatch.setattr(bcrypt_module, "hashpw", lambda secret, salt: real(secret[:72], salt))
+    return str(request.param)
+
+
+def test_passwords_longer_than_bcrypt_reads_never_match(bcrypt_backend: str) -> None:
+    """Guards the proxy's own 72-byte limit: bcrypt 5 refuses longer passwords by itself, but
+    4.x accepts the 72-byte prefix followed by anything."""
     long_password = "x" * 72
     stored = bcrypt.using(rounds=4, truncate_error=False).hash(long_password)
     assert auth.verify_password(long_password, stored)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -23,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import Proxy, Registry, http_status, write_oci_layout
+from tests.support import Proxy, Registry, http_status, sha256, write_oci_layout
+from tests.support import basic_auth as basic
 
 CLIENT_TIMEOUT = 60.0
 BIG_LAYER_BYTES = 4 << 20
@@ -165,15 +165,6 @@ class Layout:
 
     def blob(self, digest: str) -> bytes:
         return (self.directory / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
 
 
 def stored_auths(config_file: Path) -> dict[str, Any]:

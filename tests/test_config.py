@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import SETTINGS, Address, ConfigError, env_name, load_config
+from tests.support import free_port
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -95,11 +97,14 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
+    """Guards: every setting has its own line in config/proxy.yml (set, or commented out);
+    `listen:` inside `admin_listen:` does not count."""
     example = Path(__file__).parent.parent / "config" / "proxy.yml"
     text = example.read_text()
     for key in SETTINGS:
         leaf = key.rpartition(".")[2]
-        assert f"{leaf}:" in text, f"config/proxy.yml does not document {key}"
+        line = rf"^[ \t]*(#[ \t]*)?{re.escape(leaf)}:"
+        assert re.search(line, text, re.MULTILINE), f"config/proxy.yml does not document {key}"
     config = load_config(example, {})
     assert config.listen == Address("0.0.0.0", 8080)
 
@@ -128,6 +133,21 @@ def test_check_config_fails_with_exit_2_and_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "nope: cannot read htpasswd file" in result.stderr
+
+
+def test_serve_refuses_the_pure_python_http_parser(htpasswd_file: Path) -> None:
+    """Guards: with AIOHTTP_NO_EXTENSIONS aiohttp parses with its pure-Python parser (it had
+    smuggling bugs the C one had not); `serve` must exit 2 with one line instead of listening."""
+    env = {
+        "PROXY_HTPASSWD": str(htpasswd_file),
+        "PROXY_LISTEN": f"127.0.0.1:{free_port()}",
+        "PROXY_ADMIN_LISTEN": "",
+        "AIOHTTP_NO_EXTENSIONS": "1",
+    }
+    result = run_cli("serve", env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "C HTTP parser is not in use" in result.stderr
 
 
 def test_serve_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ temporary ones.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from tests.support import (
     Process,
     Proxy,
     Registry,
+    basic_auth,
     free_port,
     http_status,
     wait_until,
@@ -524,8 +524,7 @@ def test_entrypoint_serves_from_the_documented_config_path(
             return run_healthcheck(env, admin) == 0
 
         wait_until(healthy, "the image's HEALTHCHECK to pass")
-        credentials = base64.b64encode(f"alice:{users['alice']}".encode()).decode()
-        auth = {"Authorization": f"Basic {credentials}"}
+        auth = basic_auth("alice", users["alice"])
         assert http_status(f"http://127.0.0.1:{port}/v2/", auth) == 200
         assert http_status(f"http://127.0.0.1:{port}/v2/") == 401
         assert http_status(f"http://{admin}/metrics") == 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import json
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Proxy, Registry, wait_until
+from tests.support import Proxy, Registry, basic_auth, sha256, wait_until
 
 
 @dataclass
@@ -43,10 +42,6 @@ def curl(url: str, *args: str, auth: tuple[str, str] | None = None, tmp: Path) -
         headers[name.strip().lower()] = value.strip()
     body = body_file.read_bytes() if body_file.exists() else b""
     return Reply(int(lines[0].split()[1]), headers, body)
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture
@@ -194,12 +189,9 @@ def test_chunked_patch_upload_then_get_head_and_range(
     assert got.headers["docker-content-digest"] == digest
 
     # HEAD over a kept-alive connection: any body bytes would corrupt the next response.
-    token = base64.b64encode(f"{alice[0]}:{alice[1]}".encode()).decode()
     connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
     for _ in range(2):
-        connection.request(
-            "HEAD", f"/v2/{repo}/blobs/{digest}", headers={"Authorization": f"Basic {token}"}
-        )
+        connection.request("HEAD", f"/v2/{repo}/blobs/{digest}", headers=basic_auth(*alice))
         head = connection.getresponse()
         assert head.status == 200
         assert head.getheader("Content-Length") == str(len(blob))
@@ -278,10 +270,10 @@ def test_expect_100_continue_with_credentials_continues(
     repo = f"expect/{uuid.uuid4().hex[:8]}"
     location = start_upload(proxy, repo, alice, tmp_path)
     target = location.split(proxy.host, 1)[1]
-    token = base64.b64encode(f"{alice[0]}:{alice[1]}".encode()).decode()
+    token = basic_auth(*alice)["Authorization"]
     body = b"x" * 1000
     head = (
-        f"PATCH {target} HTTP/1.1\r\nHost: {proxy.host}\r\nAuthorization: Basic {token}\r\n"
+        f"PATCH {target} HTTP/1.1\r\nHost: {proxy.host}\r\nAuthorization: {token}\r\n"
         f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
     ).encode()
     with raw_exchange(proxy, head) as sock:

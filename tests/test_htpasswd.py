@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from proxy.auth import verify_password
 from proxy.htpasswd import HtpasswdError, load_htpasswd
-
-
-def htpasswd(path: Path, *flags: str, user: str, password: str) -> None:
-    create = ["-c"] if not path.exists() else []
-    subprocess.run(
-        ["htpasswd", "-b", *create, *flags, str(path), user, password],
-        check=True,
-        capture_output=True,
-    )
+from tests.support import htpasswd
 
 
 def test_accepts_bcrypt_apr1_and_sha_from_apache_htpasswd(

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -18,26 +17,24 @@ from pathlib import Path
 
 import pytest
 import trustme
+from passlib.hash import bcrypt
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import TLSConfig
-from proxy.tls import server_context
 from tests.support import (
     Proxy,
     Registry,
     call,
+    htpasswd,
     http_status,
     push_blob,
+    sha256,
     wait_until,
     write_oci_layout,
 )
+from tests.support import basic_auth as basic
 
 # The proxy polls files every second; users are promised 2 s. The margin absorbs a busy machine.
 RELOAD_DEADLINE = 2.5
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
 def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -165,11 +162,7 @@ def test_added_user_logs_in_and_removed_user_is_refused_within_2s(
     proxy = start_proxy(registry.url, htpasswd=own_htpasswd)
     assert not can_log_in(proxy, "dave", "dave-pw")
     # In place, as `htpasswd` itself writes.
-    subprocess.run(
-        ["htpasswd", "-bB", "-C", "5", str(own_htpasswd), "dave", "dave-pw"],
-        check=True,
-        capture_output=True,
-    )
+    htpasswd(own_htpasswd, "-B", "-C", "5", user="dave", password="dave-pw")
     wait_until(lambda: can_log_in(proxy, "dave", "dave-pw"), "dave to log in", RELOAD_DEADLINE)
 
     # Replaced by rename, as Swarm and Kubernetes secrets are; alice's login is cached now.
@@ -208,12 +201,25 @@ def test_garbled_file_keeps_the_last_good_table(
 
 
 def test_sighup_forces_a_reload(
-    own_htpasswd: Path, registry: Registry, start_proxy: Callable[..., Proxy]
+    own_htpasswd: Path, registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
 ) -> None:
+    """Guards: SIGHUP swaps in the re-read table and drops cached logins, even for a change the
+    file watcher cannot see (same inode, size and mtime), not just that it logs a reload."""
     proxy = start_proxy(registry.url, htpasswd=own_htpasswd)
+    assert can_log_in(proxy, "alice", users["alice"])  # now cached
+    before = own_htpasswd.stat()
+    old_line = next(
+        line for line in own_htpasswd.read_text().splitlines() if line.startswith("alice:")
+    )
+    new_line = "alice:" + bcrypt.using(rounds=5, ident="2y").hash("alice-new-password")
+    assert len(new_line) == len(old_line)
+    own_htpasswd.write_text(own_htpasswd.read_text().replace(old_line, new_line))
+    os.utime(own_htpasswd, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert proxy.process is not None
     proxy.process.signal(signal.SIGHUP)
     wait_until(lambda: "htpasswd reloaded (SIGHUP): 3 users" in proxy.log(), "the SIGHUP reload")
+    assert can_log_in(proxy, "alice", "alice-new-password")
+    assert not can_log_in(proxy, "alice", users["alice"])
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +266,7 @@ def tls_proxy(
 def test_tls_serves_https_with_locations_in_https(
     tls_proxy: tuple[Proxy, Path], ca: trustme.CA, users: dict[str, str]
 ) -> None:
-    proxy, certs = tls_proxy
+    proxy, _ = tls_proxy
     context = ssl.create_default_context()
     ca.configure_trust(context)
     auth = basic("alice", users["alice"])
@@ -268,9 +274,31 @@ def test_tls_serves_https_with_locations_in_https(
     status, headers, _ = call(proxy.url + "/v2/tls/blobs/uploads/", "POST", auth, context=context)
     assert status == 202
     assert headers["Location"].startswith(f"https://{proxy.host}/v2/tls/blobs/uploads/")
-    # Older clients cannot negotiate: the server context refuses anything below TLS 1.2.
-    tls = TLSConfig(cert=certs / "cert.pem", key=certs / "key.pem")
-    assert server_context(tls).minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_listener_refuses_a_tls_1_1_handshake(
+    tls_proxy: tuple[Proxy, Path], ca: trustme.CA
+) -> None:
+    """Guards: the running listener (not just a context built for the test) refuses TLS < 1.2,
+    even to a client that would accept any cipher."""
+    proxy, _ = tls_proxy
+
+    def handshake(highest: ssl.TLSVersion) -> str | None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ca.configure_trust(context)
+        context.minimum_version = ssl.TLSVersion.TLSv1_1
+        context.maximum_version = highest
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # the client's own limits are not the reason
+        with (
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            return tls.version()
+
+    assert handshake(ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    with pytest.raises(ssl.SSLError):
+        handshake(ssl.TLSVersion.TLSv1_1)
 
 
 def test_skopeo_and_curl_push_and_pull_over_tls(
@@ -392,7 +420,7 @@ def test_sigterm_lets_a_download_finish_and_refuses_new_connections(
         received += chunk
     sock.close()
     body = received.split(b"\r\n\r\n", 1)[1]
-    assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+    assert sha256(body) == digest
     assert proxy.process.wait(30) == 0
     assert "all requests finished" in proxy.log()
 
@@ -410,3 +438,30 @@ def test_drain_deadline_cuts_what_is_left_and_says_so(
     assert time.monotonic() - started < 10
     assert "cutting 1 requests in progress" in proxy.log()
     sock.close()
+
+
+def test_drain_turns_readyz_503_and_closes_idle_connections_at_once(
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+) -> None:
+    """Guards the drain's first steps: /readyz answers 503 (so the edge stops sending) and idle
+    keep-alive connections are closed at once, not when the drain deadline ends."""
+    proxy = start_proxy(registry.url)
+    auth = basic("alice", users["alice"])
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    connection.request("GET", "/v2/", headers=auth)
+    response = connection.getresponse()
+    response.read()
+    assert response.status == 200 and not response.will_close
+    idle = connection.sock
+    assert idle is not None
+    # A download the client does not read keeps the drain going for shutdown_timeout (30 s).
+    busy, _, _ = start_download(registry, proxy, 32, auth)
+    assert http_status(proxy.admin_url + "/readyz") == 200
+    assert proxy.process is not None
+    proxy.process.signal(signal.SIGTERM)
+    wait_until(lambda: http_status(proxy.admin_url + "/readyz") == 503, "/readyz to say 503", 5)
+    idle.settimeout(5)
+    assert idle.recv(65536) == b"", "the idle connection was answered instead of closed"
+    idle.close()
+    busy.close()
+    assert proxy.process.wait(30) == 0

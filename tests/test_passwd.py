@@ -15,6 +15,7 @@ from proxy import passwd
 from proxy.auth import verify_password
 from proxy.cli import main
 from proxy.htpasswd import HtpasswdError, load_htpasswd
+from tests.support import htpasswd as apache_htpasswd
 
 REGISTRY_PROXY = Path(sys.executable).parent / "registry-proxy"
 FAST = ["--cost", "4"]
@@ -38,15 +39,6 @@ def run(
     status = main(list(args))
     out, err = capsys.readouterr()
     return status, out, err
-
-
-def apache_htpasswd(path: Path, *flags: str, user: str, password: str) -> None:
-    create = ["-c"] if not path.exists() else []
-    subprocess.run(
-        ["htpasswd", "-b", *create, *flags, str(path), user, password],
-        check=True,
-        capture_output=True,
-    )
 
 
 def apache_verifies(path: Path, user: str, password: str) -> bool:
