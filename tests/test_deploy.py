@@ -908,7 +908,7 @@ def shell_lines(section: str) -> list[str]:
 
 
 def stack_name() -> str:
-    names = set(
+    names: set[str] = set(
         re.findall(
             r"docker stack deploy -c deploy/stack\.yml (?:-c \S+ )?(\w+)", README.read_text()
         )
