@@ -300,3 +300,36 @@ def test_connections_without_a_header_are_dropped(
     wait_until(lambda: rejected(proxy, "invalid_header") == 1, "the invalid header counted")
     wait_until(lambda: rejected(proxy, "timeout") == 1, "the timeout counted")
     assert "registry_proxy.access" not in proxy.log()
+
+
+def test_many_connections_at_once_each_keep_their_own_client(
+    registry: Registry, start_proxy: Callable[..., Proxy]
+) -> None:
+    """Guards the hand-over under concurrency: 200 connections whose headers arrive together
+    each get an answer, and each request is logged with its own header's source."""
+    proxy = start_proxy(
+        registry.url, PROXY_PROXY_PROTOCOL="true", PROXY_TRUSTED_PROXIES="127.0.0.1"
+    )
+    sources = [f"198.51.100.{n}" for n in range(1, 201)]
+
+    async def one(source: str, version: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        header = (
+            v2_tcp4(source, 40000)
+            if version == 2
+            else f"PROXY TCP4 {source} 192.0.2.1 1 443\r\n".encode()
+        )
+        writer.write(header + b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        return answer
+
+    async def all_at_once() -> list[bytes]:
+        return await asyncio.wait_for(
+            asyncio.gather(*(one(s, 1 + n % 2) for n, s in enumerate(sources))), 60
+        )
+
+    answers = asyncio.run(all_at_once())
+    assert all(answer.startswith(b"HTTP/1.1 401 ") for answer in answers)
+    wait_until(lambda: len(access_clients(proxy)) == len(sources), "an access record each")
+    assert sorted(access_clients(proxy)) == sorted(sources)
