@@ -140,6 +140,10 @@ async def _gate(request: web.Request, exchange: Exchange) -> web.Response | None
 
 async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | None:
     """Everything that may refuse a request, in order."""
+    if exchange.malformed_hop is not None:
+        # Whoever it is cannot be told: no throttle key, no password check, nothing forwarded.
+        log.info("refused: malformed X-Forwarded-For hop %r", exchange.malformed_hop[:100])
+        return errors.malformed_forwarding()
     user = await authenticated_user(request)
     if user is None:
         if exchange.auth_outcome == "throttled":

@@ -70,6 +70,7 @@ class Config:
     log_level: str
     access_log: str
     trusted_proxies: tuple[Network, ...]
+    proxy_protocol: bool
     upstream_probe_interval: float
     read_only: bool
     auth_max_failures: int
@@ -229,6 +230,7 @@ SETTINGS: dict[str, _Setting] = {
     "log_level": _Setting(_log_level, "info"),
     "access_log": _Setting(_access_log, "json"),
     "trusted_proxies": _Setting(_networks, None, structured=True),
+    "proxy_protocol": _Setting(_bool, False),
     "upstream_probe_interval": _Setting(_seconds, 5),
     "read_only": _Setting(_bool, False),
     "auth_max_failures": _Setting(_count, 10),
@@ -262,6 +264,13 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             values[key] = setting.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{where}: {key}: {exc}") from None
+
+    if values["proxy_protocol"] and not values["trusted_proxies"]:
+        where = given["proxy_protocol"][1]
+        raise ConfigError(
+            f"{where}: proxy_protocol: true needs trusted_proxies, the balancers allowed to "
+            "send PROXY headers (anyone else could name any client address)"
+        )
 
     groups, rules = values.pop("groups"), values.pop("access")
     try:
@@ -367,6 +376,7 @@ def describe(config: Config) -> dict[str, object]:
         "log_level": config.log_level,
         "access_log": config.access_log,
         "trusted_proxies": [str(network) for network in config.trusted_proxies],
+        "proxy_protocol": config.proxy_protocol,
         "upstream_probe_interval": config.upstream_probe_interval,
         "read_only": config.read_only,
         "auth_max_failures": config.auth_max_failures,

@@ -84,3 +84,8 @@ def too_many_failures(retry_after: float) -> web.Response:
         "too many failed logins; try again later",
         headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
     )
+
+
+def malformed_forwarding() -> web.Response:
+    """A trusted proxy's X-Forwarded-For names no address where the client should be."""
+    return registry_error(400, "UNSUPPORTED", "malformed X-Forwarded-For from a trusted proxy")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from proxy.config import Network
+from proxy.forwarded import MalformedHop, canonical_address, forwarded_client, hops, is_trusted
 from proxy.paths import Target, classify
 
 # Request key holding the Exchange.
@@ -29,29 +29,24 @@ class Exchange:
     # The query string to send upstream (access control may drop a mount or cap `n`).
     upstream_query: str | None = None
     upstream_status: int | None = None
+    # An X-Forwarded-For hop from a trusted proxy that is no address: the request is refused.
+    malformed_hop: str | None = None
 
 
-def _trusted(address: str, networks: Sequence[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
-
-
-def _client_and_scheme(request: web.BaseRequest, trusted: Sequence[Network]) -> tuple[str, str]:
-    """The client's address and scheme; forwarding headers count only from a trusted peer."""
+def _client_and_scheme(
+    request: web.BaseRequest, trusted: Sequence[Network]
+) -> tuple[str, str, str | None]:
+    """The client's address and scheme, and the malformed hop if the chain cannot be read;
+    forwarding headers count only from a trusted peer."""
     peer = request.remote or ""
     scheme = request.scheme
-    if not trusted or not _trusted(peer, trusted):
-        return peer, scheme
-    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
-    client = peer
-    # The rightmost address not added by one of our own proxies is the real client.
-    for hop in reversed([h for h in hops if h]):
-        client = hop
-        if not _trusted(hop, trusted):
-            break
+    chain = hops(request.headers.getall("X-Forwarded-For", ()))
+    try:
+        client = forwarded_client(peer, chain, trusted)
+    except MalformedHop as exc:
+        return canonical_address(peer) or peer, scheme, str(exc)
+    if not is_trusted(canonical_address(peer) or "", trusted):
+        return client, scheme, None
     protos = [
         p.strip().lower()
         for v in request.headers.getall("X-Forwarded-Proto", ())
@@ -59,7 +54,7 @@ def _client_and_scheme(request: web.BaseRequest, trusted: Sequence[Network]) -> 
     ]
     if protos and protos[-1] in ("http", "https"):
         scheme = protos[-1]
-    return client, scheme
+    return client, scheme, None
 
 
 def exchange_of(request: web.BaseRequest, trusted: Sequence[Network] = ()) -> Exchange:
@@ -67,7 +62,8 @@ def exchange_of(request: web.BaseRequest, trusted: Sequence[Network] = ()) -> Ex
     found = request.get(EXCHANGE_KEY)
     if isinstance(found, Exchange):
         return found
-    client, scheme = _client_and_scheme(request, trusted)
+    client, scheme, malformed = _client_and_scheme(request, trusted)
     created = Exchange(client=client, scheme=scheme, target=classify(request.raw_path))
+    created.malformed_hop = malformed
     request[EXCHANGE_KEY] = created
     return created

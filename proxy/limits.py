@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import http_parser, web
 
+from proxy.config import Network
 from proxy.errors import API_VERSION, API_VERSION_HEADER
+from proxy.proxy_protocol import ProxyProtocolListener
 
 
 def c_parser_in_use() -> bool:
@@ -55,13 +57,22 @@ class ConnectionLimit:
 
 
 class LimitedTCPSite(web.TCPSite):
-    """A TCPSite whose listener refuses connections beyond `max_connections` with a 503."""
+    """A TCPSite whose listener refuses connections beyond `max_connections` with a 503.
+
+    With `proxy_protocol_from` (the trusted balancers), every connection must start with a
+    PROXY header from one of them; the limit then applies once the header is read.
+    """
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
-                 on_refused: Callable[[], None], **kwargs: object) -> None:  # fmt: skip
+                 on_refused: Callable[[], None], proxy_protocol_from: Sequence[Network] = (),
+                 on_proxy_rejected: Callable[[str], None] = lambda reason: None,
+                 **kwargs: object) -> None:  # fmt: skip
         super().__init__(runner, host, port, **kwargs)  # type: ignore[arg-type]
         self._max_connections = max_connections
         self._on_refused = on_refused
+        self._proxy_protocol_from = tuple(proxy_protocol_from)
+        self._on_proxy_rejected = on_proxy_rejected
+        self._proxy_listener: ProxyProtocolListener | None = None
 
     async def start(self) -> None:
         # BaseSite.start registers the site; the listener is created here, as TCPSite does,
@@ -69,13 +80,26 @@ class LimitedTCPSite(web.TCPSite):
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
+        factory: Callable[[], asyncio.BaseProtocol]
         factory = ConnectionLimit(server, self._max_connections, self._on_refused)
+        ssl_context = self._ssl_context
+        if self._proxy_protocol_from:
+            # The PROXY header comes before TLS: the socket stays plain until it is read.
+            self._proxy_listener = ProxyProtocolListener(
+                factory, self._proxy_protocol_from, ssl_context, self._on_proxy_rejected
+            )
+            factory, ssl_context = self._proxy_listener, None
         self._server = await asyncio.get_running_loop().create_server(
             factory,
             self._host,
             self._port,
-            ssl=self._ssl_context,
+            ssl=ssl_context,
             backlog=self._backlog,
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
         )
+
+    async def stop(self) -> None:
+        if self._proxy_listener is not None:
+            self._proxy_listener.close()
+        await super().stop()

@@ -15,6 +15,7 @@ from prometheus_client import (
 )
 
 from proxy import __version__
+from proxy.proxy_protocol import REJECT_REASONS
 
 PREFIX = "registry_proxy"
 
@@ -136,6 +137,12 @@ class Metrics:
             "Client connections answered 503 at once because max_connections were open.",
             registry=r,
         )
+        self.proxy_protocol_rejected = Counter(
+            f"{PREFIX}_proxy_protocol_rejected",
+            "Connections closed unanswered for lack of a valid PROXY header from a trusted peer.",
+            ["reason"],
+            registry=r,
+        )
         self.tasks = Gauge(
             f"{PREFIX}_event_loop_tasks",
             "asyncio tasks alive at the last scrape (leak detector).",
@@ -157,6 +164,8 @@ class Metrics:
             self.upstream_errors.labels(kind)
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
+        for reason in REJECT_REASONS:
+            self.proxy_protocol_rejected.labels(reason)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

@@ -79,14 +79,17 @@ async def _serve(
         config.listen.port,
         max_connections=config.max_connections,
         on_refused=app[METRICS].connections_refused.inc,
+        proxy_protocol_from=config.trusted_proxies if config.proxy_protocol else (),
+        on_proxy_rejected=lambda reason: app[METRICS].proxy_protocol_rejected.labels(reason).inc(),
         ssl_context=certificates.listener_context if certificates else None,
         backlog=1024,
     )
     await site.start()
     log.info(
-        "serving %s://%s for %d users, forwarding to %s",
+        "serving %s://%s%s for %d users, forwarding to %s",
         "https" if certificates else "http",
         config.listen,
+        " behind the PROXY protocol" if config.proxy_protocol else "",
         len(users),
         config.upstream,
     )

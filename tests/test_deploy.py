@@ -22,6 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.support import (
@@ -30,8 +31,10 @@ from tests.support import (
     Proxy,
     Registry,
     basic_auth,
+    call,
     free_port,
     http_status,
+    push_blob,
     wait_until,
 )
 
@@ -289,11 +292,13 @@ PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
 
 @cache
-def stack() -> dict[str, Any]:
-    """`docker stack config`: the stack after the CLI's own validation and interpolation."""
+def stack(*overrides: Path) -> dict[str, Any]:
+    """`docker stack config`: the stack (with override files on top) after the CLI's own
+    validation and interpolation."""
     env = {k: v for k, v in os.environ.items() if k != "PROXY_IMAGE"}
+    files = [arg for path in (STACK, *overrides) for arg in ("-c", str(path))]
     result = subprocess.run(
-        ["docker", "stack", "config", "-c", str(STACK)],
+        ["docker", "stack", "config", *files],
         capture_output=True,
         text=True,
         timeout=60,
@@ -544,14 +549,37 @@ def test_stack_config_validates() -> None:
     assert set(stack()["services"]) == {"registry", "proxy", "prometheus", "grafana"}
 
 
-def test_only_the_public_port_and_the_registry_port_are_published() -> None:
+def published_ports(services: dict[str, Any]) -> dict[str, tuple[int, int, str | None]]:
     published = {}
-    for name, spec in stack()["services"].items():
+    for name, spec in services.items():
         for port in spec.get("ports", []):
             published[name] = (int(port["published"]), int(port["target"]), port.get("mode"))
-    assert published == {
-        "proxy": (443, port_of(proxy_settings()["listen"]), "ingress"),
+    return published
+
+
+def test_only_the_public_port_and_the_registry_port_are_published() -> None:
+    """The proxy's 443 in host mode keeps client addresses (the ingress mesh replaces them)."""
+    assert published_ports(stack()["services"]) == {
+        "proxy": (443, port_of(proxy_settings()["listen"]), "host"),
         "registry": (5000, 5000, "ingress"),
+    }
+
+
+def test_ingress_variant_changes_only_the_proxy_publishing() -> None:
+    """deploy/stack-ingress.yml on top: ingress port, replicas, start-first; nothing else."""
+    override = DEPLOY / "stack-ingress.yml"
+    merged, base = stack(override)["services"], stack()["services"]
+    assert published_ports(merged)["proxy"] == (443, port_of(proxy_settings()["listen"]), "ingress")
+    deploy = merged["proxy"]["deploy"]
+    assert deploy["mode"] == "replicated" and deploy["replicas"] >= 2
+    assert deploy["update_config"]["order"] == "start-first"
+    assert deploy["rollback_config"]["order"] == "start-first"
+    assert {k: v for k, v in merged.items() if k != "proxy"} == {
+        k: v for k, v in base.items() if k != "proxy"
+    }
+    unchanged = {"ports", "deploy"}
+    assert {k: v for k, v in merged["proxy"].items() if k not in unchanged} == {
+        k: v for k, v in base["proxy"].items() if k not in unchanged
     }
 
 
@@ -590,6 +618,11 @@ def test_registry_service() -> None:
     )
     constraints = registry["deploy"]["placement"]["constraints"]
     assert any(c.replace(" ", "") == "node.labels.registry==true" for c in constraints)
+    # A local volume: a second task beside the old one would be a second writer (or, on another
+    # labelled node, a registry on an empty volume).
+    assert registry["deploy"]["replicas"] == 1
+    assert registry["deploy"]["update_config"]["order"] == "stop-first"
+    assert registry["deploy"]["rollback_config"]["order"] == "stop-first"
     # The shared http.secret comes from a Swarm secret, never from a file in the repository.
     script = " ".join(registry["command"])
     assert secret_path("registry", "registry_http_secret") in script
@@ -659,9 +692,14 @@ def test_registry_command_and_config_run_the_real_registry(tmp_path: Path) -> No
 def test_proxy_service() -> None:
     proxy = service("proxy")
     deploy = proxy["deploy"]
-    assert deploy["replicas"] >= 2
-    assert deploy["update_config"]["order"] == "start-first"
-    assert deploy["rollback_config"]["order"] == "start-first"
+    # One task per edge node: a host port binds once per node.
+    assert deploy["mode"] == "global" and "replicas" not in deploy
+    constraints = deploy["placement"]["constraints"]
+    assert [c.replace(" ", "") for c in constraints] == ["node.labels.edge==true"]
+    # start-first could not bind the host port beside the old task.
+    assert deploy["update_config"]["order"] == "stop-first"
+    assert deploy["rollback_config"]["order"] == "stop-first"
+    assert deploy["update_config"]["parallelism"] == 1
     shutdown_timeout = float(proxy_settings()["shutdown_timeout"])
     assert seconds(proxy["stop_grace_period"]) >= shutdown_timeout + 10
     assert "PROXY_SHUTDOWN_TIMEOUT" not in proxy.get("environment", {})
@@ -847,3 +885,114 @@ def test_dashboard_metrics_are_exported_by_the_proxy(proxy: Proxy) -> None:
         if promql_metric_names(expr) & PROMETHEUS_SERIES:
             for job in re.findall(r'job="([^"]*)"', expr):
                 assert job in jobs, expr
+
+
+# --- README runbooks against the stack -----------------------------------------------------------
+
+README = ROOT / "README.md"
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n### {title}\n")
+    end = min(i for i in (text.find("\n### ", start + 1), text.find("\n## ", start + 1)) if i > 0)
+    return text[start:end]
+
+
+def shell_lines(section: str) -> list[str]:
+    """The commands of the section's ```sh blocks, comments dropped."""
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def stack_name() -> str:
+    names: set[str] = set(
+        re.findall(
+            r"docker stack deploy -c deploy/stack\.yml (?:-c \S+ )?(\w+)", README.read_text()
+        )
+    )
+    assert len(names) == 1, names
+    return names.pop()
+
+
+def test_gc_runbook_names_the_stacks_registry_service_and_config() -> None:
+    """The runbook's service names and config path are the ones the stack creates."""
+    commands = shell_lines(readme_section("Garbage collection"))
+    service_name = f"{stack_name()}_registry"
+    assert "registry" in stack()["services"]
+    updates = [c for c in commands if c.startswith("docker service update")]
+    assert len(updates) == 2 and all(shlex.split(c)[-1] == service_name for c in updates)
+    assert "--env-add REGISTRY_STORAGE_MAINTENANCE_READONLY=" in updates[0]
+    assert "--env-rm REGISTRY_STORAGE_MAINTENANCE_READONLY" in updates[1]
+    collects = [c for c in commands if "garbage-collect" in c]
+    assert collects
+    config_path = "/etc/distribution/config.yml"
+    config_source("registry", config_path)  # mounted there
+    for command in collects:
+        assert f"label=com.docker.swarm.service.name={service_name}" in command
+        assert shlex.split(command)[-1] == config_path
+    # The order: read-only first, collect, then writable again.
+    assert commands.index(updates[0]) < commands.index(collects[0])
+    assert commands.index(collects[-1]) < commands.index(updates[1])
+
+
+def test_gc_runbook_works_on_the_real_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runbook's maintenance variable makes the real registry refuse writes while pulls go
+    on, and its garbage-collect command line collects in that state."""
+    commands = shell_lines(readme_section("Garbage collection"))
+    add = next(c for c in commands if "--env-add" in c)
+    words = shlex.split(add)
+    name, _, value = words[words.index("--env-add") + 1].partition("=")
+    registry = Registry(tmp_path / "registry")
+    registry.start()
+    blob = os.urandom(4096)
+    digest = push_blob(registry.url, "gc/orphan", blob)
+    registry.stop()
+
+    monkeypatch.setenv(name, value)
+    registry.start()
+    try:
+        assert call(f"{registry.url}/v2/gc/other/blobs/uploads/", "POST")[0] == 405
+        status, _, body = call(f"{registry.url}/v2/gc/orphan/blobs/{digest}")
+        assert status == 200 and body == blob
+        stored = tmp_path / "registry" / "data" / "docker/registry/v2/blobs/sha256"
+        data = stored / digest[7:9] / digest[7:] / "data"
+        assert data.is_file()
+        for command in (c for c in commands if "garbage-collect" in c):
+            arguments = shlex.split(command)
+            gc = arguments[arguments.index("garbage-collect") :]
+            gc[-1] = str(tmp_path / "registry" / "config.yml")
+            result = subprocess.run(
+                [REGISTRY_BINARY, *gc], capture_output=True, text=True, timeout=60
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+        assert not data.exists(), "the unreferenced blob was collected"
+    finally:
+        registry.stop()
+    monkeypatch.delenv(name)
+    registry.start()
+    try:
+        assert call(f"{registry.url}/v2/gc/other/blobs/uploads/", "POST")[0] == 202
+    finally:
+        registry.stop()
+
+
+def iptables_rules(text: str) -> list[str]:
+    return re.findall(r"iptables -[IDA] DOCKER-USER ([^\n`]*)", text)
+
+
+def test_port_5000_rule_covers_every_forwarded_path_and_the_unit_matches() -> None:
+    """The DROP rule is not limited to one input interface, and the boot unit adds the same."""
+    section = readme_section("The second door: port 5000")
+    rules = iptables_rules(section)
+    drops = {rule for rule in rules if rule.endswith("-j DROP")}
+    assert len(drops) == 1, drops
+    (drop,) = drops
+    assert "-i " not in drop and "-o docker_gwbridge" in drop
+    assert "--ctorigdstport 5000 --ctdir ORIGINAL" in drop
+    unit = re.search(r"```ini\n(.*?)```", section, re.DOTALL)
+    assert unit is not None
+    assert sorted(iptables_rules(unit.group(1))) == [drop, drop]
