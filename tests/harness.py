@@ -147,6 +147,8 @@ class Registry:
     root: Path
     port: int = field(default_factory=free_port)
     quiet: bool = False
+    # Extra environment for the registry, after the caller's REGISTRY_* variables are dropped.
+    env: dict[str, str] = field(default_factory=dict)
     process: Process | None = None
 
     @property
@@ -179,6 +181,7 @@ http:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         # Registry v3 exports OpenTelemetry traces to localhost:4318 unless told not to.
         env["OTEL_TRACES_EXPORTER"] = "none"
+        env.update(self.env)
         self.process = Process(
             [REGISTRY_BIN, "serve", str(config)], self.root / "registry.log", env
         )

@@ -22,7 +22,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.support import (
@@ -937,9 +936,7 @@ def test_gc_runbook_names_the_stacks_registry_service_and_config() -> None:
     assert commands.index(collects[-1]) < commands.index(updates[1])
 
 
-def test_gc_runbook_works_on_the_real_registry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_gc_runbook_works_on_the_real_registry(tmp_path: Path) -> None:
     """The runbook's maintenance variable makes the real registry refuse writes while pulls go
     on, and its garbage-collect command line collects in that state."""
     commands = shell_lines(readme_section("Garbage collection"))
@@ -952,7 +949,7 @@ def test_gc_runbook_works_on_the_real_registry(
     digest = push_blob(registry.url, "gc/orphan", blob)
     registry.stop()
 
-    monkeypatch.setenv(name, value)
+    registry.env[name] = value
     registry.start()
     try:
         assert call(f"{registry.url}/v2/gc/other/blobs/uploads/", "POST")[0] == 405
@@ -972,7 +969,7 @@ def test_gc_runbook_works_on_the_real_registry(
         assert not data.exists(), "the unreferenced blob was collected"
     finally:
         registry.stop()
-    monkeypatch.delenv(name)
+    del registry.env[name]
     registry.start()
     try:
         assert call(f"{registry.url}/v2/gc/other/blobs/uploads/", "POST")[0] == 202
