@@ -48,6 +48,7 @@ CACHE = (
 # podman remembers its run root in the storage's database and refuses another one later, so it
 # is fixed; and it must be short (podman limits it to 50 characters).
 RUNROOT = "/run/registry-proxy-test"
+STORAGE = ["--root", str(CACHE / "storage"), "--runroot", RUNROOT]
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # The stand-in base: what python:3.11-slim-bookworm offers the Dockerfile (python, venv, PATH).
 SUITE = "bookworm"
@@ -71,13 +72,6 @@ SECRET_CONTENT = re.compile(
     re.MULTILINE,
 )
 COMPILERS = {"gcc", "cc", "c++", "g++", "cpp", "clang", "tcc", "make", "ld", "as"}
-
-
-def unavailable(reason: str) -> None:
-    """Skip the module with one line saying why; in CI a missing tool is a failure instead."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"image test cannot run in CI: {reason}", pytrace=False)
-    pytest.skip(f"image test: {reason}")
 
 
 def debian_mirror() -> str:
@@ -104,10 +98,7 @@ class Podman:
 
     def __init__(self, runc: str, config: Path) -> None:
         self.global_args = [
-            "--root",
-            str(CACHE / "storage"),
-            "--runroot",
-            RUNROOT,
+            *STORAGE,
             "--runtime",
             runc,
             "--cgroup-manager",
@@ -145,17 +136,31 @@ class Podman:
         return json.loads(self.run(*args).stdout)[0]
 
 
+def why_unavailable() -> str | None:
+    """What this machine lacks to build and run the image, or None."""
+    if os.geteuid() != 0:
+        return "needs root (rootful podman with runc)"
+    for tool in ("podman", "runc", "skopeo", "debootstrap"):
+        if not shutil.which(tool):
+            return f"{tool} is missing (scripts/install-deps installs it)"
+    exists = subprocess.run(
+        ["podman", *STORAGE, "image", "exists", base_recipe()[0]], capture_output=True, check=False
+    )
+    if exists.returncode != 0:
+        mirror = debian_mirror()
+        try:
+            urllib.request.urlopen(f"{mirror}/dists/{SUITE}/Release", timeout=10).close()
+        except OSError as exc:
+            return f"Debian's mirror {mirror} does not answer ({exc})"
+    return None
+
+
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
-    """The podman this module runs, once the tools it needs are known to be there."""
-    if os.geteuid() != 0:
-        unavailable("needs root (rootful podman with runc)")
+    """The podman this module runs (root, runc, cgroupfs, a containers.conf of its own)."""
+    if UNAVAILABLE:
+        pytest.fail(f"image test cannot run in CI: {UNAVAILABLE}", pytrace=False)
     runc = shutil.which("runc")
-    for tool, found in [("podman", shutil.which("podman")), ("runc", runc)]:
-        if not found:
-            unavailable(f"{tool} is missing (scripts/install-deps installs it)")
-    if not shutil.which("skopeo"):
-        unavailable("skopeo is missing (scripts/install-deps installs it)")
     assert runc is not None
     config = tmp_path_factory.mktemp("podman") / "containers.conf"
     config.write_text(CONTAINERS_CONF)
@@ -180,13 +185,7 @@ def unmount_below(path: Path) -> None:
 
 def build_base(podman: Podman, name: str, changes: list[str], bundle: bytes | None) -> None:
     """debootstrap a minimal bookworm with Debian's python3 and import it as `name`."""
-    if not shutil.which("debootstrap"):
-        unavailable("debootstrap is missing (scripts/install-deps installs it)")
     mirror = debian_mirror()
-    try:
-        urllib.request.urlopen(f"{mirror}/dists/{SUITE}/Release", timeout=15).close()
-    except OSError as exc:
-        unavailable(f"Debian's mirror {mirror} does not answer ({exc})")
     target = CACHE / f"rootfs-{uuid.uuid4().hex[:8]}"
     try:
         result = subprocess.run(
@@ -229,6 +228,12 @@ def build_base(podman: Podman, name: str, changes: list[str], bundle: bytes | No
     finally:
         unmount_below(target)
         shutil.rmtree(target, ignore_errors=True)
+
+
+# A machine without the tools skips the module with one line; CI fails instead (`podman`).
+UNAVAILABLE = why_unavailable()
+if UNAVAILABLE and os.environ.get("CI") != "true":
+    pytest.skip(f"image test: {UNAVAILABLE}", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
