@@ -1,5 +1,6 @@
 # registry-proxy image:  docker build -t registry-proxy:0.1.0 .
-# In production pin the base by digest and label the build (README.md, "The image"):
+# In production pin the base by digest and label the build (README.md, "Production deployment",
+# step 2):
 #   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:... \
 #       --build-arg REVISION="$(git rev-parse HEAD)" --build-arg SOURCE=https://... -t ... .
 #
