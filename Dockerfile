@@ -1,4 +1,8 @@
 # registry-proxy image:  docker build -t registry-proxy:0.1.0 .
+# In production pin the base by digest and label the build (README.md, "Production deployment",
+# step 2):
+#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:... \
+#       --build-arg REVISION="$(git rev-parse HEAD)" --build-arg SOURCE=https://... -t ... .
 #
 # Runs `registry-proxy serve` as an unprivileged user (uid 10001) with its configuration at
 # /etc/registry-proxy/proxy.yml (PROXY_CONFIG: deploy/proxy.yml; mount your own over it, or set
@@ -11,15 +15,16 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# Build stage: the package and its dependencies (all wheels) in a virtual environment.
+# Build stage: the package and its dependencies (all wheels) in a virtual environment, at the
+# versions in constraints.txt (scripts/pin-deps), so every build installs what the tests ran.
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/registry-proxy
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proxy/ proxy/
-RUN /opt/registry-proxy/bin/pip install . \
+RUN /opt/registry-proxy/bin/pip install . --constraint constraints.txt \
  && /opt/registry-proxy/bin/registry-proxy --version
 
 # Final stage: the same Python, the virtual environment, no compilers, no pip cache, no sources.
@@ -41,5 +46,15 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=4).status == 200 else 1)"]
 # SIGTERM starts the drain (shutdown_timeout); the process is PID 1 and handles it itself.
 STOPSIGNAL SIGTERM
+# OCI labels; VERSION is pyproject.toml's version, the others come from the build command.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=unknown
+LABEL org.opencontainers.image.title="registry-proxy" \
+      org.opencontainers.image.description="Authenticating, streaming reverse proxy for a private Docker/OCI registry" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}"
 ENTRYPOINT ["registry-proxy"]
 CMD ["serve"]

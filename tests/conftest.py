@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support import Proxy, Registry, htpasswd
+
+FIGURES = pytest.StashKey[list[str]]()
 
 # user -> (htpasswd flags, password); every scheme apache2-utils writes that we accept.
 USERS = {
@@ -73,3 +76,22 @@ def start_proxy(htpasswd_file: Path, tmp_path: Path) -> Iterator[Callable[..., P
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def report_figure(pytestconfig: pytest.Config) -> Callable[[str, str], None]:
+    """Record a figure (the image's size, build times) for the summary at the end of the run."""
+
+    def report(name: str, value: str) -> None:
+        pytestconfig.stash.setdefault(FIGURES, []).append(f"{name}: {value}")
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Print the recorded figures in every run (CI logs included), not only with -s."""
+    figures = config.stash.get(FIGURES, [])
+    if figures:
+        terminalreporter.section("figures")
+        for line in figures:
+            terminalreporter.write_line(line)

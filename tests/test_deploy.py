@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 import urllib.request
 from dataclasses import dataclass
 from functools import cache
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.support import (
     REGISTRY_BINARY,
@@ -409,6 +412,27 @@ def test_dockerfile_healthcheck_needs_nothing_but_python() -> None:
     assert port_of(proxy_settings()["admin_listen"]) == ADMIN_PORT
     # The stack's healthcheck is the same command.
     assert service("proxy")["healthcheck"]["test"] == ["CMD", *command]
+
+
+def test_constraints_pin_every_runtime_dependency() -> None:
+    """Guards reproducible images: every dependency in pyproject.toml has an exact pin in
+    constraints.txt (which the Dockerfile installs with) that its requirement accepts."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dependency in project["dependencies"]:
+        requirement = Requirement(dependency)
+        pinned = pins.get(canonicalize_name(requirement.name))
+        assert pinned, f"{requirement.name} is not in constraints.txt (run scripts/pin-deps)"
+        assert requirement.specifier.contains(pinned), f"{dependency} refuses the pin {pinned}"
+    build = dockerfile()[0]
+    assert any("pip install . --constraint constraints.txt" in i.args for i in build.all("RUN"))
+    # The version label's default is the package's version.
+    args = dict(i.args.split("=", 1) for i in final_stage().all("ARG") if "=" in i.args)
+    assert args["VERSION"] == project["version"]
 
 
 def test_dockerignore_sends_only_what_the_image_needs() -> None:
