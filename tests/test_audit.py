@@ -353,3 +353,23 @@ def test_certificate_expiry_is_exported(
         if s.name == "registry_proxy_tls_certificate_expiry_timestamp_seconds"
     ]
     assert value == expected.timestamp()
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_documents_every_access_log_field_and_metric(proxy: Proxy) -> None:
+    """Guards README against drifting from the log and the metrics it documents."""
+    text = README.read_text()
+    section = text.split("### Access log\n", 1)[1].split("\n### ", 1)[0]
+    example = section.split("```json\n", 1)[1].split("\n```", 1)[0]
+    assert list(json.loads(example)) == FIELDS
+    for field in FIELDS:
+        assert f"`{field}`" in section, field
+    _, _, body = call(proxy.admin_url + "/metrics")
+    for family in text_string_to_metric_families(body.decode()):
+        # (The text format shows each counter's `_created` as a gauge family of its own.)
+        if family.name.startswith("registry_proxy_") and not family.name.endswith("_created"):
+            name = family.name.removeprefix("registry_proxy_")
+            name += "_total" if family.type == "counter" else ""
+            assert f"`{name}`" in text, name
