@@ -15,7 +15,7 @@ from proxy import errors
 from proxy.access import AccessPolicy, CatalogPage, authorize, filter_catalog_page
 from proxy.auth import CredentialChecker, Outcome, parse_basic
 from proxy.config import Config
-from proxy.exchange import REQUEST_ID_HEADER, Exchange, exchange_of
+from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
 from proxy.log import escape
 from proxy.metrics import Metrics
@@ -232,7 +232,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer names its request id, so that a user's report finds the log line."""
-    response.headers[REQUEST_ID_HEADER] = _exchange(request).request_id
+    exchange = request.get(EXCHANGE_KEY)
+    # None: aiohttp answered before the handler ran (the access log calls that bad_request).
+    if isinstance(exchange, Exchange):
+        response.headers[REQUEST_ID_HEADER] = exchange.request_id
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
