@@ -23,7 +23,15 @@ from proxy.log import bounded, escape
 from proxy.metrics import AUTH_OUTCOMES, CODES, METHODS, RELOAD_RESULTS, UPSTREAM_ERROR_KINDS
 from proxy.paths import Action
 from proxy.refusal import Refusal
-from tests.support import Proxy, Registry, call, http_status, wait_until, write_oci_layout
+from tests.support import (
+    Proxy,
+    Registry,
+    call,
+    http_status,
+    push_blob,
+    wait_until,
+    write_oci_layout,
+)
 
 FIELDS = [
     "time", "request_id", "client", "user", "method", "path", "action", "repository",
@@ -114,6 +122,21 @@ def test_a_docker_login_is_a_login_event_and_a_bare_ping_is_not(
     assert ping["event"] is None and ping["decision"] == "no_credentials" and ping["user"] is None
     assert login["event"] == "login" and login["user"] == "bob"
     assert login["request_id"] == reply["X-Request-Id"]
+
+
+def test_a_cross_repository_mount_is_a_mount_event_with_its_source(
+    proxy: Proxy, users: dict[str, str]
+) -> None:
+    """Guards the mount event: which blob came from which repository, by whom."""
+    auth = basic("carol", users["carol"])
+    source, target = f"mount/{uuid.uuid4().hex[:8]}", f"mount/{uuid.uuid4().hex[:8]}"
+    digest = push_blob(proxy.url, source, os.urandom(1024), auth)
+    query = f"mount={digest.replace(':', '%3A')}&from={source}"
+    assert call(f"{proxy.url}/v2/{target}/blobs/uploads/?{query}", "POST", auth)[0] == 201
+    wait_until(lambda: [r for r in records(proxy.log()) if r["repository"] == target], "the record")
+    (mount,) = [r for r in records(proxy.log()) if r["repository"] == target]
+    assert mount["event"] == "mount" and mount["digest"] == digest
+    assert mount["mount_from"] == source and mount["user"] == "carol"
 
 
 @pytest.fixture
