@@ -133,7 +133,7 @@ def test_a_cross_repository_mount_is_a_mount_event_with_its_source(
     digest = push_blob(proxy.url, source, os.urandom(1024), auth)
     query = f"mount={digest.replace(':', '%3A')}&from={source}"
     assert call(f"{proxy.url}/v2/{target}/blobs/uploads/?{query}", "POST", auth)[0] == 201
-    wait_until(lambda: [r for r in records(proxy.log()) if r["repository"] == target], "the record")
+    wait_until(lambda: any(r["repository"] == target for r in records(proxy.log())), "the record")
     (mount,) = [r for r in records(proxy.log()) if r["repository"] == target]
     assert mount["event"] == "mount" and mount["digest"] == digest
     assert mount["mount_from"] == source and mount["user"] == "carol"
