@@ -26,6 +26,7 @@ access_log = logging.getLogger("registry_proxy.access")
 # C0 and C1 controls, DEL, the backslash (so that escapes stay unambiguous), Unicode line and
 # paragraph separators, and the bidirectional overrides terminals honour (Trojan Source).
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _USER_AGENT_LIMIT = 256
 _PATH_LIMIT = 2048
 _FIELD_LIMIT = 256
@@ -53,10 +54,14 @@ def bounded(text: str | None, limit: int = _FIELD_LIMIT) -> str | None:
 
 
 class EscapingFormatter(logging.Formatter):
-    """Escapes each message, so no argument (a path, a header) can start a forged line."""
+    """Escapes control characters in each message, so no argument can start a forged line.
+
+    A safety net under the `escape()` calls at the log calls: backslashes are left alone here,
+    so text escaped there is not escaped twice.
+    """
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = escape(record.message)
+        record.message = _CONTROLS.sub(_escape_one, record.message)
         return super().formatMessage(record)
 
 

@@ -108,8 +108,7 @@ class CertificateReloader:
     async def reload(self, reason: str) -> None:
         """Load the files into a fresh context; a broken pair keeps the current one."""
         try:
-            context = await asyncio.to_thread(server_context, self._tls)
-            expires_at = certificate_expiry(self._tls)
+            context, expires_at = await asyncio.to_thread(self._load)
         except ConfigError as exc:
             self._count("failure")
             log.error("certificate reload (%s) failed, keeping the current one: %s", reason, exc)
@@ -117,6 +116,9 @@ class CertificateReloader:
         self._current, self.expires_at = context, expires_at
         self._count("success")
         log.info("certificate reloaded (%s)", reason)
+
+    def _load(self) -> tuple[ssl.SSLContext, float]:
+        return server_context(self._tls), certificate_expiry(self._tls)
 
     def _count(self, result: str) -> None:
         if self._metrics is not None:

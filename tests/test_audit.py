@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.log import bounded, escape
+from proxy.log import EscapingFormatter, bounded, escape
 from proxy.metrics import AUTH_OUTCOMES, CODES, METHODS, RELOAD_RESULTS, UPSTREAM_ERROR_KINDS
 from proxy.paths import Action
 from proxy.refusal import Refusal
@@ -221,6 +222,14 @@ def test_escape_makes_every_control_character_visible() -> None:
     assert escape("plain/repo:tag ü") == "plain/repo:tag ü"
     assert bounded("x" * 300, 256) == "x" * 256 + "..."
     assert bounded(None) is None
+
+
+def test_stderr_formatter_escapes_what_a_log_call_forgot_and_nothing_twice() -> None:
+    formatter = EscapingFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord(
+        "registry_proxy", logging.INFO, __file__, 1, "%s then %s", (escape("a\\b\r"), "x\ny"), None
+    )
+    assert formatter.format(record) == "INFO a\\\\b\\x0d then x\\x0ay"
 
 
 @pytest.mark.parametrize("trusted", [True, False])
