@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.forward import upstream_request_headers
 from proxy.log import EscapingFormatter, bounded, escape
 from proxy.metrics import AUTH_OUTCOMES, CODES, METHODS, RELOAD_RESULTS, UPSTREAM_ERROR_KINDS
 from proxy.paths import Action
@@ -249,6 +251,15 @@ def test_request_id_is_returned_and_taken_only_from_trusted_peers(
     # A malformed id from a trusted peer is replaced too.
     headers["X-Request-Id"] = "bad id\twith space"
     assert call(f"{proxy.url}/v2/", headers=headers)[1]["X-Request-Id"] != "bad id\twith space"
+
+
+def test_upstream_gets_our_request_id_never_the_clients() -> None:
+    """Guards the id the registry sees: the client's own X-Request-Id is replaced."""
+    request = make_mocked_request(
+        "GET", "/v2/", headers={"X-Request-Id": "chosen-by-client", "x-request-id": "again"}
+    )
+    headers = upstream_request_headers(request, "203.0.113.7", "https", "ours")
+    assert headers.getall("X-Request-Id") == ["ours"]
 
 
 def random_token(rng: random.Random, size: int) -> str:
