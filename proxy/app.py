@@ -15,10 +15,12 @@ from proxy import errors
 from proxy.access import AccessPolicy, CatalogPage, authorize, filter_catalog_page
 from proxy.auth import CredentialChecker, Outcome, parse_basic
 from proxy.config import Config
-from proxy.exchange import Exchange, exchange_of
+from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
+from proxy.log import escape
 from proxy.metrics import Metrics
 from proxy.paths import Action
+from proxy.refusal import Refusal
 from proxy.reload import CredentialReloader
 from proxy.throttle import Throttle
 
@@ -143,16 +145,23 @@ async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | N
     if exchange.malformed_hop is not None:
         # Whoever it is cannot be told: no throttle key, no password check, nothing forwarded.
         log.info("refused: malformed X-Forwarded-For hop %r", exchange.malformed_hop[:100])
+        exchange.refusal = Refusal.BAD_REQUEST
+        exchange.refusal_detail = "malformed X-Forwarded-For hop"
         return errors.malformed_forwarding()
     user = await authenticated_user(request)
     if user is None:
         if exchange.auth_outcome == "throttled":
+            exchange.refusal = Refusal.THROTTLED
             return errors.too_many_failures(exchange.retry_after)
+        no_credentials = exchange.auth_outcome == "no_credentials"
+        exchange.refusal = Refusal.NO_CREDENTIALS if no_credentials else Refusal.BAD_CREDENTIALS
         return errors.unauthorized(request.app[CONFIG].realm)
     if not is_api_path(request.raw_path):
+        exchange.refusal = Refusal.NOT_API
         return errors.not_found()
     access = request.app[ACCESS]
     if access.read_only and request.method in _WRITES:
+        exchange.refusal = Refusal.READ_ONLY
         return errors.read_only()
     decision = authorize(
         access.policy,
@@ -163,8 +172,13 @@ async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | N
         request.headers.get("Content-Type"),
     )
     if not decision.allowed:
+        exchange.refusal, exchange.refusal_detail = Refusal.DENIED, decision.reason
         log.info(
-            "denied %s %s to %s: %s", request.method, request.rel_url.path, user, decision.reason
+            "denied %s %s to %s: %s",
+            request.method,
+            escape(request.raw_path.partition("?")[0]),
+            escape(user),
+            escape(decision.reason),
         )
         return errors.denied(decision.reason)
     exchange.upstream_query = decision.query
@@ -177,6 +191,7 @@ async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     if refusal is not None:
         return refusal
     if request.headers.get("Expect", "").lower() != "100-continue":
+        _exchange(request).refusal = Refusal.BAD_EXPECT
         return errors.expectation_failed()
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -219,6 +234,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     finally:
         in_flight.dec()
         state.leave()
+
+
+async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer names its request id, so that a user's report finds the log line."""
+    exchange = request.get(EXCHANGE_KEY)
+    # None: aiohttp answered before the handler ran (the access log calls that bad_request).
+    if isinstance(exchange, Exchange):
+        response.headers[REQUEST_ID_HEADER] = exchange.request_id
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -304,6 +327,7 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
     warn_about_unknown_users(config.access, users)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
     app.cleanup_ctx.extend([_upstream_session, _background_tasks])
+    app.on_response_prepare.append(_send_request_id)
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)
     return app
 
@@ -323,6 +347,8 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
 
     async def metrics_page(request: web.Request) -> web.Response:
         metrics.tasks.set(len(asyncio.all_tasks()))
+        session = proxy_app.get(SESSION)
+        metrics.observe_pool(session.connector if session is not None else None)
         body = await asyncio.to_thread(metrics.exposition)
         return web.Response(
             body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}

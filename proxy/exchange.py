@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from proxy.config import Network
 from proxy.forwarded import MalformedHop, canonical_address, forwarded_client, hops, is_trusted
 from proxy.paths import Target, classify
+from proxy.refusal import Refusal
 
 # Request key holding the Exchange.
 EXCHANGE_KEY = "registry_proxy.exchange"
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# What a request id from a trusted proxy may look like (uuids, W3C trace ids, ULIDs...).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass
@@ -31,6 +42,12 @@ class Exchange:
     upstream_status: int | None = None
     # An X-Forwarded-For hop from a trusted proxy that is no address: the request is refused.
     malformed_hop: str | None = None
+    request_id: str = field(default_factory=new_request_id)
+    # Why the proxy refused the request (None: it did not); `refusal_detail` says more, for the log.
+    refusal: Refusal | None = None
+    refusal_detail: str | None = None
+    # Milliseconds from sending the request upstream to the upstream's response headers.
+    upstream_ms: float | None = None
 
 
 def _client_and_scheme(
@@ -57,13 +74,27 @@ def _client_and_scheme(
     return client, scheme, None
 
 
+def _request_id(request: web.BaseRequest, trusted: Sequence[Network]) -> str:
+    """A trusted proxy's well-formed X-Request-Id, else a fresh one."""
+    given = request.headers.getall(REQUEST_ID_HEADER, ())
+    trusted_peer = is_trusted(canonical_address(request.remote or "") or "", trusted)
+    if trusted_peer and len(given) == 1 and _REQUEST_ID.fullmatch(given[0]):
+        return given[0]
+    return new_request_id()
+
+
 def exchange_of(request: web.BaseRequest, trusted: Sequence[Network] = ()) -> Exchange:
     """The request's Exchange, created on first use."""
     found = request.get(EXCHANGE_KEY)
     if isinstance(found, Exchange):
         return found
     client, scheme, malformed = _client_and_scheme(request, trusted)
-    created = Exchange(client=client, scheme=scheme, target=classify(request.raw_path))
-    created.malformed_hop = malformed
+    created = Exchange(
+        client=client,
+        scheme=scheme,
+        target=classify(request.raw_path),
+        malformed_hop=malformed,
+        request_id=_request_id(request, trusted),
+    )
     request[EXCHANGE_KEY] = created
     return created

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -13,7 +14,8 @@ from yarl import URL
 
 from proxy import errors
 from proxy.access import CatalogPage, cap_catalog_query
-from proxy.exchange import Exchange
+from proxy.exchange import REQUEST_ID_HEADER, Exchange
+from proxy.log import escape
 from proxy.metrics import Metrics
 
 log = logging.getLogger("registry_proxy.forward")
@@ -35,7 +37,10 @@ HOP_BY_HOP = frozenset(
 # Never passed upstream: our own credentials, the 100-continue we already answered, and
 # forwarding headers a client could spoof (the registry trusts them over Host when building
 # Location URLs: distribution registry/api/v2/urls.go).
-_CLIENT_ONLY = frozenset({"authorization", "expect", "forwarded", "host", "x-real-ip"})
+# X-Request-Id is replaced by ours (a trusted proxy's, when it sent a valid one).
+_CLIENT_ONLY = frozenset(
+    {"authorization", "expect", "forwarded", "host", "x-real-ip", REQUEST_ID_HEADER.lower()}
+)
 _FORWARDING_PREFIX = "x-forwarded-"
 
 # Registry catalog pages a filtered catalog request may read before answering.
@@ -55,7 +60,9 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     }
 
 
-def upstream_request_headers(request: web.Request, client: str, scheme: str) -> CIMultiDict[str]:
+def upstream_request_headers(
+    request: web.Request, client: str, scheme: str, request_id: str | None = None
+) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop and spoofable ones, plus our forwarding headers."""
     dropped = HOP_BY_HOP | _connection_tokens(request.headers)
     headers: CIMultiDict[str] = CIMultiDict()
@@ -69,6 +76,8 @@ def upstream_request_headers(request: web.Request, client: str, scheme: str) -> 
     headers["X-Forwarded-Proto"] = scheme
     if client:
         headers["X-Forwarded-For"] = client
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
     return headers
 
 
@@ -120,6 +129,7 @@ class Forwarder:
         self._session = session
         self._body_timeout = body_timeout
         self._errors = metrics.upstream_errors
+        self._time_to_headers = metrics.upstream_time_to_headers
         self._upstream = upstream.origin()
         self._base = str(self._upstream)
 
@@ -138,11 +148,14 @@ class Forwarder:
         """Forward the request; errors before the response starts become registry JSON errors."""
         url = self._url(request, query)
         body = _ClientBody(request, self._body_timeout) if request.body_exists else None
+        sent = time.monotonic()
         try:
             upstream = await self._session.request(
                 request.method,
                 url,
-                headers=upstream_request_headers(request, exchange.client, exchange.scheme),
+                headers=upstream_request_headers(
+                    request, exchange.client, exchange.scheme, exchange.request_id
+                ),
                 data=body,
                 allow_redirects=False,
             )
@@ -157,6 +170,7 @@ class Forwarder:
             return self._failed_before_headers(request, exc)
 
         exchange.upstream_status = upstream.status
+        self._took(exchange, sent)
         if upstream.status >= 500:
             self._errors.labels("5xx").inc()
         try:
@@ -175,13 +189,17 @@ class Forwarder:
         headers: CIMultiDict[str] = CIMultiDict()
         page = CatalogPage(b'{"repositories":[]}', None)
         for _ in range(_CATALOG_PAGES):
+            sent = time.monotonic()
             try:
                 async with self._session.get(
                     self._url(request, query),
-                    headers=upstream_request_headers(request, exchange.client, exchange.scheme),
+                    headers=upstream_request_headers(
+                        request, exchange.client, exchange.scheme, exchange.request_id
+                    ),
                     allow_redirects=False,
                 ) as upstream:
                     exchange.upstream_status = upstream.status
+                    self._took(exchange, sent)
                     body = await upstream.read()
                     origin = f"{exchange.scheme}://{request.host}"
                     headers = client_response_headers(upstream, self._upstream, origin)
@@ -205,6 +223,12 @@ class Forwarder:
         elif page.resume_after is not None:
             headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
         return web.Response(status=200, body=page.body, headers=headers)
+
+    def _took(self, exchange: Exchange, sent: float) -> None:
+        """Record the time to the upstream's headers (summed over a catalog's pages)."""
+        seconds = time.monotonic() - sent
+        self._time_to_headers.labels(exchange.target.action).observe(seconds)
+        exchange.upstream_ms = round((exchange.upstream_ms or 0.0) + seconds * 1000, 3)
 
     def _failed_before_headers(
         self, request: web.Request, exc: TimeoutError | aiohttp.ClientError
@@ -247,7 +271,7 @@ class Forwarder:
                     "upstream %s broke off %s %s mid-body: %s",
                     self._base,
                     request.method,
-                    request.rel_url.path,
+                    escape(request.raw_path.partition("?")[0]),
                     _describe(exc),
                 )
                 upstream.close()

@@ -1,66 +1,183 @@
-"""Loggers and the access log; nothing secret (credentials, query strings) is ever written."""
+"""Loggers and the access log; nothing secret (credentials, query strings) is ever written.
+
+The proxy's own lines go to stderr; the access log (the audit trail) goes to stdout, one JSON
+object per line, whatever `log_level` says. Client bytes are escaped before they reach either.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import time
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from proxy.access import parse_query
 from proxy.exchange import EXCHANGE_KEY, Exchange
-from proxy.metrics import Metrics, method_label, status_class
+from proxy.metrics import Metrics, code_label, method_label, status_class
 from proxy.paths import Action, Target
+from proxy.refusal import Refusal
 
 access_log = logging.getLogger("registry_proxy.access")
 
+# C0 and C1 controls, DEL, the backslash (so that escapes stay unambiguous), Unicode line and
+# paragraph separators, and the bidirectional overrides terminals honour (Trojan Source).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_USER_AGENT_LIMIT = 256
+_PATH_LIMIT = 2048
+_FIELD_LIMIT = 256
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """`text` with every control character as a visible `\\xNN` / `\\uNNNN` escape."""
+    return _UNSAFE.sub(_escape_one, text) if _UNSAFE.search(text) else text
+
+
+def bounded(text: str | None, limit: int = _FIELD_LIMIT) -> str | None:
+    """Escaped and cut to `limit` characters (a trailing `...` says it was cut)."""
+    if text is None:
+        return None
+    safe = escape(text)
+    return safe if len(safe) <= limit else safe[:limit] + "..."
+
+
+class EscapingFormatter(logging.Formatter):
+    """Escapes control characters in each message, so no argument can start a forged line.
+
+    A safety net under the `escape()` calls at the log calls: backslashes are left alone here,
+    so text escaped there is not escaped twice.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROLS.sub(_escape_one, record.message)
+        return super().formatMessage(record)
+
 
 def setup_logging(level: str) -> None:
-    """One line per event on stderr."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """The proxy's lines on stderr at `level`; access records on stdout, unprefixed."""
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[stderr])
     # aiohttp logs every malformed request from the internet at ERROR with a traceback.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(logging.Formatter("%(message)s"))
+    access_log.handlers[:] = [stdout]
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+
+def _now() -> str:
+    """RFC 3339 in UTC with milliseconds."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+def _event(method: str, status: int, exchange: Exchange, query: dict[str, str]) -> str | None:
+    """What an auditor asks about: push, pull, delete, mount and login (successes only)."""
+    if not 200 <= status < 300:
+        return None
+    action = exchange.target.action
+    if action is Action.MANIFEST:
+        return {"PUT": "push", "GET": "pull", "DELETE": "delete"}.get(method)
+    if action is Action.BLOB and method == "DELETE":
+        return "delete"
+    if action is Action.UPLOAD and method == "POST" and status == 201 and "mount" in query:
+        return "mount"
+    if action is Action.PING and method == "GET" and exchange.user is not None:
+        return "login"
+    return None
+
+
+def _digest(
+    method: str, response: StreamResponse, target: Target, query: dict[str, str]
+) -> str | None:
+    """The content digest a request wrote, read or removed, when there is one."""
+    if target.action in (Action.MANIFEST, Action.BLOB):
+        header = response.headers.get("Docker-Content-Digest")
+        if header:
+            return header
+        if target.reference and ":" in target.reference:
+            return target.reference  # by digest (tags cannot hold a colon)
+    if target.action is Action.UPLOAD:
+        # The upload's final PUT names its digest, a mount POST the blob it mounts.
+        return query.get({"PUT": "digest", "POST": "mount"}.get(method, ""))
+    return None
 
 
 def access_record(
     request: BaseRequest, response: StreamResponse, seconds: float
 ) -> dict[str, object]:
-    """The audit fields of one finished request (the path without its query: `_state` tokens)."""
+    """The audit fields of one finished request; the query string itself is never written."""
     exchange = request.get(EXCHANGE_KEY)
-    path: str | None = request.rel_url.path
+    raw_path, _, raw_query = request.raw_path.partition("?")
+    path: str | None = raw_path
     if not isinstance(exchange, Exchange):
         # aiohttp answered (a 400 for a malformed request) before the proxy saw it.
-        exchange = Exchange(request.remote or "", request.scheme, Target(Action.OTHER))
-        path = None
+        too_large = response.status in (413, 431)
+        exchange = Exchange(
+            request.remote or "",
+            request.scheme,
+            Target(Action.OTHER),
+            refusal=Refusal.TOO_LARGE if too_large else Refusal.BAD_REQUEST,
+        )
+        path, raw_query = None, ""
     target = exchange.target
+    method = request.method
+    forwarded = exchange.upstream_query
+    query = parse_query(raw_query if forwarded is None else forwarded)
+    event = _event(method, response.status, exchange, query)
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "time": _now(),
+        "request_id": exchange.request_id,
         "client": exchange.client,
-        "user": exchange.user,
-        "method": request.method,
+        "user": bounded(exchange.user),
+        "method": bounded(method, 32),
+        "path": bounded(path, _PATH_LIMIT),
         "action": str(target.action),
         "repository": target.repository,
         "reference": target.reference,
-        "path": path,
+        "digest": bounded(_digest(method, response, target, query), 160),
+        "event": event,
+        "mount_from": bounded(query.get("from")) if event == "mount" else None,
         "status": response.status,
+        "upstream_status": exchange.upstream_status,
         "bytes_in": request.content.total_bytes,
         "bytes_out": response.body_length,
-        "duration": round(seconds, 6),
-        "upstream_status": exchange.upstream_status,
+        "duration_ms": round(seconds * 1000, 3),
+        "upstream_ms": exchange.upstream_ms,
+        "user_agent": bounded(request.headers.get("User-Agent"), _USER_AGENT_LIMIT),
+        "auth": exchange.auth_outcome,
+        "decision": "allowed" if exchange.refusal is None else str(exchange.refusal),
+        "reason": bounded(exchange.refusal_detail),
     }
 
 
-_TEXT_FORMAT = (
-    '{client} {user} "{method} {path}" {status} {bytes_in} {bytes_out} {duration} {upstream_status}'
-)
+_TEXT_FIELDS = (
+    "time", "request_id", "client", "user", "request", "status", "upstream_status", "bytes_in",
+    "bytes_out", "duration_ms", "decision", "event", "digest", "user_agent",
+)  # fmt: skip
 
 
-def _text(record: dict[str, object]) -> str:
-    return _TEXT_FORMAT.format(**{k: "-" if v is None else v for k, v in record.items()})
+def text_line(record: dict[str, object]) -> str:
+    """`access_log: text`: the same fields, space-separated, `-` for none."""
+    fields = dict(record)
+    fields["request"] = f'"{record["method"]} {record["path"]}"'
+    agent = record["user_agent"]
+    fields["user_agent"] = None if agent is None else '"' + str(agent).replace('"', '\\"') + '"'
+    return " ".join("-" if fields[k] is None else str(fields[k]) for k in _TEXT_FIELDS)
 
 
 def access_logger_class(metrics: Metrics, style: str) -> type[AbstractAccessLogger]:
@@ -70,16 +187,19 @@ def access_logger_class(metrics: Metrics, style: str) -> type[AbstractAccessLogg
         def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
             record = access_record(request, response, time)
             action = str(record["action"])
+            status = response.status
             metrics.requests.labels(
-                method_label(request.method), action, status_class(response.status)
+                method_label(request.method), action, status_class(status), code_label(status)
             ).inc()
             metrics.request_duration.labels(action).observe(time)
             metrics.received_bytes.labels(action).inc(request.content.total_bytes)
             metrics.sent_bytes.labels(action).inc(response.body_length)
+            if record["decision"] != "allowed":
+                metrics.refusals.labels(record["decision"]).inc()
             if style == "json":
                 self.logger.info("%s", json.dumps(record, separators=(",", ":")))
             elif style == "text":
-                self.logger.info("%s", _text(record))
+                self.logger.info("%s", text_line(record))
 
         @property
         def enabled(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable, Iterator
 
 import aiohttp
 from prometheus_client import (
@@ -13,9 +14,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.proxy_protocol import REJECT_REASONS
+from proxy.refusal import Refusal
 
 PREFIX = "registry_proxy"
 
@@ -45,6 +49,12 @@ AUTH_OUTCOMES = ("success", "cached", "bad_credentials", "no_credentials", "thro
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "5xx")
 RELOAD_RESULTS = ("success", "failure")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Every status the proxy sends itself, and those the registry (and Go's net/http under it) sends.
+CODES = frozenset(
+    {200, 201, 202, 204, 206, 304, 307, 400, 401, 403, 404, 405, 408, 412, 413, 416, 417, 429,
+     431, 500, 501, 502, 503, 504}
+)  # fmt: skip
+OTHER_CODE = "other"
 
 
 def method_label(method: str) -> str:
@@ -56,6 +66,27 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
+def code_label(status: int) -> str:
+    """The exact status when it is one the proxy or the registry sends, else `other`."""
+    return str(status) if status in CODES else OTHER_CODE
+
+
+class _CertificateExpiry(Collector):
+    """The served certificate's notAfter, read at each scrape; nothing without TLS."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self.source: Callable[[], float] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            self._name, "Unix time the certificate served on `listen` expires (notAfter)."
+        )
+        if self.source is not None:
+            family.add_metric([], self.source())
+        yield family
+
+
 class Metrics:
     """Every metric the proxy exports."""
 
@@ -64,8 +95,31 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "Requests answered, by method, action and status class.",
-            ["method", "action", "status_class"],
+            "Requests answered, by method, action, status class and status code.",
+            ["method", "action", "status_class", "code"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            f"{PREFIX}_refusals",
+            "Requests the proxy refused itself (never forwarded), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_time_to_headers = Histogram(
+            f"{PREFIX}_upstream_time_to_headers_seconds",
+            "Time from sending a request upstream to the upstream's response headers, by action.",
+            ["action"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_connections_in_use = Gauge(
+            f"{PREFIX}_upstream_connections_in_use",
+            "Upstream connections carrying a request at the last scrape.",
+            registry=r,
+        )
+        self.upstream_connections_limit = Gauge(
+            f"{PREFIX}_upstream_connections_limit",
+            "The most upstream connections the pool opens (upstream_connections).",
             registry=r,
         )
         self.request_duration = Histogram(
@@ -127,6 +181,22 @@ class Metrics:
             "Unix time the credential table in use was loaded.",
             registry=r,
         )
+        self.config_reloads = Counter(
+            f"{PREFIX}_config_reloads",
+            "Configuration file reloads on SIGHUP by result; a failure keeps the rules in force.",
+            ["result"],
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            f"{PREFIX}_tls_reloads",
+            "Certificate reloads by result; a failure keeps the certificate in use.",
+            ["result"],
+            registry=r,
+        )
+        self.certificate_expiry = _CertificateExpiry(
+            f"{PREFIX}_tls_certificate_expiry_timestamp_seconds"
+        )
+        r.register(self.certificate_expiry)
         self.upstream_up = Gauge(
             f"{PREFIX}_upstream_up",
             "1 when the upstream answered its last /v2/ probe, else 0.",
@@ -164,8 +234,18 @@ class Metrics:
             self.upstream_errors.labels(kind)
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
+            self.config_reloads.labels(result)
+            self.tls_reloads.labels(result)
         for reason in REJECT_REASONS:
             self.proxy_protocol_rejected.labels(reason)
+        for reason in Refusal:
+            self.refusals.labels(reason)
+
+    def observe_pool(self, connector: aiohttp.BaseConnector | None) -> None:
+        """Read the upstream pool's use (aiohttp keeps the count in a private set)."""
+        if connector is not None:
+            self.upstream_connections_in_use.set(len(getattr(connector, "_acquired", ())))
+            self.upstream_connections_limit.set(connector.limit)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

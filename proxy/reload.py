@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import logging
 import os
@@ -93,6 +94,13 @@ class CertificateReloader:
         self._current = server_context(tls)
         self.listener_context = server_context(tls)
         self.listener_context.sni_callback = self._select
+        self.expires_at = certificate_expiry(tls)
+        self._metrics: Metrics | None = None
+
+    def report_to(self, metrics: Metrics) -> None:
+        """Export the expiry time and count the reloads in `metrics`."""
+        self._metrics = metrics
+        metrics.certificate_expiry.source = lambda: self.expires_at
 
     def _select(self, connection: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> None:
         connection.context = self._current
@@ -100,13 +108,34 @@ class CertificateReloader:
     async def reload(self, reason: str) -> None:
         """Load the files into a fresh context; a broken pair keeps the current one."""
         try:
-            self._current = await asyncio.to_thread(server_context, self._tls)
+            context, expires_at = await asyncio.to_thread(self._load)
         except ConfigError as exc:
+            self._count("failure")
             log.error("certificate reload (%s) failed, keeping the current one: %s", reason, exc)
             return
+        self._current, self.expires_at = context, expires_at
+        self._count("success")
         log.info("certificate reloaded (%s)", reason)
+
+    def _load(self) -> tuple[ssl.SSLContext, float]:
+        return server_context(self._tls), certificate_expiry(self._tls)
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.tls_reloads.labels(result).inc()
 
     async def watch(self) -> None:
         """Reload whenever the certificate or key file changes."""
         assert self._tls.cert is not None and self._tls.key is not None
         await watch([self._tls.cert, self._tls.key], lambda: self.reload("file changed"))
+
+
+def certificate_expiry(tls: TLSConfig) -> float:
+    """Unix time the first certificate in `tls.cert` (the one served) stops being valid."""
+    assert tls.cert is not None
+    try:
+        # The stdlib's only certificate parser; ssl.SSLSocket.getpeercert() uses the same one.
+        decoded = _ssl._test_decode_cert(str(tls.cert))  # type: ignore[attr-defined]
+        return float(ssl.cert_time_to_seconds(decoded["notAfter"]))
+    except (OSError, ssl.SSLError, KeyError, ValueError) as exc:
+        raise ConfigError(f"tls.cert: cannot read the expiry date of {tls.cert}: {exc}") from None

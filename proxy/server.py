@@ -49,8 +49,10 @@ def _reload_access(app: web.Application, config_path: Path | None) -> None:
     try:
         fresh = load_config(config_path)
     except ConfigError as exc:
+        app[METRICS].config_reloads.labels("failure").inc()
         log.error("configuration reload (SIGHUP) failed, keeping the current rules: %s", exc)
         return
+    app[METRICS].config_reloads.labels("success").inc()
     access = app[ACCESS]
     access.policy, access.read_only = fresh.access, fresh.read_only
     warn_about_unknown_users(fresh.access, app[CHECKER].users)
@@ -65,6 +67,8 @@ async def _serve(
     config_path: Path | None,
 ) -> None:
     app = create_app(config, users)
+    if certificates is not None:
+        certificates.report_to(app[METRICS])
     runner = web.AppRunner(
         app,
         access_log=access_log,

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 STACK = DEPLOY / "stack.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "registry-proxy.json"
+ALERTS = DEPLOY / "alerts.yml"
 DOCUMENTED_CONFIG = "/etc/registry-proxy/proxy.yml"
 ADMIN_PORT = 8081
 
@@ -828,6 +829,20 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         assert wanted in names
     expressions = " ".join(dashboard_expressions())
     assert "by (action)" in expressions and "by (status_class)" in expressions
+    assert "by (code)" in expressions and "by (reason)" in expressions
+    for wanted in [
+        "registry_proxy_refusals_total",
+        "registry_proxy_upstream_time_to_headers_seconds_bucket",
+        "registry_proxy_upstream_connections_in_use",
+        "registry_proxy_tls_certificate_expiry_timestamp_seconds",
+        "registry_proxy_config_reloads_total",
+        # The registry's own: storage action latency and HTTP by handler.
+        "registry_storage_action_seconds_bucket",
+        "registry_http_requests_total",
+        "up",
+    ]:
+        assert wanted in names, wanted
+    assert "by (handler, code)" in expressions
     assert "throttled" in expressions
     titles = " ".join(p["title"].lower() for p in dashboard_panels())
     for word in ["action", "status", "latency", "throughput", "auth", "throttl", "in-flight"]:
@@ -891,14 +906,60 @@ def test_exposed_series_names_follow_the_metric_types() -> None:
     }
 
 
-def test_dashboard_metrics_are_exported_by_the_proxy(proxy: Proxy) -> None:
+def alert_expressions() -> list[str]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [rule["expr"] for group in groups for rule in group["rules"]]
+
+
+def registry_exposition(tmp_path: Path) -> str:
+    """The real registry's debug /metrics after a push and a pull (its histograms and counters
+    appear only once something was observed)."""
+    port, debug_port = free_port(), free_port()
+    config = tmp_path / "registry-metrics.yml"
+    config.write_text(
+        f"""version: 0.1
+storage:
+  filesystem:
+    rootdirectory: {tmp_path / "registry-data"}
+http:
+  addr: 127.0.0.1:{port}
+  debug:
+    addr: 127.0.0.1:{debug_port}
+    prometheus: {{enabled: true, path: /metrics}}
+"""
+    )
+    process = Process([REGISTRY_BINARY, "serve", str(config)], tmp_path / "registry-metrics.log")
+    process.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_status(base + "/v2/") == 200, "the registry")
+        digest = push_blob(base, "metrics/probe", b"probe")
+        assert call(f"{base}/v2/metrics/probe/blobs/{digest}")[0] == 200
+        assert call(f"{base}/v2/metrics/probe/manifests/v1")[0] == 404
+        status, _, body = call(f"http://127.0.0.1:{debug_port}/metrics")
+        assert status == 200
+        return body.decode()
+    finally:
+        process.stop()
+
+
+def test_dashboard_and_alert_metrics_are_exported_by_the_proxy_or_the_registry(
+    proxy: Proxy, tmp_path: Path
+) -> None:
+    """Every name a dashboard query or an alert selects is one a running proxy or registry
+    exports (or Prometheus makes itself); a renamed metric would leave an empty panel."""
     with urllib.request.urlopen(proxy.admin_url + "/metrics", timeout=10) as response:
         exposition = response.read().decode()
-    exported = exposed_series_names(exposition)
+    exported = exposed_series_names(exposition) | exposed_series_names(
+        registry_exposition(tmp_path)
+    )
     queried = dashboard_metric_names()
     assert queried, "no metric names found in the dashboard"
     unknown = sorted(queried - exported - PROMETHEUS_SERIES)
-    assert not unknown, f"the dashboard queries metrics the proxy does not export: {unknown}"
+    assert not unknown, f"the dashboard queries metrics nobody exports: {unknown}"
+    alerted = set().union(*(promql_metric_names(e) for e in alert_expressions()))
+    unknown = sorted(alerted - exported - PROMETHEUS_SERIES)
+    assert not unknown, f"the alerts query metrics nobody exports: {unknown}"
     # Prometheus's own per-target series only for jobs that exist.
     jobs = {
         j["job_name"]
@@ -1017,3 +1078,57 @@ def test_port_5000_rule_covers_every_forwarded_path_and_the_unit_matches() -> No
     unit = re.search(r"```ini\n(.*?)```", section, re.DOTALL)
     assert unit is not None
     assert sorted(iptables_rules(unit.group(1))) == [drop, drop]
+
+
+# --- Alerts and stack hygiene ---------------------------------------------------------------------
+
+
+def test_alert_rules_pass_their_promtool_unit_tests() -> None:
+    result = subprocess.run(
+        ["promtool", "test", "rules", "alerts.test.yml"],
+        cwd=DEPLOY,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_in_the_stack_loads_the_alert_rules() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    # Relative rule files are read next to the configuration file: /etc/prometheus here.
+    assert config["rule_files"] == ["alerts.yml"]
+    assert config_source("prometheus", "/etc/prometheus/alerts.yml") == ALERTS
+    names = {
+        rule["alert"]
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+    }
+    assert names >= {
+        "RegistryProxyTaskDown",
+        "RegistryUpstreamDown",
+        "RegistryProxyHigh5xxRatio",
+        "RegistryProxyRefusalSurge",
+        "RegistryProxyCertificateExpiresSoon",
+        "RegistryStorageErrors",
+    }
+    tested = (DEPLOY / "alerts.test.yml").read_text()
+    for name in names:
+        assert f"alertname: {name}" in tested, f"{name} has no promtool unit test"
+
+
+def test_every_service_logs_to_bounded_json_files() -> None:
+    for name, spec in stack()["services"].items():
+        logging = spec.get("logging", {})
+        assert logging.get("driver") == "json-file", name
+        assert {"max-size", "max-file"} <= set(logging.get("options", {})), name
+
+
+def test_prometheus_and_grafana_have_healthchecks_and_resources() -> None:
+    for name in ("prometheus", "grafana"):
+        spec = service(name)
+        assert {"test", "interval", "timeout", "retries"} <= set(spec["healthcheck"]), name
+        assert spec["healthcheck"]["test"][0] == "CMD"
+        resources = spec["deploy"]["resources"]
+        assert {"cpus", "memory"} <= set(resources["reservations"]), name
+        assert {"cpus", "memory"} <= set(resources["limits"]), name

@@ -1,0 +1,30 @@
+"""Why the proxy refused a request: one fixed set, for the audit log and a metrics label."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Refusal(StrEnum):
+    """A refusal's reason; set on `Exchange.refusal` where the refusal is decided."""
+
+    # 401: no Authorization header at all (every docker push/pull starts with one: normal).
+    NO_CREDENTIALS = "no_credentials"
+    # 401: malformed, unknown user or wrong password.
+    BAD_CREDENTIALS = "bad_credentials"
+    # 429: too many failed password checks.
+    THROTTLED = "throttled"
+    # 403: the access rules do not grant the right.
+    DENIED = "denied"
+    # 405: a write while `read_only` is on.
+    READ_ONLY = "read_only"
+    # 404: outside the registry API (`/v2/...`).
+    NOT_API = "not_api"
+    # 503: a limit of the proxy itself (connections, upstream pool) is reached.
+    BUSY = "busy"
+    # 413/431: a request head or body over a limit.
+    TOO_LARGE = "too_large"
+    # 400: a request that could be read in two ways, or that aiohttp could not parse.
+    BAD_REQUEST = "bad_request"
+    # 417: an Expect header other than 100-continue.
+    BAD_EXPECT = "bad_expect"
