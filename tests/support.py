@@ -64,6 +64,11 @@ async def eventually(
     raise AssertionError(f"timed out after {deadline}s waiting for {what}")
 
 
+def access_records(log: str) -> list[dict[str, object]]:
+    """The access log records in a proxy's combined output (its stderr lines are not JSON)."""
+    return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+
+
 def call(
     url: str,
     method: str = "GET",

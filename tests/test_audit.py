@@ -25,6 +25,7 @@ from proxy.forward import upstream_request_headers
 from proxy.log import EscapingFormatter, bounded, escape
 from proxy.metrics import AUTH_OUTCOMES, CODES, METHODS, RELOAD_RESULTS, UPSTREAM_ERROR_KINDS
 from proxy.paths import Action
+from proxy.proxy_protocol import REJECT_REASONS
 from proxy.refusal import Refusal
 from tests.support import (
     Proxy,
@@ -282,7 +283,8 @@ KNOWN_LABELS: dict[str, set[str]] = {
     "outcome": set(AUTH_OUTCOMES),
     "kind": set(UPSTREAM_ERROR_KINDS),
     "result": set(RELOAD_RESULTS),
-    "reason": {str(r) for r in Refusal},
+    # refusals_total and proxy_protocol_rejected_total.
+    "reason": {str(r) for r in Refusal} | set(REJECT_REASONS),
 }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import json
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.forwarded import MalformedHop, canonical_address, forwarded_client, hops
+from tests import support
 from tests.edge_servers import Edge, start_haproxy, start_nginx
 from tests.support import Proxy, Registry, wait_until
 from tests.support import basic_auth as basic
@@ -83,11 +83,7 @@ def test_a_malformed_hop_is_refused_only_where_it_must_be_read() -> None:
 
 
 def access_records(proxy: Proxy) -> list[dict[str, object]]:
-    return [
-        json.loads(line.split("registry_proxy.access: ", 1)[1])
-        for line in proxy.log().splitlines()
-        if "registry_proxy.access: " in line
-    ]
+    return support.access_records(proxy.log())
 
 
 def request(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import os
 import socket
 import struct
@@ -24,7 +23,7 @@ from proxy.proxy_protocol import (
     read_header,
 )
 from tests.edge_servers import Edge, start_haproxy
-from tests.support import Proxy, Registry, wait_until
+from tests.support import Proxy, Registry, access_records, wait_until
 from tests.test_operations import scrape, value, write_certificate
 
 CLIENTS = ("127.0.0.2", "127.0.0.3")
@@ -169,11 +168,7 @@ def curl(url: str, source: str, user: str, password: str, *extra: str) -> int:
 
 
 def access_clients(proxy: Proxy) -> list[str]:
-    return [
-        json.loads(line.split("registry_proxy.access: ", 1)[1])["client"]
-        for line in proxy.log().splitlines()
-        if "registry_proxy.access: " in line
-    ]
+    return [str(record["client"]) for record in access_records(proxy.log())]
 
 
 def behind_the_protocol(start_proxy: Callable[..., Proxy], registry: Registry, **env: str) -> Proxy:
@@ -299,7 +294,7 @@ def test_connections_without_a_header_are_dropped(
         assert dropped_unanswered(sock)
     wait_until(lambda: rejected(proxy, "invalid_header") == 1, "the invalid header counted")
     wait_until(lambda: rejected(proxy, "timeout") == 1, "the timeout counted")
-    assert "registry_proxy.access" not in proxy.log()
+    assert not access_records(proxy.log())
 
 
 def test_many_connections_at_once_each_keep_their_own_client(
