@@ -98,6 +98,37 @@ def push_blob(base: str, repo: str, blob: bytes, headers: Mapping[str, str] | No
     return digest
 
 
+def push_image(
+    base: str, repo: str, tag: str = "v1", headers: Mapping[str, str] | None = None
+) -> str:
+    """Push a one-layer OCI image as a client does (blobs, then the manifest); return its digest.
+
+    Registry v3 lists only repositories with a manifest in its catalog, so seed with this.
+    """
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers",
+                         "diff_ids": []}}).encode()  # fmt: skip
+    layer = gzip.compress(repo.encode(), mtime=0)
+    descriptors = [
+        {"mediaType": media_type, "digest": push_blob(base, repo, data, headers), "size": len(data)}
+        for media_type, data in (
+            ("application/vnd.oci.image.config.v1+json", config),
+            ("application/vnd.oci.image.layer.v1.tar+gzip", layer),
+        )
+    ]
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptors[0],
+            "layers": descriptors[1:],
+        }
+    ).encode()
+    put_headers = {**(headers or {}), "Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+    status, _, body = call(f"{base}/v2/{repo}/manifests/{tag}", "PUT", put_headers, manifest)
+    assert status == 201, body
+    return _sha256(manifest)
+
+
 @dataclass
 class Process:
     """A background process whose combined output goes to a log file."""
