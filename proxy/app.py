@@ -11,8 +11,8 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import web
 
-from proxy import errors
-from proxy.access import AccessPolicy, CatalogPage, authorize, filter_catalog_page
+from proxy import catalog, errors, reading
+from proxy.access import AccessPolicy, authorize
 from proxy.auth import CredentialChecker, Outcome, parse_basic
 from proxy.config import Config
 from proxy.exchange import Exchange, exchange_of
@@ -132,14 +132,19 @@ async def _check_password(
 async def _gate(request: web.Request, exchange: Exchange) -> web.Response | None:
     """The refusal of a request that must not go upstream, or None to let it pass."""
     refusal = await _refusal(request, exchange)
-    if refusal is not None and request.body_exists:
-        # Never forward, and not keep, a connection carrying an upload we refuse.
+    if refusal is not None and (request.body_exists or refusal.status == 400):
+        # Never forward, and not keep, a connection carrying an upload we refuse, or bytes we
+        # could not read as the registry would (RFC 9112 §6.1 for HTTP/1.0 framing).
         refusal.force_close()
     return refusal
 
 
 async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | None:
     """Everything that may refuse a request, in order."""
+    problem = reading.request_problem(request)
+    if problem is not None:
+        log.info("refused %s: %s", request.method, problem)
+        return errors.bad_request(problem)
     user = await authenticated_user(request)
     if user is None:
         if exchange.auth_outcome == "throttled":
@@ -150,19 +155,26 @@ async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | N
     access = request.app[ACCESS]
     if access.read_only and request.method in _WRITES:
         return errors.read_only()
+    problem = reading.body_problem(request)
+    if problem is not None:
+        log.info("refused %s from %s: %s", request.method, user, problem)
+        return errors.bad_request(problem)
     decision = authorize(
         access.policy,
         user,
         request.method,
         exchange.target,
         request.raw_path.partition("?")[2],
-        request.headers.get("Content-Type"),
     )
     if not decision.allowed:
         log.info(
             "denied %s %s to %s: %s", request.method, request.rel_url.path, user, decision.reason
         )
         return errors.denied(decision.reason)
+    restricted_catalog = exchange.target.action is Action.CATALOG and not access.policy.unrestricted
+    if restricted_catalog and request.method != "GET":
+        # Filtering answers GET only; never send the registry another method than the client's.
+        return errors.method_not_allowed("GET")
     exchange.upstream_query = decision.query
     return None
 
@@ -203,14 +215,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         forwarder = request.app[FORWARDER]
         policy = request.app[ACCESS].policy
         if exchange.target.action is Action.CATALOG and not policy.unrestricted:
-            user = exchange.user
-            assert user is not None
-
-            def visible(body: bytes, link: str | None) -> CatalogPage:
-                return filter_catalog_page(body, link, user, policy)
-
-            query = exchange.upstream_query or ""
-            return await forwarder.catalog(request, exchange, query, visible)
+            return await catalog.filtered(forwarder, request, exchange, policy)
         return await forwarder(request, exchange, exchange.upstream_query)
     finally:
         in_flight.dec()
