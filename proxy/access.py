@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import quote
 
-from proxy.paths import Action, Target, classify
+from proxy.paths import Action, Target, classify, is_repository
 
 
 class Right(StrEnum):
@@ -325,7 +325,10 @@ def authorize(
             where = f" on {repository}" if repository else ""
             return Decision(False, raw_query, f"{right.value}{where} denied")
     source = mount_source(method, target, parse_query(raw_query))
-    if source is not None and not policy.allows(user, Right.PULL, source):
+    # A glob can match what is no name to the registry (`shared/**` takes `shared/x#/y`).
+    if source is not None and not (
+        is_repository(source) and policy.allows(user, Right.PULL, source)
+    ):
         raw_query = strip_mount(raw_query)
     return Decision(True, raw_query)
 

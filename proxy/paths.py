@@ -53,6 +53,14 @@ _ROUTES: list[tuple[Action, re.Pattern[str]]] = [
 ]
 
 
+_REPOSITORY = re.compile(_NAME, re.ASCII)
+
+
+def is_repository(name: str) -> bool:
+    """Whether the registry reads `name` (decoded) as a repository name."""
+    return _REPOSITORY.fullmatch(name) is not None
+
+
 @dataclass(frozen=True)
 class Target:
     """The parts of a request target that access rules, metrics and the audit log use."""

@@ -289,6 +289,9 @@ access:
         (f"from=%zz&mount={DIGEST}&from=team-b/secret", "from=%zz"),
         # Just `from` or just `mount` mounts nothing.
         ("from=team-b/secret", "from=team-b/secret"),
+        # A source that is no repository name to the registry matches no rule, whatever the glob.
+        (f"mount={DIGEST}&from=shared/base%23/x", ""),
+        (f"mount={DIGEST}&from=shared/base+", ""),
     ],
 )
 def test_a_mount_without_pull_on_the_source_becomes_a_plain_upload(
