@@ -197,8 +197,9 @@ def is_api_path(raw_path: str) -> bool:
     """True for `/v2/...` targets without dot segments (plain or percent-encoded)."""
     if not raw_path.startswith(_API_PREFIX):
         return False
-    path = raw_path.partition("?")[0]
-    return not any(unquote(segment) in (".", "..") for segment in path.split("/"))
+    # Decoded first, as Go does before gorilla/mux cleans the path: `a%2F..%2Fb` hides a `..`.
+    path = unquote(raw_path.partition("?")[0])
+    return not any(segment in (".", "..") for segment in path.split("/"))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

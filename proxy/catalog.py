@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import quote
 
 from aiohttp import web
@@ -135,8 +136,9 @@ async def filtered(
         upstream_more = "Link" in fetched.headers
         fetched.headers.popall("Link", None)
         if fetched.status != 200:
-            raise _Answer(web.Response(status=fetched.status, body=fetched.body,
-                                       headers=fetched.headers))  # fmt: skip
+            response = web.Response(status=fetched.status, body=fetched.body)
+            response.headers.extend(fetched.headers)
+            raise _Answer(response)
         try:
             names = _names(fetched.body)
         except ValueError:
@@ -147,8 +149,7 @@ async def filtered(
         return names, upstream_more
 
     try:
-        listing = await collect(fetch, lambda name: policy.may_pull(user, name), want,
-                                query.get("last") or None)  # fmt: skip
+        listing = await collect(fetch, partial(policy.may_pull, user), want, query.get("last"))
     except _Answer as answer:
         return answer.response
     if listing.cut_short:
