@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from yarl import URL
 
 from proxy.forward import upstream_url
 from proxy.paths import Action, classify
-from proxy.reading import target_problem
+from proxy.reading import go_media_type, target_problem
 from tests.support import Proxy, Registry, call, push_blob, push_image, wait_until
 
 PASSWORDS = {"alice": "alice-secret", "mallory": "mallory-secret"}
@@ -135,6 +136,17 @@ def test_writes_whose_content_type_go_could_read_as_a_form_are_refused(
     answer = raw(proxy, "POST", f"/v2/{marker}/blobs/uploads/".encode(), header, body)
     assert_refused_unseen(registry, answer, marker)
     assert call(f"{registry.url}/v2/{marker}/blobs/{digest}", "HEAD")[0] == 404
+
+
+def test_media_types_are_read_as_go_reads_them() -> None:
+    """Class: as above, the reading itself (mime.ParseMediaType: lower-case, trim, then check)."""
+    assert go_media_type("Text/Plain ; charset=x") == "text/plain"
+    assert go_media_type("\ttext\v") == "text"  # a bare token is a media type to Go
+    assert (
+        go_media_type("APPLICATION/X-WWW-FORM-URLENCODED;;;") == "application/x-www-form-urlencoded"
+    )
+    for unreadable in ("", "text/", "/plain", "a b/c", "text/plain/x", "text/plain,x", '"a"/b'):
+        assert go_media_type(unreadable) is None, unreadable
 
 
 @pytest.mark.parametrize("method", ["PUT", "PATCH"])
@@ -268,12 +280,19 @@ def test_http_1_0_with_transfer_encoding_is_answered_and_closed(
     leave the connection open for what a peer reads as the next request."""
     registry, restricted, _ = site
     marker = f"team-a/ten-{uuid.uuid4().hex[:8]}"
+    auth = b"Host: %s\r\nAuthorization: %s\r\n" % (
+        restricted.host.encode(),
+        basic("alice").encode(),
+    )
     request = (
-        b"POST /v2/%s/blobs/uploads/ HTTP/1.0\r\nHost: %s\r\nAuthorization: %s\r\n"
-        b"Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-    ) % (marker.encode(), restricted.host.encode(), basic("alice").encode())
+        b"POST /v2/%s/blobs/uploads/ HTTP/1.0\r\n%sConnection: keep-alive\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        # What a peer reading the framing otherwise might take for the next request.
+        b"GET /v2/%s-next/tags/list HTTP/1.1\r\n%s\r\n"
+    ) % (marker.encode(), auth, marker.encode(), auth)
     # exchange() returns only once the proxy closes the connection.
     answer = asyncio.run(exchange(restricted, request))
+    assert len(re.findall(rb"HTTP/1\.[01] [0-9]{3} ", answer)) == 1, answer
     assert_refused_unseen(registry, answer, marker)
 
 
