@@ -39,14 +39,13 @@ and the first value of a repeated key wins.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import quote
 
-from proxy.paths import Action, Target, classify
+from proxy.paths import Action, Target, classify, is_repository
 
 
 class Right(StrEnum):
@@ -74,7 +73,6 @@ _WILDCARDS = re.compile(r"(\*\*|\*)")
 # Go's strconv.Atoi, which reads the registry's `n`.
 _ATOI = re.compile(r"[+-]?[0-9]+")
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 @dataclass(frozen=True)
@@ -119,6 +117,12 @@ class AccessPolicy:
         return any(
             right in rule.rights and rule.names(user) and rule.covers(repository)
             for rule in self._rules
+        )
+
+    def may_pull_any(self, user: str) -> bool:
+        """Whether any rule lets `user` pull some repository (else the catalog is empty)."""
+        return self.unrestricted or any(
+            Right.PULL in rule.rights and rule.names(user) and rule.patterns for rule in self._rules
         )
 
     def may_pull(self, user: str, repository: str) -> bool:
@@ -310,9 +314,8 @@ def authorize(
     method: str,
     target: Target,
     raw_query: str,
-    content_type: str | None = None,
 ) -> Decision:
-    """Decide one authenticated request; `content_type` is the first Content-Type value."""
+    """Decide one authenticated request (its bytes already passed `proxy.reading`)."""
     if target.action is Action.CATALOG:
         raw_query = cap_catalog_query(raw_query)
     if policy.unrestricted:
@@ -321,19 +324,13 @@ def authorize(
         if not policy.allows(user, right, repository):
             where = f" on {repository}" if repository else ""
             return Decision(False, raw_query, f"{right.value}{where} denied")
-    if method == "POST" and target.action is Action.UPLOAD and _is_form(content_type):
-        # Go's FormValue reads `mount` and `from` from such a body too, where we cannot see them.
-        return Decision(False, raw_query, "form-encoded upload request body refused")
     source = mount_source(method, target, parse_query(raw_query))
-    if source is not None and not policy.allows(user, Right.PULL, source):
+    # A glob can match what is no name to the registry (`shared/**` takes `shared/x#/y`).
+    if source is not None and not (
+        is_repository(source) and policy.allows(user, Right.PULL, source)
+    ):
         raw_query = strip_mount(raw_query)
     return Decision(True, raw_query)
-
-
-def _is_form(content_type: str | None) -> bool:
-    if not content_type:
-        return False
-    return content_type.partition(";")[0].strip().lower() in _FORM_TYPES
 
 
 # Query strings, read the way the registry (Go's net/url) reads them.
@@ -428,55 +425,3 @@ def cap_catalog_query(raw_query: str, *, last: str | None = None) -> str:
     if last is not None:
         query = "&".join(part for part in (query, f"last={quote(last, safe='')}") if part)
     return query
-
-
-def _catalog_repositories(body: bytes) -> list[str]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    repositories = document.get("repositories") if isinstance(document, dict) else None
-    if not isinstance(repositories, list) or not all(isinstance(r, str) for r in repositories):
-        raise ValueError('catalog response is not {"repositories": [...]}')
-    return repositories
-
-
-def _catalog_body(repositories: list[str]) -> bytes:
-    # Shaped like the registry's own (Go's json.Encoder: compact, one trailing newline).
-    return json.dumps({"repositories": repositories}, separators=(",", ":")).encode() + b"\n"
-
-
-@dataclass(frozen=True)
-class CatalogPage:
-    """A filtered catalog page and how to continue."""
-
-    body: bytes
-    # The `Link` header for the client; its `last` is never a hidden repository.
-    link: str | None
-    # Set when nothing on the page was visible but the registry has more: fetch again with
-    # `cap_catalog_query(query, last=resume_after)` instead of answering.
-    resume_after: str | None = None
-
-
-_LINK = re.compile(r"\s*<([^>]*)>(.*)", re.DOTALL)
-
-
-def filter_catalog_page(
-    body: bytes, link: str | None, user: str, policy: AccessPolicy
-) -> CatalogPage:
-    """Filter one page; the registry's `Link` names its last entry, which may be hidden."""
-    if policy.unrestricted:
-        return CatalogPage(body, link)
-    repositories = _catalog_repositories(body)
-    kept = [r for r in repositories if policy.may_pull(user, r)]
-    filtered = _catalog_body(kept)
-    if link is None:
-        return CatalogPage(filtered, None)
-    if not kept:
-        return CatalogPage(filtered, None, repositories[-1] if repositories else None)
-    match = _LINK.match(link)
-    if match is None:
-        return CatalogPage(filtered, None)
-    url, rest = match.groups()
-    path, _, query = url.partition("?")
-    return CatalogPage(filtered, f"<{path}?{cap_catalog_query(query, last=kept[-1])}>{rest}")

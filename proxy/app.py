@@ -11,8 +11,8 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import web
 
-from proxy import errors
-from proxy.access import AccessPolicy, CatalogPage, authorize, filter_catalog_page
+from proxy import catalog, errors, reading
+from proxy.access import AccessPolicy, authorize
 from proxy.auth import CredentialChecker, Outcome, parse_basic
 from proxy.config import Config
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
@@ -134,17 +134,23 @@ async def _check_password(
 async def _gate(request: web.Request, exchange: Exchange) -> web.Response | None:
     """The refusal of a request that must not go upstream, or None to let it pass."""
     refusal = await _refusal(request, exchange)
-    if refusal is not None and request.body_exists:
-        # Never forward, and not keep, a connection carrying an upload we refuse.
+    if refusal is not None and (request.body_exists or refusal.status == 400):
+        # Never forward, and not keep, a connection carrying an upload we refuse, or bytes we
+        # could not read as the registry would (RFC 9112 §6.1 for HTTP/1.0 framing).
         refusal.force_close()
     return refusal
 
 
 async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | None:
     """Everything that may refuse a request, in order."""
+    problem = reading.request_problem(request)
+    if problem is not None:
+        log.info("refused %s: %s", escape(request.method), problem)
+        exchange.refusal, exchange.refusal_detail = Refusal.BAD_REQUEST, problem
+        return errors.bad_request(problem)
     if exchange.malformed_hop is not None:
         # Whoever it is cannot be told: no throttle key, no password check, nothing forwarded.
-        log.info("refused: malformed X-Forwarded-For hop %r", exchange.malformed_hop[:100])
+        log.info("refused: malformed X-Forwarded-For hop %s", escape(exchange.malformed_hop[:100]))
         exchange.refusal = Refusal.BAD_REQUEST
         exchange.refusal_detail = "malformed X-Forwarded-For hop"
         return errors.malformed_forwarding()
@@ -163,13 +169,17 @@ async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | N
     if access.read_only and request.method in _WRITES:
         exchange.refusal = Refusal.READ_ONLY
         return errors.read_only()
+    problem = reading.body_problem(request)
+    if problem is not None:
+        log.info("refused %s from %s: %s", request.method, escape(user), problem)
+        exchange.refusal, exchange.refusal_detail = Refusal.BAD_REQUEST, problem
+        return errors.bad_request(problem)
     decision = authorize(
         access.policy,
         user,
         request.method,
         exchange.target,
         request.raw_path.partition("?")[2],
-        request.headers.get("Content-Type"),
     )
     if not decision.allowed:
         exchange.refusal, exchange.refusal_detail = Refusal.DENIED, decision.reason
@@ -181,6 +191,11 @@ async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | N
             escape(decision.reason),
         )
         return errors.denied(decision.reason)
+    restricted_catalog = exchange.target.action is Action.CATALOG and not access.policy.unrestricted
+    if restricted_catalog and request.method != "GET":
+        # Filtering answers GET only; never send the registry another method than the client's.
+        exchange.refusal = Refusal.METHOD_NOT_ALLOWED
+        return errors.method_not_allowed("GET")
     exchange.upstream_query = decision.query
     return None
 
@@ -204,8 +219,9 @@ def is_api_path(raw_path: str) -> bool:
     """True for `/v2/...` targets without dot segments (plain or percent-encoded)."""
     if not raw_path.startswith(_API_PREFIX):
         return False
-    path = raw_path.partition("?")[0]
-    return not any(unquote(segment) in (".", "..") for segment in path.split("/"))
+    # Decoded first, as Go does before gorilla/mux cleans the path: `a%2F..%2Fb` hides a `..`.
+    path = unquote(raw_path.partition("?")[0])
+    return not any(segment in (".", "..") for segment in path.split("/"))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -222,14 +238,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         forwarder = request.app[FORWARDER]
         policy = request.app[ACCESS].policy
         if exchange.target.action is Action.CATALOG and not policy.unrestricted:
-            user = exchange.user
-            assert user is not None
-
-            def visible(body: bytes, link: str | None) -> CatalogPage:
-                return filter_catalog_page(body, link, user, policy)
-
-            query = exchange.upstream_query or ""
-            return await forwarder.catalog(request, exchange, query, visible)
+            return await catalog.filtered(forwarder, request, exchange, policy)
         return await forwarder(request, exchange, exchange.upstream_query)
     finally:
         in_flight.dec()

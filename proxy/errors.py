@@ -89,3 +89,22 @@ def too_many_failures(retry_after: float) -> web.Response:
 def malformed_forwarding() -> web.Response:
     """A trusted proxy's X-Forwarded-For names no address where the client should be."""
     return registry_error(400, "UNSUPPORTED", "malformed X-Forwarded-For from a trusted proxy")
+
+
+def bad_request(problem: str) -> web.Response:
+    """Bytes the registry could read otherwise than the proxy (`proxy.reading`)."""
+    return registry_error(400, "UNSUPPORTED", f"request refused: {problem}")
+
+
+def method_not_allowed(allow: str) -> web.Response:
+    """A method the proxy does not pass on for this path (as the registry's own 405, in JSON)."""
+    return registry_error(
+        405, "UNSUPPORTED", "the operation is unsupported", headers={"Allow": allow}
+    )
+
+
+def pagination_number_invalid(value: str) -> web.Response:
+    """A catalog `n` that is not a count (as the registry v3 answers it)."""
+    return registry_error(
+        400, "PAGINATION_NUMBER_INVALID", f"invalid number of results requested: {value!r}"
+    )

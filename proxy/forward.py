@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -13,7 +14,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import errors
-from proxy.access import CatalogPage, cap_catalog_query
 from proxy.exchange import REQUEST_ID_HEADER, Exchange
 from proxy.log import escape
 from proxy.metrics import Metrics
@@ -42,9 +42,6 @@ _CLIENT_ONLY = frozenset(
     {"authorization", "expect", "forwarded", "host", "x-real-ip", REQUEST_ID_HEADER.lower()}
 )
 _FORWARDING_PREFIX = "x-forwarded-"
-
-# Registry catalog pages a filtered catalog request may read before answering.
-_CATALOG_PAGES = 20
 
 # The best relay buffer measured on loopback (see README, Performance).
 READ_BUFSIZE = 1 << 20
@@ -99,6 +96,25 @@ def client_response_headers(
     return headers
 
 
+def upstream_url(base: str, target: str) -> URL:
+    """The upstream URL for a request target, exactly as sent; ValueError if yarl would alter it."""
+    url = URL(base + target, encoded=True)
+    # yarl drops a `?` with nothing after it; Go reads `/x?` and `/x` alike (an empty RawQuery).
+    if url.raw_path_qs != target.removesuffix("?"):
+        # proxy.reading refuses such targets first; this keeps the promise if that ever changes.
+        raise ValueError(f"request target {target!r} would be forwarded as {url.raw_path_qs!r}")
+    return url
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An upstream answer read whole (small JSON documents only)."""
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+
 class _ClientBody:
     """The client's body as it arrives, failing if the client goes quiet for `idle` seconds."""
 
@@ -140,7 +156,7 @@ class Forwarder:
         path, _, raw_query = target.partition("?")
         if query is not None and query != raw_query:
             target = f"{path}?{query}" if query else path
-        return URL(self._base + target, encoded=True)
+        return upstream_url(self._base, target)
 
     async def __call__(
         self, request: web.Request, exchange: Exchange, query: str | None = None
@@ -178,51 +194,31 @@ class Forwarder:
         finally:
             upstream.release()
 
-    async def catalog(
-        self,
-        request: web.Request,
-        exchange: Exchange,
-        query: str,
-        visible: Callable[[bytes, str | None], CatalogPage],
-    ) -> web.StreamResponse:
-        """GET /v2/_catalog, keeping only what `visible` lets through (pages hold <= 1000)."""
-        headers: CIMultiDict[str] = CIMultiDict()
-        page = CatalogPage(b'{"repositories":[]}', None)
-        for _ in range(_CATALOG_PAGES):
-            sent = time.monotonic()
-            try:
-                async with self._session.get(
-                    self._url(request, query),
-                    headers=upstream_request_headers(
-                        request, exchange.client, exchange.scheme, exchange.request_id
-                    ),
-                    allow_redirects=False,
-                ) as upstream:
-                    exchange.upstream_status = upstream.status
-                    self._took(exchange, sent)
-                    body = await upstream.read()
-                    origin = f"{exchange.scheme}://{request.host}"
-                    headers = client_response_headers(upstream, self._upstream, origin)
-                    headers.popall("Content-Length", None)
-                    if upstream.status != 200:
-                        return web.Response(status=upstream.status, body=body, headers=headers)
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                return self._failed_before_headers(request, exc)
-            try:
-                page = visible(body, headers.get("Link"))
-            except ValueError:
-                log.warning("upstream %s sent a catalog that is not one", self._base)
-                return errors.bad_gateway()
-            if page.resume_after is None:
-                break
-            # Nothing visible on this page: skip ahead rather than answer an empty page.
-            query = cap_catalog_query(query, last=page.resume_after)
-        headers.popall("Link", None)
-        if page.link:
-            headers["Link"] = page.link
-        elif page.resume_after is not None:
-            headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
-        return web.Response(status=200, body=page.body, headers=headers)
+    async def fetch(
+        self, request: web.Request, exchange: Exchange, target: str
+    ) -> Fetched | web.Response:
+        """GET `target` upstream with the client's headers and read the answer whole.
+
+        A failure before the answer becomes the JSON error to send instead.
+        """
+        sent = time.monotonic()
+        try:
+            async with self._session.get(
+                upstream_url(self._base, target),
+                headers=upstream_request_headers(
+                    request, exchange.client, exchange.scheme, exchange.request_id
+                ),
+                allow_redirects=False,
+            ) as upstream:
+                exchange.upstream_status = upstream.status
+                self._took(exchange, sent)
+                body = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return self._failed_before_headers(request, exc)
+        origin = f"{exchange.scheme}://{request.host}"
+        headers = client_response_headers(upstream, self._upstream, origin)
+        headers.popall("Content-Length", None)
+        return Fetched(upstream.status, headers, body)
 
     def _took(self, exchange: Exchange, sent: float) -> None:
         """Record the time to the upstream's headers (summed over a catalog's pages)."""

@@ -1,7 +1,9 @@
 """What a registry API path asks for: the action, the repository and the reference.
 
-The patterns follow distribution's router (`registry/api/v2/routes.go`, `regexp.go`), tried in
-its order, so the proxy and the registry read a path the same way.
+The patterns are distribution's router's (`registry/api/v2/descriptors.go` with the reference and
+go-digest grammars), tried in its order, so the proxy and the registry read a path the same way
+(tests/test_reading.py compares them with the real registry). The referrers route is the proxy's
+own: the registry has none and answers 404, but a future one will need pull.
 """
 
 from __future__ import annotations
@@ -25,10 +27,16 @@ class Action(StrEnum):
     OTHER = "other"
 
 
+# distribution's reference grammar: an optional domain (2.8.2's docker/distribution/reference;
+# v3's distribution/reference adds IPv6 literals), then path components.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_NAME = rf"(?P<name>{_COMPONENT}(?:/{_COMPONENT})*)"
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+_NAME = rf"(?P<name>(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*)"
 _TAG = r"[\w][\w.-]{0,127}"
-_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+# go-digest 1.0.0's DigestRegexp, which the router uses: looser than a valid digest, so
+# `sha256:totallywrong` is routed as a manifest (then read as a tag) or a blob.
+_DIGEST = r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+"
 
 # re.ASCII: Go's \w (in the registry's patterns) matches ASCII only.
 _ROUTES: list[tuple[Action, re.Pattern[str]]] = [
@@ -43,6 +51,14 @@ _ROUTES: list[tuple[Action, re.Pattern[str]]] = [
         (Action.REFERRERS, rf"/v2/{_NAME}/referrers/(?P<ref>{_DIGEST})"),
     ]
 ]
+
+
+_REPOSITORY = re.compile(_NAME, re.ASCII)
+
+
+def is_repository(name: str) -> bool:
+    """Whether the registry reads `name` (decoded) as a repository name."""
+    return _REPOSITORY.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

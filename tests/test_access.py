@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 from urllib.parse import quote
 
 import pytest
@@ -17,7 +16,6 @@ from proxy.access import (
     Right,
     authorize,
     cap_catalog_query,
-    filter_catalog_page,
     mount_source,
     parse_access,
     parse_query,
@@ -74,7 +72,9 @@ MATRIX = [
     ("GET", "/v2/team-a-fork/app/manifests/1.0", (True, False, False)),
     ("OPTIONS", "/v2/team-a/app/manifests/1.0", (False, True, False)),
     ("GET", "/v2", (False, False, False)),  # not a registry route
-    ("GET", "/v2/Team-A/app/manifests/1.0", (False, False, False)),
+    # The registry reads `Team-A` as a domain (reference grammar): a repository only `**` covers.
+    ("GET", "/v2/Team-A/app/manifests/1.0", (True, False, False)),
+    ("GET", "/v2/team-a/App/manifests/1.0", (False, False, False)),
 ]
 
 
@@ -289,6 +289,9 @@ access:
         (f"from=%zz&mount={DIGEST}&from=team-b/secret", "from=%zz"),
         # Just `from` or just `mount` mounts nothing.
         ("from=team-b/secret", "from=team-b/secret"),
+        # A source that is no repository name to the registry matches no rule, whatever the glob.
+        (f"mount={DIGEST}&from=shared/base%23/x", ""),
+        (f"mount={DIGEST}&from=shared/base+", ""),
     ],
 )
 def test_a_mount_without_pull_on_the_source_becomes_a_plain_upload(
@@ -313,25 +316,6 @@ def test_a_mount_never_lets_a_stranger_push() -> None:
     )
     assert not decision.allowed
     assert decision.reason == "pull on team-b/app denied"
-
-
-@pytest.mark.parametrize(
-    "content_type",
-    [
-        "application/x-www-form-urlencoded",
-        "Application/X-WWW-Form-Urlencoded; charset=utf-8",
-        "multipart/form-data; boundary=x",
-    ],
-)
-def test_form_encoded_upload_posts_are_refused(content_type: str) -> None:
-    # The registry would read `mount` and `from` from such a body (Go's FormValue).
-    policy = policy_from(MOUNT_POLICY)
-    upload = target("/v2/team-a/app/blobs/uploads/")
-    decision = authorize(policy, "alice", "POST", upload, "", content_type)
-    assert not decision.allowed
-    assert "form-encoded" in decision.reason
-    assert authorize(policy, "alice", "POST", upload, "", "application/octet-stream").allowed
-    assert authorize(AccessPolicy(), "alice", "POST", upload, "", content_type).allowed
 
 
 def test_parse_query_reads_like_go() -> None:
@@ -373,50 +357,6 @@ def test_catalog_n_is_capped(query: str, capped: str) -> None:
 def test_cap_catalog_query_can_move_last() -> None:
     assert cap_catalog_query("last=x&n=50", last="team-a/app") == "n=50&last=team-a%2Fapp"
     assert cap_catalog_query("", last="a") == "last=a"
-
-
-CATALOG = b'{"repositories":["public/x","team-a/app","team-a/x/y","team-b/app","zzz"]}\n'
-
-
-def filter_catalog(body: bytes, user: str, policy: AccessPolicy) -> bytes:
-    return filter_catalog_page(body, None, user, policy).body
-
-
-def test_catalog_shows_only_pullable_repositories(example: AccessPolicy) -> None:
-    assert json.loads(filter_catalog(CATALOG, "alice", example)) == {
-        "repositories": ["team-a/app", "team-a/x/y"]
-    }
-    assert filter_catalog(CATALOG, "mallory", example) == b'{"repositories":[]}\n'
-    assert filter_catalog(CATALOG, "ci-bot", example) == CATALOG
-    assert filter_catalog(b"not json", "anyone", AccessPolicy()) == b"not json"
-    for bad in (b"not json", b"[]", b'{"repositories": "x"}', b'{"repositories": [1]}', b"{}"):
-        with pytest.raises(ValueError, match="catalog response"):
-            filter_catalog(bad, "alice", example)
-
-
-def test_catalog_pages_never_name_a_hidden_repository(example: AccessPolicy) -> None:
-    link = '</v2/_catalog?last=zzz&n=5>; rel="next"'
-    page = filter_catalog_page(CATALOG, link, "alice", example)
-    assert json.loads(page.body)["repositories"] == ["team-a/app", "team-a/x/y"]
-    assert page.link == '</v2/_catalog?n=5&last=team-a%2Fx%2Fy>; rel="next"'
-    assert page.resume_after is None
-
-    # Nothing visible but more upstream: fetch again after the page's last entry.
-    page = filter_catalog_page(CATALOG, link, "mallory", example)
-    assert (page.body, page.link, page.resume_after) == (b'{"repositories":[]}\n', None, "zzz")
-    assert cap_catalog_query("last=a&n=5", last=page.resume_after) == "n=5&last=zzz"
-
-    # The last page has no Link.
-    page = filter_catalog_page(CATALOG, None, "alice", example)
-    assert (page.link, page.resume_after) == (None, None)
-    assert b"zzz" not in page.body
-    # An unrestricted policy passes the page through.
-    assert filter_catalog_page(CATALOG, link, "x", AccessPolicy()).link == link
-
-
-def test_a_garbled_link_is_dropped(example: AccessPolicy) -> None:
-    page = filter_catalog_page(CATALOG, "garbage", "alice", example)
-    assert page.link is None
 
 
 def test_denied_requests_say_what_was_missing(example: AccessPolicy) -> None:

@@ -1,0 +1,94 @@
+"""One reading of each request, the registry's: refuse bytes Go and the proxy could read two ways.
+
+The registry is Go (net/http, net/url, mime, gorilla/mux, go-digest); the proxy is aiohttp and
+yarl. Wherever the two could read the same bytes differently, an attacker picks the reading that
+passes the access rules and gets the other one carried out, so such requests get a 400 and are
+never forwarded: framing and target before authentication, the body's type after it (a request
+without credentials still gets its 401). Decisions (README, Security model, has them as a table):
+
+- Request target: origin-form only (Go also takes `http://host/...`). `#` is refused (Go keeps
+  it in the path or query, yarl drops it), and so is any byte outside RFC 3986 (llhttp already
+  refuses controls, space and non-ASCII). A bad `%` escape is refused (Go: 400 in the path, the
+  pair skipped in the query); `;` in the query too (Go >= 1.17 skips the pair, older Go split).
+- Read alike, so passed: `+` as a space and the first of repeated keys (`access.parse_query`),
+  percent-escapes in the path, `%2F` included, decoded before routing (`paths.classify`); `//`
+  and a trailing `/`, which the registry's router answers with a 301 and nothing else.
+- Content-Type of POST/PUT/PATCH: Go's `mime.ParseMediaType` lower-cases with Unicode rules
+  (U+0130 becomes `i`, U+212A `k`) and trims Unicode spaces, then `FormValue` reads form and
+  multipart bodies (`mount`, `from`, `digest`). Refused: non-ASCII, more than one, a media type Go
+  cannot parse, and the two form types whatever their parameters.
+- HTTP/1.0 with Transfer-Encoding: the framing is faulty (RFC 9112 §6.1): 400, then close.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from aiohttp import web
+
+# RFC 3986 unreserved, sub-delims, ':' '@' '/' '?' and '%' (checked separately).
+_TARGET = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# What Go's FormValue reads a body as (net/http parsePostForm, ParseMultipartForm).
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+# RFC 2045 token characters, as Go's mime.isTokenChar.
+_TOKEN = r"[!#$%&'*+\-.0-9A-Z^_`a-z|~]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}(?:/{_TOKEN})?")
+# Go's unicode.IsSpace restricted to ASCII (non-ASCII never gets this far).
+_GO_SPACE = " \t\n\v\f\r"
+_PRINTABLE = re.compile(r"[\t\x20-\x7e]*")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def request_problem(request: web.BaseRequest) -> str | None:
+    """Why the registry could read this request's framing or target otherwise, or None."""
+    if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
+        return "HTTP/1.0 request with Transfer-Encoding"
+    return target_problem(request.raw_path)
+
+
+def body_problem(request: web.BaseRequest) -> str | None:
+    """Why the registry could read this request's body otherwise than as a plain upload, or None."""
+    if request.method not in _BODY_METHODS:
+        return None
+    return content_type_problem(request.headers.getall("Content-Type", ()))
+
+
+def target_problem(target: str) -> str | None:
+    """Why a request target (path and query, as sent) cannot be forwarded as read, or None."""
+    if not _TARGET.fullmatch(target):
+        if "#" in target:
+            return "'#' in the request target"
+        if not target.startswith("/"):
+            return "request target not in origin form"
+        return "characters outside RFC 3986 in the request target"
+    if _BAD_PERCENT.search(target):
+        return "malformed percent-escape in the request target"
+    if ";" in target.partition("?")[2]:
+        return "';' in the query string"
+    return None
+
+
+def content_type_problem(values: Sequence[str]) -> str | None:
+    """Why Go could read a write body with these Content-Type values as a form, or None."""
+    if not values:
+        return None
+    if len(values) > 1:
+        return "more than one Content-Type"
+    value = values[0]
+    if not _PRINTABLE.fullmatch(value):
+        # aiohttp decodes header bytes as Latin-1; Go lower-cases them as UTF-8 with Unicode rules.
+        return "non-ASCII Content-Type"
+    media_type = go_media_type(value)
+    if media_type is None:
+        return "unreadable Content-Type"
+    if media_type in _FORM_TYPES:
+        return "form-encoded request body"
+    return None
+
+
+def go_media_type(value: str) -> str | None:
+    """The media type Go's mime.ParseMediaType reads from an ASCII value (parameters aside)."""
+    media_type = value.partition(";")[0].lower().strip(_GO_SPACE)
+    return media_type if _MEDIA_TYPE.fullmatch(media_type) else None
