@@ -148,6 +148,8 @@ class ProxyRequestHandler(web.RequestHandler):
         if self._clients is not None and self._client_key is not None:
             self._clients.release(self._client_key)
             self._client_key = None
+        # The body refers back to this handler: a cycle would keep its buffers until a full GC.
+        self._body = None
         super().connection_lost(exc)
 
     # --- the head cap and the bounded discard ----------------------------------------------
@@ -201,10 +203,11 @@ class ProxyRequestHandler(web.RequestHandler):
             unattributed -= size + payload.total_bytes
         if fresh:
             body = fresh[-1][1]
-        self._body = body
         if body is not None and not body.is_eof():
+            self._body = body
             self._head_bytes = 0
             return
+        self._body = None
         self._discard_left = None
         self._head_bytes = 0
         self._count_head(max(0, min(unattributed, _after_last_blank_line(data))))
