@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -207,6 +208,46 @@ async def test_upload_head_and_body_in_one_write_is_not_counted_as_head(
     ).encode()
     answer = await exchange_raw(proxy, head + blob)
     assert answer.startswith(b"HTTP/1.1 201 "), answer[:300]
+
+
+async def test_head_cap_counts_exactly_across_pipelined_bodies(
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+) -> None:
+    """Class: oversized heads hidden behind pipelined bodies. A chunked and a Content-Length
+    upload and a GET, pipelined in odd-sized writes, are all answered (no body byte counts as
+    head), and an unfinished head over the cap that follows them in the same writes is a 431."""
+    proxy = start_proxy(registry.url)
+    auth = token("alice", users["alice"])
+    locations = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                proxy.url + "/v2/pipelined/app/blobs/uploads/", headers={"Authorization": auth}
+            ) as response:
+                assert response.status == 202
+                locations.append(response.headers["Location"].split(proxy.host, 1)[1])
+    common = f"Host: {proxy.host}\r\nAuthorization: {auth}\r\n"
+    chunked = b"".join(b"%x\r\n" % 70_000 + b"c" * 70_000 + b"\r\n" for _ in range(3))
+    sized = b"\r\n\r\n" * 75_000  # blank lines inside a body are not the end of a head
+    stream = (
+        f"PATCH {locations[0]} HTTP/1.1\r\n{common}Transfer-Encoding: chunked\r\n\r\n".encode()
+        + chunked
+        + b"0\r\n\r\n"
+        + f"GET /v2/pipelined/app/tags/list HTTP/1.1\r\n{common}X-P: {'p' * 8000}\r\n\r\n".encode()
+        + f"PATCH {locations[1]} HTTP/1.1\r\n{common}Content-Length: {len(sized)}\r\n\r\n".encode()
+        + sized
+        + padded_head(HEAD_LIMIT + 8192, complete=False)
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    for offset in range(0, len(stream), 50_001):
+        writer.write(stream[offset : offset + 50_001])
+        await writer.drain()
+    async with asyncio.timeout(20):
+        answer = await reader.read()
+    writer.close()
+    statuses = re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer)
+    assert statuses[0] == statuses[2] == b"202" and statuses[3:] == [b"431"], statuses
+    assert statuses[1] != b"431"
 
 
 async def test_a_thousand_unfinished_heads_at_the_cap_stay_within_128_mb(
