@@ -150,7 +150,7 @@ class Forwarder:
         user = exchange.user or exchange.client
         if not await self._slots.acquire(user):
             self._pool_timeouts.inc()
-            log.debug("no upstream connection free for %s %s", request.method, exchange.target)
+            log.debug("no upstream connection free: %s %s", request.method, exchange.target.action)
             return errors.proxy_busy()
         try:
             return await self._forward(request, exchange, query)
