@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from bench import client, report
+from bench import client, heads, report
 from bench.client import BenchError, MiB
 from bench.services import (
     BENCH_DIR,
@@ -406,6 +406,19 @@ class Bench:
             f"{trail} MB; peak {peak * 1024 / MB:.1f} MB; open fds {fds_before} -> {fds_after}"
         )
 
+    def unfinished_heads(self) -> None:
+        """RSS added by connections holding an unfinished request head at the proxy's cap."""
+        assert self.proxy is not None
+        count = heads.COUNTS[self.settings.mode]
+        added, dropped = heads.unfinished_heads_rss(self.proxy.port, self.proxy.pid, count)
+        if dropped:
+            raise BenchError(f"the proxy dropped {dropped} of {count} heads under its cap")
+        self.record("rss_heads_per_1000", "proxy", added * 1000 / count)
+        log(
+            f"{count} unfinished {heads.HEAD_LIMIT - 256}-byte heads: proxy RSS +{added:.1f} MB "
+            f"({added * 1000 / count:.1f} MB per 1,000)"
+        )
+
     def run(self) -> None:
         self.blob_get()
         self.blob_get_concurrent()
@@ -413,6 +426,7 @@ class Bench:
         self.manifest_get()
         self.manifest_head()
         self.aborted()
+        self.unfinished_heads()
         assert self.proxy is not None
         self.extra["proxy_rss_end_kib"] = client.status_kib(self.proxy.pid, "VmRSS")
 

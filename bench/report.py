@@ -58,6 +58,9 @@ def _metrics(aborts: int, streams: int) -> list[Metric]:
         Metric("rss_after_aborts", "  RSS after them", "MB", False),
         Metric("rss_growth_aborts", "  growth over them (last 3 - first 3 readings)", "MB", False),
         Metric("fds_growth_aborts", "  growth of open file descriptors", "fds", False),
+        Metric(
+            "rss_heads_per_1000", "proxy RSS per 1,000 unfinished heads at the cap", "MB", False
+        ),
     ]
     return rows
 
@@ -175,6 +178,9 @@ def _targets(figures: dict[str, dict[str, float]], aborts: int) -> list[dict[str
         # One or two pooled keep-alive connections to the registry may come and go.
         limit_target(
             f"no fd growth over {aborts} aborted GETs (<= 2)", "fds_growth_aborts", 2.0, "fds"
+        ),
+        limit_target(
+            "RSS per 1,000 unfinished heads at the cap <= 128 MB", "rss_heads_per_1000", 128, "MB"
         ),
     ]
 

@@ -15,11 +15,13 @@ from proxy import catalog, errors, reading
 from proxy.access import AccessPolicy, authorize
 from proxy.auth import CredentialChecker, Outcome, parse_basic
 from proxy.config import Config
+from proxy.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
 from proxy.log import escape
 from proxy.metrics import Metrics
 from proxy.paths import Action
+from proxy.pool import UpstreamSlots
 from proxy.refusal import Refusal
 from proxy.reload import CredentialReloader
 from proxy.throttle import Throttle
@@ -261,7 +263,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         read_timeout=config.read_timeout,
     )
     app[SESSION] = session
-    app[FORWARDER] = Forwarder(session, config.upstream, app[METRICS], config.body_timeout)
+    # Waiting for a pool slot is bounded like aiohttp's own wait for a connection.
+    slots = UpstreamSlots(
+        config.upstream_connections, config.upstream_connections_per_user, config.connect_timeout
+    )
+    app[FORWARDER] = Forwarder(
+        session, config.upstream, app[METRICS], config.body_timeout, slots=slots
+    )
     try:
         yield
     finally:
@@ -312,8 +320,9 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
             # Room for Basic credentials with passwords of up to 8 KiB.
             "max_field_size": 16384,
             # After answering a request whose body we did not read (a 401 upload, a stalled
-            # client), read and drop the rest for at most this long, so the client sees the
-            # answer instead of a reset, then close.
+            # client), read and drop the rest for at most this long and at most
+            # connection.DISCARD_LIMIT bytes, so the client sees the answer instead of a reset,
+            # then close.
             "lingering_time": 2.0,
         }
     )
@@ -336,7 +345,7 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
     warn_about_unknown_users(config.access, users)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
     app.cleanup_ctx.extend([_upstream_session, _background_tasks])
-    app.on_response_prepare.append(_send_request_id)
+    app.on_response_prepare.extend([_send_request_id, drop_server_banner])
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)
     return app
 
@@ -364,6 +373,7 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
         )
 
     app = web.Application()
+    app.on_response_prepare.append(drop_server_banner)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)

@@ -78,6 +78,8 @@ class Config:
     auth_block: float
     access: AccessPolicy
     tls: TLSConfig
+    max_connections_per_client: int
+    upstream_connections_per_user: int
 
 
 # Value parsers: each takes what YAML or the environment gave, or raises ValueError("expected ...").
@@ -222,8 +224,10 @@ SETTINGS: dict[str, _Setting] = {
     "keepalive_timeout": _Setting(_seconds, 75),
     "body_timeout": _Setting(_seconds, 60),
     "max_connections": _Setting(_count, 4096),
+    "max_connections_per_client": _Setting(_count, 256),
     "shutdown_timeout": _Setting(_seconds, 30),
     "upstream_connections": _Setting(_count, 100),
+    "upstream_connections_per_user": _Setting(_count, 25),
     "auth_cache_ttl": _Setting(_seconds, 300),
     "auth_cache_size": _Setting(_count, 10000),
     "auth_workers": _Setting(_count, 2),
@@ -368,8 +372,10 @@ def describe(config: Config) -> dict[str, object]:
         "keepalive_timeout": config.keepalive_timeout,
         "body_timeout": config.body_timeout,
         "max_connections": config.max_connections,
+        "max_connections_per_client": config.max_connections_per_client,
         "shutdown_timeout": config.shutdown_timeout,
         "upstream_connections": config.upstream_connections,
+        "upstream_connections_per_user": config.upstream_connections_per_user,
         "auth_cache_ttl": config.auth_cache_ttl,
         "auth_cache_size": config.auth_cache_size,
         "auth_workers": config.auth_workers,

@@ -108,3 +108,42 @@ def pagination_number_invalid(value: str) -> web.Response:
     return registry_error(
         400, "PAGINATION_NUMBER_INVALID", f"invalid number of results requested: {value!r}"
     )
+
+
+def unavailable_bytes(message: str) -> bytes:
+    """A whole 503 `UNAVAILABLE` response that closes the connection, for raw transports."""
+    body = json.dumps(
+        {"errors": [{"code": "UNAVAILABLE", "message": message, "detail": None}]}
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"{API_VERSION_HEADER}: {API_VERSION}\r\n"
+        "Retry-After: 1\r\n"
+        "Connection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def proxy_busy() -> web.Response:
+    """No upstream connection was free for this user within `connect_timeout`."""
+    return registry_error(
+        503, "UNAVAILABLE", "proxy busy: no upstream connection free", headers={"Retry-After": "1"}
+    )
+
+
+# What aiohttp itself answers (parse errors, the head-size cap, handler failures), in our
+# envelope; the message never quotes what the client sent.
+_PROTOCOL_ERRORS = {
+    400: ("UNSUPPORTED", "malformed HTTP request"),
+    431: ("UNSUPPORTED", "request header fields too large"),
+    500: ("UNKNOWN", "internal error"),
+    504: ("UNAVAILABLE", "timed out"),
+}
+
+
+def protocol_error(status: int) -> web.Response:
+    """The response to a request aiohttp refused or failed, without echoing any of it."""
+    code, message = _PROTOCOL_ERRORS.get(status, ("UNKNOWN", "request failed"))
+    return registry_error(status, code, message)

@@ -17,6 +17,7 @@ from proxy import errors
 from proxy.exchange import REQUEST_ID_HEADER, Exchange
 from proxy.log import escape
 from proxy.metrics import Metrics
+from proxy.pool import UpstreamSlots
 
 log = logging.getLogger("registry_proxy.forward")
 
@@ -140,9 +141,16 @@ class Forwarder:
     """Relays requests to one upstream registry over a pooled keep-alive client session."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, upstream: URL, metrics: Metrics, body_timeout: float
+        self,
+        session: aiohttp.ClientSession,
+        upstream: URL,
+        metrics: Metrics,
+        body_timeout: float,
+        slots: UpstreamSlots | None = None,
     ) -> None:
         self._session = session
+        self._slots = slots
+        self._pool_timeouts = metrics.upstream_pool_timeouts
         self._body_timeout = body_timeout
         self._errors = metrics.upstream_errors
         self._time_to_headers = metrics.upstream_time_to_headers
@@ -160,6 +168,23 @@ class Forwarder:
 
     async def __call__(
         self, request: web.Request, exchange: Exchange, query: str | None = None
+    ) -> web.StreamResponse:
+        """Forward within the user's share of the upstream pool; 503 if no slot frees in time."""
+        if self._slots is None:
+            return await self._forward(request, exchange, query)
+        # Only authenticated requests are forwarded; the client address is a fallback.
+        user = exchange.user or exchange.client
+        if not await self._slots.acquire(user):
+            self._pool_timeouts.inc()
+            log.debug("no upstream connection free: %s %s", request.method, exchange.target.action)
+            return errors.proxy_busy()
+        try:
+            return await self._forward(request, exchange, query)
+        finally:
+            self._slots.release(user)
+
+    async def _forward(
+        self, request: web.Request, exchange: Exchange, query: str | None
     ) -> web.StreamResponse:
         """Forward the request; errors before the response starts become registry JSON errors."""
         url = self._url(request, query)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Sequence
 
 from aiohttp import http_parser, web
 
+from proxy.client_slots import ClientSlots
 from proxy.config import Network
-from proxy.errors import API_VERSION, API_VERSION_HEADER
+from proxy.connection import ProxyRequestHandler
+from proxy.errors import unavailable_bytes
 from proxy.proxy_protocol import ProxyProtocolListener
 
 
@@ -18,18 +19,7 @@ def c_parser_in_use() -> bool:
     return bool(http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser")
 
 
-_OVERLOADED_BODY = json.dumps(
-    {"errors": [{"code": "UNAVAILABLE", "message": "too many connections", "detail": None}]}
-).encode()
-_OVERLOADED = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: application/json\r\n"
-    + f"{API_VERSION_HEADER}: {API_VERSION}\r\n".encode()
-    + b"Retry-After: 1\r\n"
-    b"Connection: close\r\n"
-    + f"Content-Length: {len(_OVERLOADED_BODY)}\r\n\r\n".encode()
-    + _OVERLOADED_BODY
-)
+_OVERLOADED = unavailable_bytes("too many connections")
 
 
 class _Overloaded(asyncio.Protocol):
@@ -42,34 +32,57 @@ class _Overloaded(asyncio.Protocol):
 
 
 class ConnectionLimit:
-    """Protocol factory that hands out aiohttp handlers while fewer than `limit` are open."""
+    """Protocol factory that hands out request handlers while fewer than `limit` are open;
+    each handler then admits its client against `clients` once it knows the address."""
 
-    def __init__(self, server: web.Server, limit: int, on_refused: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        server: web.Server,
+        limit: int,
+        on_refused: Callable[[], None],
+        clients: ClientSlots | None = None,
+        on_client_refused: Callable[[], None] = lambda: None,
+    ) -> None:
         self._server = server
         self._limit = limit
         self._on_refused = on_refused
+        self._clients = clients
+        self._on_client_refused = on_client_refused
 
     def __call__(self) -> asyncio.BaseProtocol:
         if len(self._server.connections) >= self._limit:
             self._on_refused()
             return _Overloaded()
-        return self._server()
+        return ProxyRequestHandler(
+            self._server,
+            loop=asyncio.get_running_loop(),
+            clients=self._clients,
+            on_client_refused=self._on_client_refused,
+            # The handler arguments the runner and application gave (`handler_args`).
+            **self._server._kwargs,
+        )
 
 
 class LimitedTCPSite(web.TCPSite):
-    """A TCPSite whose listener refuses connections beyond `max_connections` with a 503.
+    """A TCPSite whose listener refuses connections beyond `max_connections` with a 503, and
+    beyond `clients`' limit per client address.
 
     With `proxy_protocol_from` (the trusted balancers), every connection must start with a
-    PROXY header from one of them; the limit then applies once the header is read.
+    PROXY header from one of them; the limits then apply once the header is read, to the client
+    it names.
     """
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
-                 on_refused: Callable[[], None], proxy_protocol_from: Sequence[Network] = (),
+                 on_refused: Callable[[], None], clients: ClientSlots | None = None,
+                 on_client_refused: Callable[[], None] = lambda: None,
+                 proxy_protocol_from: Sequence[Network] = (),
                  on_proxy_rejected: Callable[[str], None] = lambda reason: None,
                  **kwargs: object) -> None:  # fmt: skip
         super().__init__(runner, host, port, **kwargs)  # type: ignore[arg-type]
         self._max_connections = max_connections
         self._on_refused = on_refused
+        self._clients = clients
+        self._on_client_refused = on_client_refused
         self._proxy_protocol_from = tuple(proxy_protocol_from)
         self._on_proxy_rejected = on_proxy_rejected
         self._proxy_listener: ProxyProtocolListener | None = None
@@ -81,7 +94,9 @@ class LimitedTCPSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         factory: Callable[[], asyncio.BaseProtocol]
-        factory = ConnectionLimit(server, self._max_connections, self._on_refused)
+        factory = ConnectionLimit(
+            server, self._max_connections, self._on_refused, self._clients, self._on_client_refused
+        )
         ssl_context = self._ssl_context
         if self._proxy_protocol_from:
             # The PROXY header comes before TLS: the socket stays plain until it is read.

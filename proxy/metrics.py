@@ -213,6 +213,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.client_connections_refused = Counter(
+            f"{PREFIX}_client_connections_refused",
+            "Client connections answered 503 at once because their address (IPv6: /64) "
+            "held max_connections_per_client.",
+            registry=r,
+        )
+        self.upstream_pool_timeouts = Counter(
+            f"{PREFIX}_upstream_pool_timeouts",
+            "Requests answered 503 (proxy busy) because no upstream connection slot freed "
+            "for their user within connect_timeout.",
+            registry=r,
+        )
         self.tasks = Gauge(
             f"{PREFIX}_event_loop_tasks",
             "asyncio tasks alive at the last scrape (leak detector).",

@@ -21,6 +21,7 @@ from proxy.app import (
     create_app,
     warn_about_unknown_users,
 )
+from proxy.client_slots import ClientSlots
 from proxy.config import Config, ConfigError, load_config
 from proxy.limits import LimitedTCPSite, c_parser_in_use
 from proxy.log import access_log, access_logger_class
@@ -83,6 +84,9 @@ async def _serve(
         config.listen.port,
         max_connections=config.max_connections,
         on_refused=app[METRICS].connections_refused.inc,
+        # Edge proxies carry many clients on their connections: their addresses are not capped.
+        clients=ClientSlots(config.max_connections_per_client, config.trusted_proxies),
+        on_client_refused=app[METRICS].client_connections_refused.inc,
         proxy_protocol_from=config.trusted_proxies if config.proxy_protocol else (),
         on_proxy_rejected=lambda reason: app[METRICS].proxy_protocol_rejected.labels(reason).inc(),
         ssl_context=certificates.listener_context if certificates else None,

@@ -409,8 +409,9 @@ async def test_connections_beyond_the_limit_get_a_prompt_503(
 async def test_a_thousand_idle_connections_do_not_disturb_other_clients(
     registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
 ) -> None:
-    # Defence: an event loop with no per-connection threads; limits well above this.
-    proxy = start_proxy(registry.url)
+    # Defence: an event loop with no per-connection threads; limits well above this (all from
+    # one address here, so above max_connections_per_client too).
+    proxy = start_proxy(registry.url, PROXY_MAX_CONNECTIONS_PER_CLIENT="2000")
     held = []
     for _ in range(1000):
         held.append(await asyncio.open_connection("127.0.0.1", proxy.port))

@@ -1,0 +1,276 @@
+"""One client connection: aiohttp's request handler with the limits and answers it lacks.
+
+aiohttp bounds each header line but not a whole request head, reads a refused upload for
+`lingering_time` whatever its size, answers malformed requests in plain text quoting the bad
+line (credentials included), and announces its version in `Server`. This handler caps the head
+(431), discards at most `DISCARD_LIMIT` bytes of an unread body, answers in the registry's JSON,
+drops the banner, and counts its connection against its client's share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import hdrs, web
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import _ErrInfo
+from multidict import CIMultiDict
+
+from proxy import errors
+from proxy.client_slots import ClientSlots
+
+# A whole request head (request line and header fields). Docker's heads are a few KiB; this
+# leaves room for the longest line (8 KiB) and field (16 KiB) aiohttp accepts, and keeps 1,000
+# unfinished heads under ~70 MB (the parser holds about twice what it buffered).
+HEAD_LIMIT = 32 * 1024
+# Unread request body discarded after the response (within aiohttp's `lingering_time`) before
+# the connection is closed for reading.
+DISCARD_LIMIT = 4 * 1024 * 1024
+
+_CLIENT_OVERLOADED = errors.unavailable_bytes("too many connections from your address")
+_TURN_AWAY_LINGER = 1.0
+_REQUEST_LINE_EXTRA = len("  HTTP/1.1\r\n")
+_BLANK_LINE = b"\r\n\r\n"
+
+
+class HeadTooLarge(Exception):
+    """A request head longer than the cap."""
+
+
+def head_size(message: RawRequestMessage) -> int:
+    """The bytes of a parsed head as clients write it; never more than it took on the wire."""
+    size = len(message.method) + len(message.path) + _REQUEST_LINE_EXTRA + 2
+    return size + sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
+
+
+def _after_last_blank_line(data: bytes) -> int:
+    """Bytes after the last blank line: all an unfinished head can have in `data`."""
+    end = data.rfind(_BLANK_LINE)
+    return len(data) if end < 0 else len(data) - end - len(_BLANK_LINE)
+
+
+def drop_banner(headers: CIMultiDict[str]) -> None:
+    """Remove aiohttp's `Server: Python/... aiohttp/...` (an upstream's own Server stays)."""
+    if headers.get(hdrs.SERVER) == SERVER_SOFTWARE:
+        del headers[hdrs.SERVER]
+
+
+async def drop_server_banner(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook: no version banner on application responses."""
+    drop_banner(response.headers)
+
+
+class _BannerlessResponse(web.Response):
+    """A response to a request no application saw (its hooks do not run), without `Server`."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        drop_banner(self.headers)
+
+
+class ProxyRequestHandler(web.RequestHandler):
+    """aiohttp's HTTP/1 handler with a head cap, a bounded discard, JSON errors and a
+    per-client connection count (taken in `connection_made`, from the transport's peer)."""
+
+    __slots__ = (
+        "_body",
+        "_client_key",
+        "_clients",
+        "_discard_left",
+        "_discard_limit",
+        "_head_bytes",
+        "_head_limit",
+        "_input_closed",
+        "_on_client_refused",
+        "_turned_away",
+    )
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        clients: ClientSlots | None = None,
+        on_client_refused: Callable[[], None] = lambda: None,
+        head_limit: int = HEAD_LIMIT,
+        discard_limit: int = DISCARD_LIMIT,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self._clients = clients
+        self._on_client_refused = on_client_refused
+        self._client_key: str | None = None
+        self._turned_away = False
+        self._head_limit = head_limit
+        # Bytes of the head being received; the body being received, if any.
+        self._head_bytes = 0
+        self._body: StreamReader | None = None
+        # Set once nothing more the client sends will be parsed (refused head, parse error).
+        self._input_closed = False
+        self._discard_limit = discard_limit
+        self._discard_left: int | None = None
+
+    # --- connections per client ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._clients is not None:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
+            key = self._clients.admit(address)
+            if key is None:
+                self._turn_away(transport)
+                return
+            self._client_key = key
+        super().connection_made(transport)
+
+    def _turn_away(self, transport: asyncio.BaseTransport) -> None:
+        """The prompt 503, then our FIN; what the client already sent is read and dropped
+        until it closes or `_TURN_AWAY_LINGER` passes, so the 503 is not lost to a reset."""
+        self._turned_away = True
+        self._input_closed = True
+        self._on_client_refused()
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_CLIENT_OVERLOADED)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._loop.call_later(_TURN_AWAY_LINGER, transport.close)
+        else:
+            transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._turned_away:
+            return
+        if self._clients is not None and self._client_key is not None:
+            self._clients.release(self._client_key)
+            self._client_key = None
+        # The body refers back to this handler: a cycle would keep its buffers until a full GC.
+        self._body = None
+        super().connection_lost(exc)
+
+    # --- the head cap and the bounded discard ----------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._input_closed:
+            return
+        if self._discard_left is not None:
+            self._discard_left -= len(data)
+            if self._discard_left < 0:
+                self._stop_discarding()
+                return
+        if self._upgraded:
+            # aiohttp keeps what follows an Upgrade request to parse once it is answered.
+            self._count_head(len(data))
+            if not self._input_closed:
+                super().data_received(data)
+            return
+        body = self._body
+        in_body = body is not None and not body.is_eof()
+        body_before = body.total_bytes if body is not None and in_body else 0
+        count_before = self._request_count
+        super().data_received(data)
+        new = self._request_count - count_before
+        if new == 0 and not in_body:
+            self._count_head(len(data))
+            return
+        if new == 0 and body is not None and not body.is_eof():
+            return
+        self._after_boundary(data, in_body, body, body_before, new)
+
+    def _after_boundary(
+        self, data: bytes, in_body: bool, body: StreamReader | None, body_before: int, new: int
+    ) -> None:
+        """A body ended or heads completed within `data`: check the heads, find the rest."""
+        # Bytes of `data` not yet attributed; both estimates of the unfinished head that may
+        # follow are upper bounds (exact for the usual framings), so take the smaller.
+        unattributed = (0 if in_body else self._head_bytes) + len(data)
+        if body is not None and in_body:
+            unattributed -= body.total_bytes - body_before
+        fresh = list(itertools.islice(reversed(self._messages), new))[::-1]
+        for index, (message, payload) in enumerate(fresh):
+            if isinstance(message, _ErrInfo):
+                # aiohttp answers 400 and closes; nothing after it is read.
+                self._input_closed = True
+                return
+            size = head_size(message)
+            if size > self._head_limit:
+                self._refuse_head(drop=len(fresh) - index)
+                return
+            unattributed -= size + payload.total_bytes
+        if fresh:
+            body = fresh[-1][1]
+        if body is not None and not body.is_eof():
+            self._body = body
+            self._head_bytes = 0
+            return
+        self._body = None
+        self._discard_left = None
+        self._head_bytes = 0
+        self._count_head(max(0, min(unattributed, _after_last_blank_line(data))))
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._head_limit:
+            self._refuse_head(drop=0)
+
+    def _refuse_head(self, drop: int) -> None:
+        """Answer 431 in place of the oversized head (and anything parsed after it), then close."""
+        for _ in range(drop):
+            self._messages.pop()
+        error = _ErrInfo(status=431, exc=HeadTooLarge(), message="request head too large")
+        self._messages.append((error, EMPTY_PAYLOAD))
+        self._input_closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _handle_request(
+        self,
+        request: web.BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            if not request.content.is_eof():
+                # What aiohttp reads and drops of this body from now on is bounded.
+                self._discard_left = self._discard_limit
+
+    def _stop_discarding(self) -> None:
+        """Enough of an unread body: read no more, end our side; aiohttp closes at its
+        lingering deadline (the client has had the response and our FIN by then)."""
+        self._discard_left = None
+        self._input_closed = True
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            # Held like a full buffer, so flow control's resume does not read on.
+            self._pause_reading_for_buffer()
+            transport.write_eof()
+        else:
+            self.force_close()
+
+    # --- errors aiohttp answers itself -----------------------------------------------------
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Our JSON error instead of aiohttp's text, which quotes the offending request line."""
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started, cannot send an error instead")
+        source = errors.protocol_error(status)
+        response = _BannerlessResponse(status=status, body=source.body, headers=source.headers)
+        response.force_close()
+        return response
