@@ -16,6 +16,11 @@ from proxy.paths import Action, Target
 access_log = logging.getLogger("registry_proxy.access")
 
 
+def count(number: int, noun: str) -> str:
+    """`1 user`, `3 users`."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def setup_logging(level: str) -> None:
     """One line per event on stderr."""
     logging.basicConfig(
