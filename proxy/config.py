@@ -266,7 +266,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             values[key] = setting.parse(raw)
         except ValueError as exc:
             if where == "default":
-                raise ConfigError(_required_message(key)) from None
+                raise ConfigError(_required_message(key, path)) from None
             raise ConfigError(f"{where}: {key}: {exc}") from None
 
     groups, rules = values.pop("groups"), values.pop("access")
@@ -367,8 +367,10 @@ def _env_suggestion(name: str) -> str:
     return " (see the configuration reference in README.md)"
 
 
-def _required_message(key: str) -> str:
+def _required_message(key: str, path: Path | None) -> str:
     """What to set when a setting without a default was given nowhere."""
+    if path is not None:
+        return f"{key}: not set; add `{key}:` to {path} or set {env_name(key)}"
     return (
         f"{key}: not set; set the environment variable {env_name(key)}, or give a configuration "
         f"file (--config or {CONFIG_ENV}) that sets `{key}`"

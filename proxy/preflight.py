@@ -46,6 +46,8 @@ def _check_listeners(config: Config, config_path: Path | None) -> None:
     admin = config.admin_listen
     if admin is not None and _overlap(admin, config.listen):
         where = source_of("admin_listen", config_path)
+        if where == "default":
+            where = source_of("listen", config_path)
         raise ConfigError(
             f"{where}: admin_listen: {admin} is the same port as listen {config.listen}; "
             "give the admin listener a port of its own"

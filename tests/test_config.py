@@ -40,6 +40,12 @@ def test_htpasswd_is_required_and_the_message_says_what_to_set() -> None:
     assert "PROXY_HTPASSWD" in message and "PROXY_CONFIG" in message
 
 
+def test_htpasswd_missing_from_the_file_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "realm: r\n")
+    with pytest.raises(ConfigError, match=f"add `htpasswd:` to {path} or set PROXY_HTPASSWD"):
+        load_config(path, {})
+
+
 def test_yaml_values_and_nested_keys(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -258,6 +264,10 @@ def parity_case(tmp_path: Path, case: str) -> tuple[dict[str, str], str]:
     if case == "admin_listen on the port of a wildcard listen":
         env |= {"PROXY_LISTEN": f"0.0.0.0:{port}", "PROXY_ADMIN_LISTEN": f"127.0.0.1:{port}"}
         return env, "same port as listen 0.0.0.0"
+    if case == "listen on the default admin_listen":
+        env["PROXY_LISTEN"] = "127.0.0.1:8081"
+        del env["PROXY_ADMIN_LISTEN"]
+        return env, "environment PROXY_LISTEN: admin_listen: 127.0.0.1:8081 is the same port"
     if case == "htpasswd missing, from the environment":
         env["PROXY_HTPASSWD"] = str(tmp_path / "gone")
         return env, f"environment PROXY_HTPASSWD: htpasswd: {tmp_path / 'gone'}: cannot read"
@@ -278,6 +288,7 @@ def parity_case(tmp_path: Path, case: str) -> tuple[dict[str, str], str]:
         "tls files do not load",
         "admin_listen equals listen",
         "admin_listen on the port of a wildcard listen",
+        "listen on the default admin_listen",
         "htpasswd missing, from the environment",
         "htpasswd missing, from the file",
         "no htpasswd at all",
