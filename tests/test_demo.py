@@ -9,6 +9,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,16 @@ class Demo:
         raise AssertionError(f"no password printed:\n{self.text()}")
 
 
-def start_demo(tmp_path: Path, **ports: int) -> Demo:
+# Exec the demo with SIGINT ignored, as `scripts/demo &` in a non-interactive shell starts it.
+IGNORING_SIGINT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+def start_demo(tmp_path: Path, prefix: list[str] | None = None, **ports: int) -> Demo:
     names = ("DEMO_REGISTRY_PORT", "DEMO_PROXY_PORT", "DEMO_ADMIN_PORT")
     chosen = {name: ports.get(name) or free_port() for name in names}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "DEMO_"))}
@@ -70,7 +80,11 @@ def start_demo(tmp_path: Path, **ports: int) -> Demo:
     output = tmp_path / "demo.out"
     with output.open("wb") as sink:
         popen = subprocess.Popen(
-            [str(DEMO)], stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            [*(prefix or []), str(DEMO)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     return Demo(popen, output, tmp_path / "demo", chosen)
 
@@ -86,12 +100,15 @@ def demos() -> Iterator[list[Demo]]:
         demo.popen.wait(10)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    ("signum", "started_with_sigint_ignored"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+)
 def test_a_signal_to_the_demo_stops_both_servers_and_frees_the_ports(
-    tmp_path: Path, demos: list[Demo], signum: signal.Signals
+    tmp_path: Path, demos: list[Demo], signum: signal.Signals, started_with_sigint_ignored: bool
 ) -> None:
     """Guards the registry and proxy outliving a SIGINT/SIGTERM sent to the demo's PID only."""
-    demo = start_demo(tmp_path)
+    demo = start_demo(tmp_path, IGNORING_SIGINT if started_with_sigint_ignored else None)
     demos.append(demo)
 
     def banner() -> bool:
