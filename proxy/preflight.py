@@ -24,7 +24,10 @@ def check_startable(config: Config, config_path: Path | None) -> dict[str, str]:
     _check_listeners(config, config_path)
     users = _load_users(config, config_path)
     if config.tls.enabled:
-        server_context(config.tls)
+        try:
+            server_context(config.tls)
+        except ConfigError as exc:
+            raise ConfigError(f"{source_of('tls.cert', config_path)}: {exc}") from None
     return users
 
 

@@ -257,7 +257,7 @@ def parity_case(tmp_path: Path, case: str) -> tuple[dict[str, str], str]:
         (tmp_path / "key.pem").write_text("not a key\n")
         env |= {"PROXY_TLS_CERT": str(tmp_path / "cert.pem"),
                 "PROXY_TLS_KEY": str(tmp_path / "key.pem")}  # fmt: skip
-        return env, "tls.cert/tls.key: cannot load"
+        return env, "environment PROXY_TLS_CERT: tls.cert/tls.key: cannot load"
     if case == "admin_listen equals listen":
         env["PROXY_ADMIN_LISTEN"] = env["PROXY_LISTEN"]
         return env, "environment PROXY_ADMIN_LISTEN: admin_listen:"
