@@ -342,7 +342,6 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
         config.auth_max_failures, config.auth_failure_window, config.auth_block
     )
     app[ACCESS] = AccessControl(config.access, config.read_only)
-    warn_about_unknown_users(config.access, users)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
     app.cleanup_ctx.extend([_upstream_session, _background_tasks])
     app.on_response_prepare.extend([_send_request_id, drop_server_banner])

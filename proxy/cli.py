@@ -12,8 +12,8 @@ import yaml
 
 from proxy import __version__
 from proxy.config import CONFIG_ENV, ConfigError, describe, load_config
-from proxy.htpasswd import HtpasswdError, load_htpasswd
-from proxy.log import setup_logging
+from proxy.htpasswd import HtpasswdError
+from proxy.log import count, setup_logging
 from proxy.passwd import (
     DEFAULT_COST,
     MAX_COST,
@@ -26,12 +26,17 @@ from proxy.passwd import (
     remove_user,
     set_password,
 )
+from proxy.preflight import check_startable, startup_warnings
 
 # Exit status for configuration that cannot be used (the process never starts serving).
 EXIT_CONFIG = 2
+# A valid configuration the machine refused: a port in use, no permission to bind it.
+EXIT_LISTEN = 1
 # `passwd check`: wrong password; `passwd check` and `passwd remove`: no such user.
 EXIT_NO_MATCH = 1
 HTPASSWD_ENV = "PROXY_HTPASSWD"
+# README: use at least this bcrypt cost; lower ones are for tests.
+RECOMMENDED_COST = 10
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,29 +115,35 @@ def main(argv: list[str] | None = None) -> int:
     config_path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or None
     if args.command == "passwd":
         return _passwd(args, config_path)
+    path = Path(config_path) if config_path else None
     try:
-        config = load_config(Path(config_path) if config_path else None)
-        users = load_htpasswd(config.htpasswd)
+        config = load_config(path)
+        # Everything serve refuses before listening; check-config refuses the same.
+        users = check_startable(config, path)
     except (ConfigError, HtpasswdError) as exc:
         print(f"registry-proxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    setup_logging(config.log_level)
+    startup_warnings(config, users)
 
     if args.command == "check-config":
         sys.stdout.write(yaml.safe_dump(describe(config), sort_keys=False))
-        print(f"# configuration valid; {len(users)} users in {config.htpasswd}")
+        print(f"# configuration valid; {count(len(users), 'user')} in {config.htpasswd}")
         return 0
 
-    from proxy.server import run
+    from proxy.server import ListenError, run
 
-    setup_logging(config.log_level)
     try:
-        run(config, users, Path(config_path) if config_path else None)
+        run(config, users, path)
     except ConfigError as exc:
         print(f"registry-proxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except ListenError as exc:
+        print(f"registry-proxy: {exc}", file=sys.stderr)
+        return EXIT_LISTEN
     except OSError as exc:
         print(f"registry-proxy: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return EXIT_LISTEN
     return 0
 
 
@@ -145,6 +156,12 @@ def _passwd(args: argparse.Namespace, config_path: str | None) -> int:
                 print(user)
         elif args.passwd_command == "add":
             check_user_name(args.user)
+            if args.cost < RECOMMENDED_COST:
+                print(
+                    f"registry-proxy: warning: bcrypt cost {args.cost} is below "
+                    f"{RECOMMENDED_COST}; each step down halves the work of cracking a stolen file",
+                    file=sys.stderr,
+                )
             password = _read_password(args.password_stdin, confirm=True)
             replaced = set_password(path, args.user, password, cost=args.cost)
             print(f"{path}: {'updated' if replaced else 'added'} {args.user}", file=sys.stderr)
@@ -211,7 +228,8 @@ def _configured_htpasswd(config_path: Path) -> Path | None:
 
 
 def _read_password(from_stdin: bool, *, confirm: bool) -> str:
-    if from_stdin:
+    # Without a terminal there is no one to prompt (getpass would warn and echo): read stdin.
+    if from_stdin or not sys.stdin.isatty():
         data = sys.stdin.buffer.read()
         try:
             text = data.decode("utf-8")

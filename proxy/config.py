@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import ipaddress
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,8 @@ class Config:
     auth_failure_window: float
     auth_block: float
     access: AccessPolicy
+    # `groups` and `access` as given (YAML values), so check-config can print the rules in effect.
+    access_given: dict[str, object]
     tls: TLSConfig
     max_connections_per_client: int
     upstream_connections_per_user: int
@@ -267,6 +271,8 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         try:
             values[key] = setting.parse(raw)
         except ValueError as exc:
+            if where == "default":
+                raise ConfigError(_required_message(key, path)) from None
             raise ConfigError(f"{where}: {key}: {exc}") from None
 
     if values["proxy_protocol"] and not values["trusted_proxies"]:
@@ -277,6 +283,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         )
 
     groups, rules = values.pop("groups"), values.pop("access")
+    values["access_given"] = {"groups": groups, "access": rules}
     try:
         values["access"] = parse_access(groups, rules)
     except ValueError as exc:
@@ -296,9 +303,7 @@ def _read_environment(environ: Mapping[str, str]) -> Iterator[tuple[str, tuple[o
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
         if name not in known:
-            raise ConfigError(
-                f"environment {name}: unknown setting (known: {', '.join(sorted(known))})"
-            )
+            raise ConfigError(f"environment {name}: unknown setting{_env_suggestion(name)}")
         key = known[name]
         parsed: object = value
         if SETTINGS[key].structured:
@@ -355,8 +360,66 @@ def _collect(
                 raise ConfigError(f"{line}: {key}: expected a single value")
             found[key] = (loader.construct_object(value_node, deep=True), line)
         else:
-            known = ", ".join(sorted(SETTINGS))
-            raise ConfigError(f"{line}: unknown key {key!r} (known keys: {known})")
+            raise ConfigError(f"{line}: unknown key {key!r}{_suggestion(key, SETTINGS)}")
+
+
+def _suggestion(name: str, known: Iterable[str]) -> str:
+    """`; did you mean 'listen'?` for the closest known name, else a pointer to the reference."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return " (see the configuration reference in README.md or config/proxy.yml)"
+
+
+def _env_suggestion(name: str) -> str:
+    """The suggestion for a `PROXY_*` name, compared without the prefix every name shares."""
+    keys = {env_name(key).removeprefix(ENV_PREFIX).lower(): key for key in SETTINGS}
+    close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX).lower(), keys, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {env_name(keys[close[0]])}?"
+    return " (see the configuration reference in README.md)"
+
+
+def _required_message(key: str, path: Path | None) -> str:
+    """What to set when a setting without a default was given nowhere."""
+    if path is not None:
+        return f"{key}: not set; add `{key}:` to {path} or set {env_name(key)}"
+    return (
+        f"{key}: not set; set the environment variable {env_name(key)}, or give a configuration "
+        f"file (--config or {CONFIG_ENV}) that sets `{key}`"
+    )
+
+
+def source_of(key: str, path: Path | None, environ: Mapping[str, str] | None = None) -> str:
+    """Where `key` was set: `environment PROXY_X`, `file:line`, or `default`."""
+    environ = os.environ if environ is None else environ
+    name = env_name(key)
+    if name in environ:
+        return f"environment {name}"
+    if path is not None:
+        with contextlib.suppress(ConfigError):
+            return _read_yaml(path).get(key, (None, "default"))[1]
+    return "default"
+
+
+# Settings SIGHUP applies; every other change waits for a restart.
+RELOADABLE = frozenset({"access", "groups", "read_only"})
+
+
+def restart_only_changes(running: Config, fresh: Config) -> list[str]:
+    """Keys whose value differs in `fresh` but that only a restart applies."""
+    old, new = _flatten(describe(running)), _flatten(describe(fresh))
+    return [key for key in new if key not in RELOADABLE and old.get(key) != new[key]]
+
+
+def _flatten(described: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in described.items():
+        if isinstance(value, Mapping) and key in _SECTIONS:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def describe(config: Config) -> dict[str, object]:
@@ -388,7 +451,8 @@ def describe(config: Config) -> dict[str, object]:
         "auth_max_failures": config.auth_max_failures,
         "auth_failure_window": config.auth_failure_window,
         "auth_block": config.auth_block,
-        "access": "unrestricted" if config.access.unrestricted else "rules (see the file)",
+        "groups": config.access_given["groups"] or {},
+        "access": config.access_given["access"] or [],
         "tls": {
             "cert": str(config.tls.cert) if config.tls.cert else None,
             "key": str(config.tls.key) if config.tls.key else None,

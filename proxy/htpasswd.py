@@ -18,12 +18,18 @@ class HtpasswdError(Exception):
     """The htpasswd file cannot be used; the message names the file and line."""
 
 
+class HtpasswdUnreadableError(HtpasswdError):
+    """The file is missing or cannot be read (as opposed to having a bad line)."""
+
+
 def load_htpasswd(path: Path) -> dict[str, str]:
     """Return user -> stored hash, or raise HtpasswdError naming the first bad line."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise HtpasswdError(f"{path}: cannot read htpasswd file: {exc.strerror}") from None
+        raise HtpasswdUnreadableError(
+            f"{path}: cannot read htpasswd file: {exc.strerror}"
+        ) from None
 
     users: dict[str, str] = {}
     first_line: dict[str, int] = {}

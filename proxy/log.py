@@ -65,6 +65,11 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+def count(number: int, noun: str) -> str:
+    """`1 user`, `3 users`."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def setup_logging(level: str) -> None:
     """The proxy's lines on stderr at `level`; access records on stdout, unprefixed."""
     stderr = logging.StreamHandler(sys.stderr)

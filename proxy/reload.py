@@ -14,6 +14,7 @@ from pathlib import Path
 from proxy.auth import CredentialChecker, decoy_hash
 from proxy.config import ConfigError, TLSConfig
 from proxy.htpasswd import HtpasswdError, load_htpasswd
+from proxy.log import count
 from proxy.metrics import Metrics
 from proxy.tls import server_context
 
@@ -63,14 +64,14 @@ class CredentialReloader:
                 users, decoy = await asyncio.to_thread(self._load)
             except HtpasswdError as exc:
                 self._metrics.reloads.labels("failure").inc()
-                log.error("htpasswd reload (%s) failed, keeping %d users: %s",
-                          reason, self._checker.user_count, exc)  # fmt: skip
+                log.error("htpasswd reload (%s) failed, keeping %s: %s",
+                          reason, count(self._checker.user_count, "user"), exc)  # fmt: skip
                 return
             self._checker.replace_users(users, decoy)
             self._metrics.reloads.labels("success").inc()
             self._metrics.users.set(len(users))
             self._metrics.last_reload.set(time.time())
-            log.info("htpasswd reloaded (%s): %d users", reason, len(users))
+            log.info("htpasswd reloaded (%s): %s", reason, count(len(users), "user"))
 
     def _load(self) -> tuple[dict[str, str], str]:
         users = load_htpasswd(self._path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from aiohttp import web
 from proxy.app import (
     ACCESS,
     CHECKER,
+    CONFIG,
     METRICS,
     RELOADER,
     STATE,
@@ -22,9 +24,10 @@ from proxy.app import (
     warn_about_unknown_users,
 )
 from proxy.client_slots import ClientSlots
-from proxy.config import Config, ConfigError, load_config
-from proxy.limits import LimitedTCPSite, c_parser_in_use
-from proxy.log import access_log, access_logger_class
+from proxy.config import Address, Config, ConfigError, load_config, restart_only_changes
+from proxy.limits import LimitedTCPSite
+from proxy.log import access_log, access_logger_class, count
+from proxy.preflight import require_c_parser
 from proxy.reload import CertificateReloader
 
 log = logging.getLogger("registry_proxy")
@@ -35,12 +38,7 @@ _CANCEL_GRACE = 1.0
 
 def run(config: Config, users: Mapping[str, str], config_path: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds."""
-    if not c_parser_in_use():
-        # The pure-Python parser is slower and has had request smuggling bugs the C one had not.
-        raise ConfigError(
-            "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or aiohttp "
-            "installed without its extensions); refusing to serve the internet with the Python one"
-        )
+    require_c_parser()
     certificates = CertificateReloader(config.tls) if config.tls.enabled else None
     asyncio.run(_serve(config, users, certificates, config_path))
 
@@ -54,11 +52,34 @@ def _reload_access(app: web.Application, config_path: Path | None) -> None:
         log.error("configuration reload (SIGHUP) failed, keeping the current rules: %s", exc)
         return
     app[METRICS].config_reloads.labels("success").inc()
+    _warn_about_restart_only(app[CONFIG], fresh)
     access = app[ACCESS]
     access.policy, access.read_only = fresh.access, fresh.read_only
     warn_about_unknown_users(fresh.access, app[CHECKER].users)
     rules = "unrestricted" if fresh.access.unrestricted else "restricted by rules"
     log.info("access reloaded (SIGHUP): %s, read_only=%s", rules, str(fresh.read_only).lower())
+
+
+def _warn_about_restart_only(running: Config, fresh: Config) -> None:
+    changed = restart_only_changes(running, fresh)
+    if changed:
+        log.warning(
+            "configuration reload (SIGHUP): changed but not applied, restart to apply: %s",
+            ", ".join(changed),
+        )
+
+
+class ListenError(Exception):
+    """A listener could not bind (port in use, no permission); the message names it."""
+
+
+async def _start_site(site: web.BaseSite, key: str, address: Address) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        # asyncio's message repeats the address; the errno's own text is enough.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"cannot listen on {address} ({key}): {reason}") from None
 
 
 async def _serve(
@@ -92,13 +113,17 @@ async def _serve(
         ssl_context=certificates.listener_context if certificates else None,
         backlog=1024,
     )
-    await site.start()
+    try:
+        await _start_site(site, "listen", config.listen)
+    except ListenError:
+        await runner.cleanup()
+        raise
     log.info(
-        "serving %s://%s%s for %d users, forwarding to %s",
+        "serving %s://%s%s for %s, forwarding to %s",
         "https" if certificates else "http",
         config.listen,
         " behind the PROXY protocol" if config.proxy_protocol else "",
-        len(users),
+        count(len(users), "user"),
         config.upstream,
     )
 
@@ -106,7 +131,13 @@ async def _serve(
     if config.admin_listen is not None:
         admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
         await admin_runner.setup()
-        await web.TCPSite(admin_runner, config.admin_listen.host, config.admin_listen.port).start()
+        admin_site = web.TCPSite(admin_runner, config.admin_listen.host, config.admin_listen.port)
+        try:
+            await _start_site(admin_site, "admin_listen", config.admin_listen)
+        except ListenError:
+            await admin_runner.cleanup()
+            await runner.cleanup()
+            raise
         log.info("admin listener on http://%s", config.admin_listen)
 
     # Reload tasks are kept referenced until they finish (asyncio holds tasks weakly).

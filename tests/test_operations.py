@@ -223,6 +223,27 @@ def test_sighup_forces_a_reload(
     assert not can_log_in(proxy, "alice", users["alice"])
 
 
+def test_sighup_names_changed_settings_that_need_a_restart(
+    tmp_path: Path, registry: Registry, start_proxy: Callable[..., Proxy]
+) -> None:
+    """Guards a SIGHUP that silently ignored changed restart-only settings."""
+    config = tmp_path / "proxy.yml"
+    config.write_text("realm: before\nmax_connections: 100\n")
+    proxy = start_proxy(registry.url, PROXY_CONFIG=str(config))
+    assert proxy.process is not None
+    config.write_text("realm: after\nmax_connections: 200\nread_only: true\n")
+    proxy.process.signal(signal.SIGHUP)
+    wait_until(lambda: "read_only=true" in proxy.log(), "the SIGHUP reload")
+    expected = "changed but not applied, restart to apply: realm, max_connections\n"
+    assert expected in proxy.log()
+    # What SIGHUP does apply is not reported as needing a restart.
+    config.write_text("realm: after\nmax_connections: 200\n")
+    proxy.process.signal(signal.SIGHUP)
+    wait_until(lambda: "read_only=false" in proxy.log(), "the second SIGHUP reload")
+    assert proxy.log().count("restart to apply") == 2
+    assert "restart to apply: realm, max_connections\n" in proxy.log().split("read_only=true")[1]
+
+
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()

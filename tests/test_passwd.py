@@ -126,6 +126,7 @@ def test_check_refuses_a_file_the_proxy_would_refuse(tmp_path: Path, monkeypatch
 
 def test_prompt_asks_twice(tmp_path: Path, monkeypatch, capsys) -> None:
     path = tmp_path / "htpasswd"
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
     answers = iter(["typed", "typed"])
     monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
     assert run(monkeypatch, capsys, "passwd", "--file", str(path), "add", "u", *FAST)[0] == 0
@@ -133,7 +134,7 @@ def test_prompt_asks_twice(tmp_path: Path, monkeypatch, capsys) -> None:
 
     answers = iter(["new", "typo"])
     status, _, err = run(monkeypatch, capsys, "passwd", "--file", str(path), "add", "u", *FAST)
-    assert (status, err) == (2, "registry-proxy: passwords do not match\n")
+    assert (status, err.splitlines()[-1]) == (2, "registry-proxy: passwords do not match")
     assert apache_verifies(path, "u", "typed")
 
 
@@ -230,7 +231,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(
     monkeypatch.setattr(os, "replace", failing_replace)
     args = ["passwd", "--file", str(path), "add", "bob", "--password-stdin", *FAST]
     status, _, err = run(monkeypatch, capsys, *args, stdin=b"two")
-    assert (status, err) == (2, f"registry-proxy: {path}: cannot write: No space left on device\n")
+    assert status == 2
+    assert err.splitlines()[-1] == f"registry-proxy: {path}: cannot write: No space left on device"
     assert path.read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["htpasswd"]
     # The temporary file was complete before the rename was attempted.
@@ -439,3 +441,34 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stderr
     listed = subprocess.run([*command, "list"], capture_output=True, env=env, check=True)
     assert listed.stdout == b"alice\nbob\n"
+
+
+@pytest.mark.parametrize(
+    ("cost", "warned"), [("4", True), ("9", True), ("10", False), ("12", False)]
+)
+def test_cost_below_10_warns(tmp_path: Path, monkeypatch, capsys, cost: str, warned: bool) -> None:
+    """Guards a silent `--cost 4` in production: README says use 10 or more."""
+    args = ["passwd", "--file", str(tmp_path / "h"), "add", "alice", "--password-stdin"]
+    status, _, err = run(monkeypatch, capsys, *args, "--cost", cost, stdin=b"pw\n")
+    assert status == 0
+    assert (f"warning: bcrypt cost {cost} is below 10" in err) is warned
+    assert load_htpasswd(tmp_path / "h")["alice"].startswith(f"$2y${int(cost):02d}$")
+
+
+def test_without_a_terminal_the_password_comes_from_stdin_without_warnings(
+    tmp_path: Path,
+) -> None:
+    """Guards getpass's GetPassWarning (and echo) when no terminal is attached, as in CI."""
+    path = tmp_path / "htpasswd"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    command = [str(REGISTRY_PROXY), "passwd", "--file", str(path)]
+    # A new session has no controlling terminal: getpass cannot open /dev/tty.
+    for args, status in [(["add", "alice", *FAST], 0), (["check", "alice"], 0)]:
+        result = subprocess.run(
+            [*command, *args], input=b"piped pw\n", capture_output=True, env=env,
+            start_new_session=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == status, result.stderr
+        assert b"GetPassWarning" not in result.stderr
+        assert b"Warning" not in result.stderr
+    assert apache_verifies(path, "alice", "piped pw")

@@ -1,0 +1,93 @@
+"""What `serve` refuses before it listens, checked in one place so `check-config` refuses it too."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from proxy.app import warn_about_unknown_users
+from proxy.config import Address, Config, ConfigError, source_of
+from proxy.htpasswd import HtpasswdError, HtpasswdUnreadableError, load_htpasswd
+from proxy.limits import c_parser_in_use
+from proxy.tls import server_context
+
+log = logging.getLogger("registry_proxy")
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def check_startable(config: Config, config_path: Path | None) -> dict[str, str]:
+    """Raise ConfigError or HtpasswdError for whatever would stop `serve`; return the users."""
+    require_c_parser()
+    _check_listeners(config, config_path)
+    users = _load_users(config, config_path)
+    if config.tls.enabled:
+        try:
+            server_context(config.tls)
+        except ConfigError as exc:
+            raise ConfigError(f"{source_of('tls.cert', config_path)}: {exc}") from None
+    return users
+
+
+def require_c_parser() -> None:
+    """The pure-Python parser is slower and has had request smuggling bugs the C one had not."""
+    if not c_parser_in_use():
+        raise ConfigError(
+            "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS set, or aiohttp "
+            "installed without its extensions); refusing to serve the internet with the Python one"
+        )
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Whether both cannot be bound at once: same port, and same host or a wildcard."""
+    return a.port == b.port and (a.host == b.host or a.host in _WILDCARDS or b.host in _WILDCARDS)
+
+
+def _check_listeners(config: Config, config_path: Path | None) -> None:
+    admin = config.admin_listen
+    if admin is not None and _overlap(admin, config.listen):
+        where = source_of("admin_listen", config_path)
+        if where == "default":
+            where = source_of("listen", config_path)
+        raise ConfigError(
+            f"{where}: admin_listen: {admin} is the same port as listen {config.listen}; "
+            "give the admin listener a port of its own"
+        )
+
+
+def _load_users(config: Config, config_path: Path | None) -> dict[str, str]:
+    try:
+        return load_htpasswd(config.htpasswd)
+    except HtpasswdUnreadableError as exc:
+        # A missing file is usually a wrong path: say which line or variable gave it.
+        where = source_of("htpasswd", config_path)
+        raise HtpasswdError(f"{where}: htpasswd: {exc}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_about_cleartext(config: Config) -> None:
+    """Basic credentials on a plain-HTTP public listener cross the network readable by anyone."""
+    if _is_loopback(config.listen.host) or config.tls.enabled or config.trusted_proxies:
+        return
+    log.warning(
+        "listen %s is not loopback and has no TLS and no trusted_proxies: passwords would "
+        "cross the network in clear; set tls.cert and tls.key, or terminate TLS in a proxy "
+        "listed in trusted_proxies",
+        config.listen,
+    )
+
+
+def startup_warnings(config: Config, users: Mapping[str, str]) -> None:
+    """Log what `serve` warns about at start (`check-config` too)."""
+    warn_about_cleartext(config)
+    warn_about_unknown_users(config.access, users)
