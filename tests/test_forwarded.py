@@ -175,7 +175,7 @@ def test_a_malformed_hop_from_a_trusted_proxy_is_a_400_and_never_forwarded(
     )
     assert status == 400 and reply["Content-Type"].startswith("application/json")
     assert not any(repo in uri for uri in registry.requested_uris())
-    assert "malformed X-Forwarded-For hop 'unknown'" in proxy.log()
+    assert "malformed X-Forwarded-For hop unknown" in proxy.log()
 
 
 # --- Real edges in HTTP mode ---------------------------------------------------------------------
