@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,8 +252,10 @@ class Proxy:
         *,
         source: Path = REPO_DIR,
         python: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.root = root
+        self.extra_env = dict(env or {})
         self.upstream = upstream
         self.htpasswd = htpasswd
         # `python -m proxy` imports the `proxy` package from the directory it starts in.
@@ -280,6 +283,7 @@ class Proxy:
             PROXY_UPSTREAM=self.upstream,
             PROXY_HTPASSWD=str(self.htpasswd),
         )
+        env.update(self.extra_env)
         self.process = Process(
             "proxy",
             [self.python, "-m", "proxy", "serve"],

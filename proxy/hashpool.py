@@ -26,9 +26,10 @@ class _Job(Generic[T]):
 class FairPool:
     """Runs blocking calls on `workers` threads, one queue per client, served round-robin.
 
-    A client with nothing queued or running goes to the head of the line, so a flood from one
-    client delays another client's first call by at most the calls already running, not by the
-    whole flood; past `max_pending` queued or running calls a client's next call raises `Busy`.
+    A client with nothing queued or running goes to the head of the line, and one client runs
+    on at most half the threads (at least one), so a flood from one client leaves a thread for
+    another client's first call instead of making it wait behind the flood; past `max_pending`
+    queued or running calls a client's next call raises `Busy` at once.
     """
 
     def __init__(self, workers: int, max_pending: int) -> None:
@@ -36,6 +37,8 @@ class FairPool:
             raise ValueError("workers and max_pending must be at least 1")
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
         self._idle = workers
+        self._max_running = max(1, workers // 2)
+        self._running: dict[Hashable, int] = {}
         self._max_pending = max_pending
         # Clients with queued calls, in the order they are served next.
         self._queues: OrderedDict[Hashable, deque[_Job[Any]]] = OrderedDict()
@@ -69,8 +72,13 @@ class FairPool:
         self._queues.clear()
 
     def _dispatch(self) -> None:
-        while self._idle and self._queues:
-            client, queue = next(iter(self._queues.items()))
+        while self._idle:
+            client = next(
+                (c for c in self._queues if self._running.get(c, 0) < self._max_running), None
+            )
+            if client is None:
+                return
+            queue = self._queues[client]
             job = queue.popleft()
             if queue:
                 self._queues.move_to_end(client)
@@ -80,6 +88,7 @@ class FairPool:
                 self._finish(client)
                 continue
             self._idle -= 1
+            self._running[client] = self._running.get(client, 0) + 1
             running = asyncio.get_running_loop().run_in_executor(self._executor, job.call)
             running.add_done_callback(partial(self._finished, client, job.future))
 
@@ -87,6 +96,9 @@ class FairPool:
         self, client: Hashable, future: asyncio.Future[Any], running: asyncio.Future[Any]
     ) -> None:
         self._idle += 1
+        left = self._running.pop(client, 1) - 1
+        if left:
+            self._running[client] = left
         self._finish(client)
         if not future.done():
             if running.cancelled():

@@ -9,6 +9,7 @@ from functools import partial
 import pytest
 
 from proxy.hashpool import Busy, FairPool
+from tests.support import eventually
 
 
 class Gate:
@@ -17,8 +18,12 @@ class Gate:
     def __init__(self) -> None:
         self.opened = threading.Event()
         self.order: list[str] = []
+        self.lock = threading.Lock()
+        self.waiting = 0
 
     def call(self, name: str) -> str:
+        with self.lock:
+            self.waiting += 1
         self.opened.wait(10)
         self.order.append(name)
         return name
@@ -91,3 +96,16 @@ def test_refuses_unusable_sizes() -> None:
         FairPool(workers=0, max_pending=1)
     with pytest.raises(ValueError):
         FairPool(workers=1, max_pending=0)
+
+
+async def test_one_client_runs_on_at_most_half_the_threads() -> None:
+    """Fairness: a flood leaves a thread free, so a newcomer does not wait for a running hash."""
+    pool, gate = FairPool(workers=2, max_pending=100), Gate()
+    flood = [pool.run("flooder", partial(gate.call, f"f{n}")) for n in range(5)]
+    newcomer = pool.run("newcomer", partial(gate.call, "newcomer"))
+    # One flood call holds a thread (blocked on the gate); the newcomer has the other.
+    await eventually(lambda: gate.waiting == 2, "two calls running")
+    gate.opened.set()
+    await asyncio.gather(newcomer, *flood)
+    assert gate.order.index("newcomer") <= 1
+    pool.close()
