@@ -19,6 +19,7 @@ from proxy.exchange import Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
 from proxy.hashpool import Busy
 from proxy.metrics import Metrics
+from proxy.pacing import RefusalPacer
 from proxy.paths import Action
 from proxy.reload import CredentialReloader
 from proxy.throttle import Throttle, Throttled, client_key
@@ -81,6 +82,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ProxyState)
 CHECKER = web.AppKey("checker", CredentialChecker)
 THROTTLE = web.AppKey("throttle", Throttle)
+PACER = web.AppKey("pacer", RefusalPacer)
 ACCESS = web.AppKey("access", AccessControl)
 RELOADER = web.AppKey("reloader", CredentialReloader)
 FORWARDER = web.AppKey("forwarder", Forwarder)
@@ -126,6 +128,7 @@ async def _check_password(
         # The failure is reserved before the hash runs: parallel guesses cannot overtake it.
         admission = throttle.admit(exchange.client, user)
     except Throttled as refusal:
+        await _pace_refusal(request, exchange)
         exchange.auth_outcome, exchange.retry_after = "throttled", refusal.retry_after
         return
 
@@ -136,6 +139,7 @@ async def _check_password(
         outcome = await checker.check(user, password, client_key(exchange.client), settle)
     except Busy:
         admission.release()
+        await _pace_refusal(request, exchange)
         exchange.auth_outcome, exchange.retry_after = "throttled", _BUSY_RETRY_AFTER
         return
     finally:
@@ -144,6 +148,13 @@ async def _check_password(
     exchange.auth_outcome = _OUTCOME_LABELS[outcome]
     if outcome.ok:
         exchange.user = user
+
+
+async def _pace_refusal(request: web.Request, exchange: Exchange) -> None:
+    """Hold a 429 for an address that keeps resending without waiting (see proxy/pacing.py)."""
+    delay = request.app[PACER].delay_for(client_key(exchange.client))
+    if delay:
+        await asyncio.sleep(delay)
 
 
 async def _gate(request: web.Request, exchange: Exchange) -> web.Response | None:
@@ -318,6 +329,7 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
         max_failures_per_user=config.auth_max_failures_per_user,
         known_client_ttl=config.auth_known_client_ttl,
     )
+    app[PACER] = RefusalPacer()
     app[ACCESS] = AccessControl(config.access, config.read_only)
     warn_about_unknown_users(config.access, users)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
