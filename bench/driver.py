@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from bench import client, heads, report
+from bench import client, fairness, heads, report
 from bench.client import BenchError, MiB
 from bench.services import (
     BENCH_DIR,
@@ -419,6 +419,32 @@ class Bench:
             f"({added * 1000 / count:.1f} MB per 1,000)"
         )
 
+    def login_fairness(self) -> None:
+        """Fresh logins while another address floods wrong passwords (bench/fairness.py)."""
+        assert self.proxy is not None
+        result = fairness.measure(
+            self.workdir,
+            self.registry.url,
+            self.htpasswd,
+            self.proxy.source,
+            self.settings.mode,
+            self.headers(BLOB_USER)["Authorization"],
+        )
+        idle_ms = statistics.median(result.idle) * 1000
+        self.record("login_idle_p50", "proxy", idle_ms)
+        for mode, seconds in result.flooded.items():
+            flooded_ms = statistics.median(seconds) * 1000
+            key = mode.replace("-", "_")
+            self.record(f"login_flood_{key}_p50", "proxy", flooded_ms)
+            self.record(f"login_flood_{key}_ratio", "proxy", flooded_ms / idle_ms)
+            log(
+                f"fresh login bcrypt 10: p50 {idle_ms:.1f} ms unloaded, {flooded_ms:.1f} ms "
+                f"({flooded_ms / idle_ms:.2f}x) under {fairness.FLOOD_REQUESTS} wrong-password "
+                f"requests from another address, resent {mode}; flood answers "
+                f"{result.flood_statuses[mode]}"
+            )
+        self.extra["login_fairness"] = asdict(result)
+
     def run(self) -> None:
         self.blob_get()
         self.blob_get_concurrent()
@@ -427,6 +453,7 @@ class Bench:
         self.manifest_head()
         self.aborted()
         self.unfinished_heads()
+        self.login_fairness()
         assert self.proxy is not None
         self.extra["proxy_rss_end_kib"] = client.status_kib(self.proxy.pid, "VmRSS")
 

@@ -62,7 +62,47 @@ def _metrics(aborts: int, streams: int) -> list[Metric]:
             "rss_heads_per_1000", "proxy RSS per 1,000 unfinished heads at the cap", "MB", False
         ),
     ]
+    rows += _fairness_metrics()
     return rows
+
+
+def _fairness_metrics() -> list[Metric]:
+    """Fresh logins with and without a wrong-password flood from another address."""
+    rows = [Metric("login_idle_p50", "fresh login, bcrypt 10, unloaded: p50", "ms", False, False)]
+    for mode in ("at_once", "retry_after"):
+        label = mode.replace("_", "-")
+        rows += [
+            Metric(
+                f"login_flood_{mode}_p50",
+                f"  200 wrong-password floods, resent {label}: p50",
+                "ms",
+                False,
+                False,
+            ),
+            Metric(f"login_flood_{mode}_ratio", "    flooded / unloaded", "x", False, False),
+        ]
+    return rows
+
+
+def _fairness_targets(figures: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Fresh login under the flood <= 3x unloaded, both figures in the line."""
+    idle = figures.get("login_idle_p50", {}).get("proxy")
+    targets = []
+    for mode in ("at_once", "retry_after"):
+        flooded = figures.get(f"login_flood_{mode}_p50", {}).get("proxy")
+        ratio = flooded / idle if idle and flooded is not None else None
+        shown = "no figure" if ratio is None else f"{flooded:.1f} ms vs {idle:.1f} ms unloaded"
+        targets.append(
+            {
+                "target": f"fresh login p50 under 200 wrong-password requests (resent "
+                f"{mode.replace('_', '-')}) from another address <= 3x unloaded ({shown})",
+                "value": ratio,
+                "threshold": 3.0,
+                "unit": "x",
+                "met": ratio is not None and ratio <= 3.0,
+            }
+        )
+    return targets
 
 
 # --- building the results ----------------------------------------------------------------
@@ -182,6 +222,7 @@ def _targets(figures: dict[str, dict[str, float]], aborts: int) -> list[dict[str
         limit_target(
             "RSS per 1,000 unfinished heads at the cap <= 128 MB", "rss_heads_per_1000", 128, "MB"
         ),
+        *_fairness_targets(figures),
     ]
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from tests.harness import REGISTRY_BIN, Process, free_port, http_status, wait_until
@@ -152,8 +153,10 @@ class Proxy:
         *,
         source: Path = REPO_DIR,
         python: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.root = root
+        self.extra_env = dict(env or {})
         self.upstream = upstream
         self.htpasswd = htpasswd
         # `python -m proxy` imports the `proxy` package from the directory it starts in.
@@ -181,6 +184,7 @@ class Proxy:
             PROXY_UPSTREAM=self.upstream,
             PROXY_HTPASSWD=str(self.htpasswd),
         )
+        env.update(self.extra_env)
         self.process = Process(
             [self.python, "-m", "proxy", "serve"],
             self.root / "proxy.log",

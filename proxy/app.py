@@ -18,18 +18,22 @@ from proxy.config import Config
 from proxy.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
+from proxy.hashpool import Busy
 from proxy.log import escape
 from proxy.metrics import Metrics
+from proxy.pacing import RefusalPacer
 from proxy.paths import Action
 from proxy.pool import UpstreamSlots
 from proxy.refusal import Refusal
 from proxy.reload import CredentialReloader
-from proxy.throttle import Throttle
+from proxy.throttle import Throttle, Throttled, client_key
 
 log = logging.getLogger("registry_proxy")
 
 _API_PREFIX = "/v2/"
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Seconds a client whose checks fill its share of the hashing pool is told to wait.
+_BUSY_RETRY_AFTER = 1.0
 _OUTCOME_LABELS = {
     Outcome.CACHED: "cached",
     Outcome.VERIFIED: "success",
@@ -82,6 +86,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ProxyState)
 CHECKER = web.AppKey("checker", CredentialChecker)
 THROTTLE = web.AppKey("throttle", Throttle)
+PACER = web.AppKey("pacer", RefusalPacer)
 ACCESS = web.AppKey("access", AccessControl)
 RELOADER = web.AppKey("reloader", CredentialReloader)
 FORWARDER = web.AppKey("forwarder", Forwarder)
@@ -118,19 +123,42 @@ async def _check_password(
     request: web.Request, exchange: Exchange, user: str, password: str
 ) -> None:
     throttle, checker = request.app[THROTTLE], request.app[CHECKER]
-    blocked_for = throttle.blocked(exchange.client, user)
-    # A blocked name must not lock its owner out: credentials that just worked still do.
-    if blocked_for is not None and not checker.is_cached(user, password):
-        exchange.auth_outcome = "throttled"
-        exchange.retry_after = blocked_for
+    if checker.is_cached(user, password):
+        # Credentials that just worked pass without a hash, even while their name is throttled.
+        await checker.check(user, password)
+        exchange.auth_outcome, exchange.user = "cached", user
         return
-    outcome = await checker.check(user, password)
+    try:
+        # The failure is reserved before the hash runs: parallel guesses cannot overtake it.
+        admission = throttle.admit(exchange.client, user)
+    except Throttled as refusal:
+        await _pace_refusal(request, exchange)
+        exchange.auth_outcome, exchange.retry_after = "throttled", refusal.retry_after
+        return
+
+    def settle(outcome: Outcome) -> None:
+        (admission.succeeded if outcome.ok else admission.failed)()
+
+    try:
+        outcome = await checker.check(user, password, client_key(exchange.client), settle)
+    except Busy:
+        admission.release()
+        await _pace_refusal(request, exchange)
+        exchange.auth_outcome, exchange.retry_after = "throttled", _BUSY_RETRY_AFTER
+        return
+    finally:
+        # A check abandoned half-way (a cancelled handler) counts as a failure.
+        admission.failed()
     exchange.auth_outcome = _OUTCOME_LABELS[outcome]
     if outcome.ok:
         exchange.user = user
-        throttle.record_success(exchange.client, user)
-    else:
-        throttle.record_failure(exchange.client, user)
+
+
+async def _pace_refusal(request: web.Request, exchange: Exchange) -> None:
+    """Hold a 429 for an address that keeps resending without waiting (see proxy/pacing.py)."""
+    delay = request.app[PACER].delay_for(client_key(exchange.client))
+    if delay:
+        await asyncio.sleep(delay)
 
 
 async def _gate(request: web.Request, exchange: Exchange) -> web.Response | None:
@@ -333,14 +361,20 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
         cache_size=config.auth_cache_size,
         workers=config.auth_workers,
         on_hash=metrics.password_checks.observe,
+        max_pending_per_client=config.auth_max_pending_per_client,
     )
     app[CONFIG] = config
     app[METRICS] = metrics
     app[STATE] = ProxyState()
     app[CHECKER] = checker
     app[THROTTLE] = Throttle(
-        config.auth_max_failures, config.auth_failure_window, config.auth_block
+        config.auth_max_failures,
+        config.auth_failure_window,
+        config.auth_block,
+        max_failures_per_user=config.auth_max_failures_per_user,
+        known_client_ttl=config.auth_known_client_ttl,
     )
+    app[PACER] = RefusalPacer()
     app[ACCESS] = AccessControl(config.access, config.read_only)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
     app.cleanup_ctx.extend([_upstream_session, _background_tasks])

@@ -11,11 +11,11 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 
 from passlib.hash import apr_md5_crypt, bcrypt
 
+from proxy.hashpool import FairPool
 from proxy.htpasswd import HASHES
 
 # bcrypt looks at 72 bytes only; a longer password that shares them would pass.
@@ -72,11 +72,22 @@ def decoy_hash(users: Mapping[str, str]) -> str:
     return str(apr_md5_crypt.hash(secrets.token_hex(16)))
 
 
+def measure_check(stored: str, timer: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds one wrong password takes to check against `stored` (blocks: call off the loop)."""
+    started = timer()
+    HASHES.verify(secrets.token_hex(8), stored)
+    return timer() - started
+
+
 class CredentialChecker:
     """Checks Basic credentials, caching successes so bcrypt runs once per login, not per request.
 
     Docker and podman send credentials on every request; without the cache a cost-10 bcrypt per
-    request caps a core at ~20 requests per second.
+    request caps a core at ~20 requests per second. Hashes run in a `FairPool` keyed by client.
+    Every failed check lasts as long as a check against the decoy (the table's costliest hash):
+    the rest is slept, not computed, so unknown users and cheaper hashes ({SHA}, apr1, a lower
+    bcrypt cost) cannot be told apart by timing. The decoy's cost is measured when the table is
+    loaded and follows every check against it (a moving average), so it tracks the machine's load.
     """
 
     def __init__(
@@ -88,18 +99,24 @@ class CredentialChecker:
         workers: int,
         clock: Callable[[], float] = time.monotonic,
         on_hash: Callable[[float], None] | None = None,
+        max_pending_per_client: int = 1_000_000,
+        timer: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._clock = clock
         self._on_hash = on_hash
+        self._timer = timer
+        self._sleep = sleep
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
+        self._pool = FairPool(workers, max_pending_per_client)
         # Cache keys are keyed MACs, so a memory dump holds no fast-to-crack password hashes.
         self._key_secret = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, float] = OrderedDict()
-        self._pending: dict[bytes, asyncio.Future[bool]] = {}
+        self._pending: dict[bytes, asyncio.Future[tuple[bool, float]]] = {}
         self._users: dict[str, str] = {}
         self._decoy = ""
+        self._decoy_cost = 0.0
         self.replace_users(users)
 
     @property
@@ -111,10 +128,23 @@ class CredentialChecker:
         """The user table in use (user -> stored hash)."""
         return self._users
 
-    def replace_users(self, users: Mapping[str, str], decoy: str | None = None) -> None:
-        """Swap in a new user table; every cached success is forgotten."""
+    @property
+    def decoy_cost(self) -> float:
+        """Seconds a failed check lasts: the decoy's measured cost."""
+        return self._decoy_cost
+
+    def replace_users(
+        self, users: Mapping[str, str], decoy: str | None = None, decoy_cost: float | None = None
+    ) -> None:
+        """Swap in a new user table; every cached success is forgotten.
+
+        Without `decoy`, one is made, and without `decoy_cost` it is measured: both block.
+        """
         self._users = dict(users)
         self._decoy = decoy if decoy is not None else decoy_hash(self._users)
+        if decoy_cost is None:
+            decoy_cost = measure_check(self._decoy, self._timer)
+        self._decoy_cost = decoy_cost
         self._cache.clear()
 
     def is_cached(self, user: str, password: str) -> bool:
@@ -123,14 +153,26 @@ class CredentialChecker:
         expiry = self._cache.get(key)
         return expiry is not None and expiry > self._clock()
 
-    async def check(self, user: str, password: str) -> Outcome:
-        """Check credentials; concurrent identical checks share one hash computation."""
+    async def check(
+        self,
+        user: str,
+        password: str,
+        client: Hashable = "",
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> Outcome:
+        """Check credentials; concurrent identical checks share one hash computation.
+
+        `on_outcome` hears the outcome as soon as it is known, before a failure's padding.
+        Raises `Busy` when `client` already has its share of the pool.
+        """
         stored = self._users.get(user)
         key = self._cache_key(user, password, stored)
         expiry = self._cache.get(key)
         if expiry is not None:
             if expiry > self._clock():
                 self._cache.move_to_end(key)
+                if on_outcome is not None:
+                    on_outcome(Outcome.CACHED)
                 return Outcome.CACHED
             del self._cache[key]
 
@@ -138,28 +180,41 @@ class CredentialChecker:
         if pending is None:
             # Unknown users are checked against a decoy of the same cost: equal timing.
             target = stored if stored is not None else self._decoy
-            pending = asyncio.get_running_loop().run_in_executor(
-                self._pool, self._timed_verify, password, target
-            )
+            pending = self._pool.run(client, lambda: self._timed_verify(password, target))
             self._pending[key] = pending
             pending.add_done_callback(lambda _: self._pending.pop(key, None))
-        ok = await asyncio.shield(pending)
-        if not ok or stored is None:
-            return Outcome.REJECTED
-        self._remember(key)
-        return Outcome.VERIFIED
+            if stored is None:
+                pending.add_done_callback(self._follow_decoy_cost)
+        ok, spent = await asyncio.shield(pending)
+        if ok and stored is not None:
+            self._remember(key)
+            outcome = Outcome.VERIFIED
+        else:
+            outcome = Outcome.REJECTED
+        if on_outcome is not None:
+            on_outcome(outcome)
+        if outcome is Outcome.REJECTED:
+            await self._sleep(max(0.0, self._decoy_cost - spent))
+        return outcome
 
-    def _timed_verify(self, password: str, stored: str) -> bool:
-        started = time.perf_counter()
+    def _follow_decoy_cost(self, done: asyncio.Future[tuple[bool, float]]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._decoy_cost += 0.2 * (done.result()[1] - self._decoy_cost)
+
+    def _timed_verify(self, password: str, stored: str) -> tuple[bool, float]:
+        started = self._timer()
+        ok = False
         try:
-            return verify_password(password, stored)
+            ok = verify_password(password, stored)
         finally:
+            spent = self._timer() - started
             if self._on_hash is not None:
-                self._on_hash(time.perf_counter() - started)
+                self._on_hash(spent)
+        return ok, spent
 
     def close(self) -> None:
         """Stop the worker pool."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
 
     def _cache_key(self, user: str, password: str, stored: str | None) -> bytes:
         message = b"\0".join(s.encode() for s in (user, password, stored or ""))

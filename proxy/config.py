@@ -84,6 +84,9 @@ class Config:
     tls: TLSConfig
     max_connections_per_client: int
     upstream_connections_per_user: int
+    auth_max_failures_per_user: int
+    auth_known_client_ttl: float
+    auth_max_pending_per_client: int
 
 
 # Value parsers: each takes what YAML or the environment gave, or raises ValueError("expected ...").
@@ -244,6 +247,9 @@ SETTINGS: dict[str, _Setting] = {
     "auth_max_failures": _Setting(_count, 10),
     "auth_failure_window": _Setting(_seconds, 300),
     "auth_block": _Setting(_seconds, 300),
+    "auth_max_failures_per_user": _Setting(_count, 20),
+    "auth_known_client_ttl": _Setting(_seconds, 7 * 86400),
+    "auth_max_pending_per_client": _Setting(_count, 8),
     "groups": _Setting(_raw, None, structured=True),
     "access": _Setting(_raw, None, structured=True),
     "tls.cert": _Setting(_optional_path, None),
@@ -451,6 +457,9 @@ def describe(config: Config) -> dict[str, object]:
         "auth_max_failures": config.auth_max_failures,
         "auth_failure_window": config.auth_failure_window,
         "auth_block": config.auth_block,
+        "auth_max_failures_per_user": config.auth_max_failures_per_user,
+        "auth_known_client_ttl": config.auth_known_client_ttl,
+        "auth_max_pending_per_client": config.auth_max_pending_per_client,
         "groups": config.access_given["groups"] or {},
         "access": config.access_given["access"] or [],
         "tls": {

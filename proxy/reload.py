@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from proxy.auth import CredentialChecker, decoy_hash
+from proxy.auth import CredentialChecker, decoy_hash, measure_check
 from proxy.config import ConfigError, TLSConfig
 from proxy.htpasswd import HtpasswdError, load_htpasswd
 from proxy.log import count
@@ -61,21 +61,22 @@ class CredentialReloader:
         """Re-read the file (parsing and decoy hashing off the event loop)."""
         async with self._lock:
             try:
-                users, decoy = await asyncio.to_thread(self._load)
+                users, decoy, decoy_cost = await asyncio.to_thread(self._load)
             except HtpasswdError as exc:
                 self._metrics.reloads.labels("failure").inc()
                 log.error("htpasswd reload (%s) failed, keeping %s: %s",
                           reason, count(self._checker.user_count, "user"), exc)  # fmt: skip
                 return
-            self._checker.replace_users(users, decoy)
+            self._checker.replace_users(users, decoy, decoy_cost)
             self._metrics.reloads.labels("success").inc()
             self._metrics.users.set(len(users))
             self._metrics.last_reload.set(time.time())
             log.info("htpasswd reloaded (%s): %s", reason, count(len(users), "user"))
 
-    def _load(self) -> tuple[dict[str, str], str]:
+    def _load(self) -> tuple[dict[str, str], str, float]:
         users = load_htpasswd(self._path)
-        return users, decoy_hash(users)
+        decoy = decoy_hash(users)
+        return users, decoy, measure_check(decoy)
 
     async def watch(self) -> None:
         """Reload whenever the file changes."""

@@ -1,79 +1,50 @@
-"""Password-guessing throttle: failed checks counted per client address and per user name.
+"""Password-guessing throttle: a failure budget taken before each hash, by address and user name.
 
-- A key is blocked for `block` seconds once it has `max_failures` failed checks within the last
-  `window` seconds (a sliding window: each failure counts for `window` seconds after it). The
-  block ends by itself; it is not extended by failures during it (the proxy answers 429 without
-  checking then, so there are none unless checks were already running), and the key starts
-  afresh afterwards.
-- Addresses and user names are counted separately: guessing many passwords for one user from
-  many addresses blocks that user name, guessing from one address blocks that address. An IPv6
-  address counts as its /64 (the usual allocation of one site, which a single client can
-  otherwise rotate through); an IPv4-mapped IPv6 address counts as the IPv4 address.
-- A successful check clears the user's failures (and block), not the address's: otherwise a
-  client holding one valid account could reset its address between guesses at others.
-- Memory is bounded: at most `max_keys` addresses and `max_keys` user names, each with at most
-  `max_failures` timestamps; user names are kept as 16-byte hashes (clients choose them). When
-  full, the key whose last failure is oldest goes first; blocked keys go only once no
-  unblocked key is left, soonest-expiring first.
+Every password check first reserves one failure from each budget below; a failure commits the
+reservations, a success gives them back. So N checks running at once count as N failures before
+any of them ends, and a burst of parallel guesses runs no more checks than the budget allows.
+
+- (address, user): at most `max_failures` failures within `window`, then that pair is blocked for
+  `block` seconds. This is the first limit a guesser (or a colleague mistyping) meets, and it
+  touches no one else.
+- address: at most `max_failures` different user names with failures within `window`, then the
+  address is blocked for `block`. Guessing many names from one address stops there, while one
+  colleague mistyping behind a shared address (office NAT, Swarm ingress) counts as one name and
+  never locks the address. An IPv6 address counts as its /64, an IPv4-mapped one as the IPv4.
+- user name, from addresses where it did not log in within `known_client_ttl`: at most
+  `max_failures_per_user` failures within `window` and never a block, only a slow rate, so guesses
+  from many addresses at one name cannot keep its owner out: the owner's known addresses are not
+  counted, and a new address waits at most until the oldest failure leaves the window.
+- A success clears the pair's failures and block and the name's entry at that address (so a
+  client holding one valid account can reset nothing but its own), and marks the address as known
+  for the user. It does not reset the name's rate: that would give guessers a fresh budget at every
+  login of the owner, who is exempt at that address anyway.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import secrets
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 
+from proxy.throttle_store import MemoryStore, ThrottleStore
 
-class _Table:
-    """Failures and blocks for one kind of key."""
-
-    def __init__(self, max_failures: int, window: float, block: float, max_keys: int) -> None:
-        self._max_failures = max_failures
-        self._window = window
-        self._block = block
-        self._max_keys = max_keys
-        # Ordered by last failure, so stale keys sit at the front.
-        self._failures: OrderedDict[Hashable, deque[float]] = OrderedDict()
-        # Ordered by expiry: every block lasts the same time and the clock only moves forward.
-        self._blocked: OrderedDict[Hashable, float] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._failures) + len(self._blocked)
-
-    def remaining(self, key: Hashable, now: float) -> float | None:
-        self._expire(now)
-        until = self._blocked.get(key)
-        return None if until is None else until - now
-
-    def fail(self, key: Hashable, now: float) -> None:
-        self._expire(now)
-        if key in self._blocked:
-            return
-        failures = self._failures.pop(key, None) or deque(maxlen=self._max_failures)
-        while failures and failures[0] <= now - self._window:
-            failures.popleft()
-        failures.append(now)
-        if len(failures) >= self._max_failures:
-            self._blocked[key] = now + self._block
-        else:
-            self._failures[key] = failures
-        while len(self) > self._max_keys:
-            (self._failures or self._blocked).popitem(last=False)
-
-    def clear(self, key: Hashable) -> None:
-        self._failures.pop(key, None)
-        self._blocked.pop(key, None)
-
-    def _expire(self, now: float) -> None:
-        while self._blocked and next(iter(self._blocked.values())) <= now:
-            self._blocked.popitem(last=False)
-        while self._failures and next(iter(self._failures.values()))[-1] <= now - self._window:
-            self._failures.popitem(last=False)
+# ("pair", address, user), ("address", address), ("user", user) or ("known", user).
+Key = tuple[str | bytes, ...]
 
 
-def _address_key(address: str) -> str:
+class Throttled(Exception):
+    """No password check now: try again in `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"throttled for {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
+def client_key(address: str) -> str:
+    """The address a client is counted as: IPv6 by /64, IPv4-mapped IPv6 as IPv4."""
     try:
         ip = ipaddress.ip_address(address.partition("%")[0])
     except ValueError:
@@ -86,11 +57,44 @@ def _address_key(address: str) -> str:
 
 
 def _user_key(user: str) -> bytes:
+    # Clients choose user names: keep fixed-size hashes, not the names.
     return hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+class Admission:
+    """The reservations behind one password check; settle it once with its outcome."""
+
+    def __init__(
+        self, throttle: Throttle, client: str, user: bytes, held: list[tuple[Key, Hashable]]
+    ) -> None:
+        self._throttle = throttle
+        self._client = client
+        self._user = user
+        self._held = held
+        self._settled = False
+
+    def succeeded(self) -> None:
+        """A correct password: reservations back, the pair and the name at the address cleared."""
+        if self._take():
+            self._throttle._succeeded(self._client, self._user, self._held)
+
+    def failed(self) -> None:
+        """A wrong password or unknown user: every reservation becomes a failure."""
+        if self._take():
+            self._throttle._failed(self._held)
+
+    def release(self) -> None:
+        """No password was checked after all: give the reservations back."""
+        if self._take():
+            self._throttle._release(self._held)
+
+    def _take(self) -> bool:
+        settled, self._settled = self._settled, True
+        return not settled
+
+
 class Throttle:
-    """Blocks password guessing by client address and by user name."""
+    """The policy: which budgets a check needs, and what a success or failure does to them."""
 
     def __init__(
         self,
@@ -99,43 +103,72 @@ class Throttle:
         block: float,
         clock: Callable[[], float] = time.monotonic,
         *,
-        max_keys: int = 10000,
+        max_failures_per_user: int | None = None,
+        known_client_ttl: float = 7 * 86400,
+        store: ThrottleStore | None = None,
     ) -> None:
-        if max_failures < 1 or max_keys < 1:
-            raise ValueError("max_failures and max_keys must be at least 1")
-        if not window > 0 or not block > 0:
-            raise ValueError("window and block must be positive")
+        per_user = 2 * max_failures if max_failures_per_user is None else max_failures_per_user
+        if max_failures < 1 or per_user < 1:
+            raise ValueError("max_failures and max_failures_per_user must be at least 1")
+        if not window > 0 or not block > 0 or not known_client_ttl > 0:
+            raise ValueError("window, block and known_client_ttl must be positive")
+        self._max_failures = max_failures
+        self._per_user = per_user
+        self._window = window
+        self._block = block
+        self._known_ttl = known_client_ttl
         self._clock = clock
-        self._addresses = _Table(max_failures, window, block, max_keys)
-        self._users = _Table(max_failures, window, block, max_keys)
+        self._store: ThrottleStore = store if store is not None else MemoryStore()
 
-    @property
-    def tracked(self) -> int:
-        """Addresses and user names currently remembered."""
-        return len(self._addresses) + len(self._users)
-
-    def blocked(self, address: str, user: str) -> float | None:
-        """Seconds until the address's or the user's block ends (the later one), or None."""
-        if not self.tracked:
-            return None  # the usual case, on every authenticated request: nothing to look up
+    def admit(self, address: str, user: str) -> Admission:
+        """Reserve a failure from each budget for one check, or raise `Throttled`."""
         now = self._clock()
+        client, name = client_key(address), _user_key(user)
         waits = [
-            wait
-            for wait in (
-                self._addresses.remaining(_address_key(address), now),
-                self._users.remaining(_user_key(user), now),
+            entry.blocked_until - now
+            for entry in (
+                self._store.get(("pair", client, name), self._window, now),
+                self._store.get(("address", client), self._window, now),
             )
-            if wait is not None
+            if entry.blocked_until is not None
         ]
-        return max(waits) if waits else None
+        if waits:
+            raise Throttled(max(waits))
+        token = secrets.token_bytes(8)
+        wanted: list[tuple[Key, Hashable, int]] = [
+            (("pair", client, name), token, self._max_failures),
+            (("address", client), name, self._max_failures),
+        ]
+        if client not in self._store.get(("known", name), self._known_ttl, now).members:
+            wanted.append((("user", name), token, self._per_user))
+        held: list[tuple[Key, Hashable]] = []
+        for key, member, limit in wanted:
+            if not self._store.reserve(key, member, limit, self._window, now):
+                self._release(held)
+                raise Throttled(self._retry_after(key, now))
+            held.append((key, member))
+        return Admission(self, client, name, held)
 
-    def record_failure(self, address: str, user: str) -> None:
-        """A wrong password, or a user that does not exist."""
+    def _retry_after(self, key: Key, now: float) -> float:
+        oldest = self._store.get(key, self._window, now).oldest()
+        if oldest is None:
+            # Full of checks still running: they end within seconds, most likely as failures.
+            return self._block if key[0] != "user" else self._window
+        return max(oldest + self._window - now, 1.0)
+
+    def _failed(self, held: list[tuple[Key, Hashable]]) -> None:
         now = self._clock()
-        self._addresses.fail(_address_key(address), now)
-        self._users.fail(_user_key(user), now)
+        for key, member in held:
+            soft = key[0] == "user"
+            limit = self._per_user if soft else self._max_failures
+            self._store.commit(key, member, now, limit=limit, block=0 if soft else self._block)
 
-    def record_success(self, address: str, user: str) -> None:
-        """A correct password: the user's failures are forgotten, the address's are not."""
-        if len(self._users):
-            self._users.clear(_user_key(user))
+    def _succeeded(self, client: str, name: bytes, held: list[tuple[Key, Hashable]]) -> None:
+        self._release(held)
+        self._store.clear(("pair", client, name))
+        self._store.clear(("address", client), name)
+        self._store.commit(("known", name), client, self._clock())
+
+    def _release(self, held: list[tuple[Key, Hashable]]) -> None:
+        for key, member in held:
+            self._store.release(key, member)

@@ -18,6 +18,11 @@ USERS = {
     "bob": (["-m"], "bob:pass with colon"),
     "carol": (["-s"], "carol-sha1"),
 }
+# The other limits on password guessing, lifted too unless a test sets them.
+UNTHROTTLED = {
+    "PROXY_AUTH_MAX_FAILURES_PER_USER": "1000000",
+    "PROXY_AUTH_MAX_PENDING_PER_CLIENT": "1000000",
+}
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +59,7 @@ def proxy(
         tmp_path_factory.mktemp("proxy"),
         registry.url,
         htpasswd_file,
-        {"PROXY_AUTH_MAX_FAILURES": "1000000"},
+        {"PROXY_AUTH_MAX_FAILURES": "1000000", **UNTHROTTLED},
     )
     server.start()
     yield server
@@ -67,7 +72,7 @@ def start_proxy(htpasswd_file: Path, tmp_path: Path) -> Iterator[Callable[..., P
     started: list[Proxy] = []
 
     def start(upstream: str, htpasswd: Path | None = None, **env: str) -> Proxy:
-        env = {"PROXY_AUTH_MAX_FAILURES": "1000000", **env}
+        env = {"PROXY_AUTH_MAX_FAILURES": "1000000", **UNTHROTTLED, **env}
         server = Proxy(tmp_path / f"proxy{len(started)}", upstream, htpasswd or htpasswd_file, env)
         started.append(server)
         server.start()

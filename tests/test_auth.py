@@ -194,3 +194,110 @@ def test_passwords_longer_than_bcrypt_reads_never_match(bcrypt_backend: str) -> 
     assert auth.verify_password(long_password, stored)
     assert not auth.verify_password(long_password + "extra", stored)
     assert not auth.verify_password("y" * 8192, stored)
+
+
+# --- Timing: every failed check lasts as long as the decoy's.
+
+
+class FakeTime:
+    """A timer that moves only when a fake hash runs; a sleep that records instead of waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, float]] = []
+
+    def timer(self) -> float:
+        with self.lock:
+            return self.now
+
+    def spend(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.events.append(("sleep", seconds))
+
+
+async def test_failed_checks_are_padded_to_the_decoys_cost_without_computing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Timing: unknown users, {SHA}, apr1 and a cheaper bcrypt take the decoy's time to fail."""
+    from passlib.hash import apr_md5_crypt, ldap_sha1
+
+    cheap = bcrypt.using(rounds=4).hash("pw")
+    users = {"alice": cheap, "bob": str(apr_md5_crypt.hash("pw")), "carol": ldap_sha1.hash("pw")}
+    costs = {cheap: 0.02, users["bob"]: 0.001, users["carol"]: 0.0001, "decoy": 0.3}
+    clock = FakeTime()
+    real_verify = auth.verify_password
+
+    def verify(password: str, stored: str) -> bool:
+        clock.spend(costs[stored])
+        return stored != "decoy" and real_verify(password, stored)
+
+    monkeypatch.setattr(auth, "verify_password", verify)
+    check = CredentialChecker(
+        users, cache_ttl=60, cache_size=10, workers=1, timer=clock.timer, sleep=clock.sleep
+    )
+    check.replace_users(users, "decoy", decoy_cost=0.3)
+    for user in ["alice", "bob", "carol", "nobody"]:
+        clock.events.clear()
+        outcomes: list[Outcome] = []
+        before = clock.timer()
+        outcome = await check.check(user, "wrong", "client", outcomes.append)
+        assert outcome is Outcome.REJECTED
+        # The outcome is told before the padding, so a client leaving then cannot skip it.
+        assert outcomes == [Outcome.REJECTED]
+        slept = sum(seconds for _, seconds in clock.events)
+        assert clock.timer() - before + slept == pytest.approx(0.3), user
+    clock.events.clear()
+    assert await check.check("alice", "pw", "client") is Outcome.VERIFIED
+    assert clock.events == []
+    check.close()
+
+
+async def test_the_decoy_cost_follows_checks_against_the_decoy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeTime()
+
+    def verify(password: str, stored: str) -> bool:
+        clock.spend(0.5)  # the machine got slower than when the decoy was measured
+        return False
+
+    monkeypatch.setattr(auth, "verify_password", verify)
+    check = CredentialChecker(
+        {"alice": BCRYPT_HASH}, cache_ttl=60, cache_size=10, workers=1, timer=clock.timer
+    )
+    check.replace_users({"alice": BCRYPT_HASH}, "decoy", decoy_cost=0.1)
+    for n in range(30):
+        await check.check(f"nobody{n}", "x", "client")
+    assert check.decoy_cost == pytest.approx(0.5, rel=0.01)
+    check.close()
+
+
+def test_the_decoy_cost_is_measured_when_users_are_loaded() -> None:
+    ticks = iter([10.0, 10.25])
+    check = CredentialChecker(
+        {"alice": BCRYPT_HASH}, cache_ttl=60, cache_size=10, workers=1, timer=lambda: next(ticks)
+    )
+    assert check.decoy_cost == 0.25
+    check.close()
+
+
+async def test_a_client_past_its_share_of_the_pool_is_busy(counting: CountingVerify) -> None:
+    """Fairness: a client's own queue is capped; other clients still get a check."""
+    from proxy.hashpool import Busy
+
+    check = CredentialChecker(
+        {"alice": BCRYPT_HASH}, cache_ttl=60, cache_size=10, workers=1, max_pending_per_client=2
+    )
+    results = await asyncio.gather(
+        *(check.check("alice", f"guess{n}", "flooder") for n in range(4)),
+        check.check("alice", BCRYPT_PW, "other"),
+        return_exceptions=True,
+    )
+    assert [type(r) for r in results[:4]] == [Outcome, Outcome, Busy, Busy]
+    assert results[4] is Outcome.VERIFIED
+    assert counting.calls == 3
+    check.close()

@@ -1,10 +1,11 @@
-"""The password-guessing throttle, driven by an injected clock."""
+"""The password-guessing throttle and its store, driven by an injected clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.throttle import Throttle
+from proxy.throttle import Admission, Throttle, Throttled
+from proxy.throttle_store import MemoryStore
 
 
 class Clock:
@@ -20,169 +21,266 @@ def clock() -> Clock:
     return Clock()
 
 
-def make(clock: Clock, max_failures: int = 3, **kwargs: int) -> Throttle:
-    return Throttle(max_failures, window=60, block=300, clock=clock, **kwargs)
+def make(clock: Clock, max_failures: int = 3, **kwargs: object) -> Throttle:
+    return Throttle(max_failures, window=60, block=300, clock=clock, **kwargs)  # type: ignore[arg-type]
 
 
-def test_blocks_after_max_failures(clock: Clock) -> None:
+def fail(throttle: Throttle, address: str, user: str, times: int = 1) -> None:
+    for _ in range(times):
+        throttle.admit(address, user).failed()
+
+
+def retry_after(throttle: Throttle, address: str, user: str) -> float | None:
+    """Seconds the throttle asks to wait, or None when a check may run (given back at once)."""
+    try:
+        throttle.admit(address, user).release()
+    except Throttled as refusal:
+        return refusal.retry_after
+    return None
+
+
+def test_a_pair_is_blocked_after_max_failures(clock: Clock) -> None:
     throttle = make(clock)
-    for _ in range(2):
-        throttle.record_failure("192.0.2.1", "alice")
-        assert throttle.blocked("192.0.2.1", "alice") is None
-    throttle.record_failure("192.0.2.1", "alice")
-    assert throttle.blocked("192.0.2.1", "alice") == 300
+    fail(throttle, "192.0.2.1", "alice", 2)
+    assert retry_after(throttle, "192.0.2.1", "alice") is None
+    fail(throttle, "192.0.2.1", "alice")
+    assert retry_after(throttle, "192.0.2.1", "alice") == 300
     clock.now += 100
-    assert throttle.blocked("192.0.2.1", "alice") == 200
+    assert retry_after(throttle, "192.0.2.1", "alice") == 200
+
+
+def test_parallel_checks_take_the_budget_before_they_run(clock: Clock) -> None:
+    """Concurrency: 60 guesses in flight at once get only max_failures reservations."""
+    throttle = make(clock, max_failures=5)
+    admitted: list[Admission] = []
+    refused = 0
+    for _ in range(60):
+        try:
+            admitted.append(throttle.admit("192.0.2.1", "alice"))
+        except Throttled:
+            refused += 1
+    assert (len(admitted), refused) == (5, 55)
+    for admission in admitted:
+        admission.failed()
+    assert retry_after(throttle, "192.0.2.1", "alice") == 300
+
+
+def test_a_success_gives_its_reservation_back(clock: Clock) -> None:
+    throttle = make(clock)
+    held = [throttle.admit("192.0.2.1", "alice") for _ in range(3)]
+    assert retry_after(throttle, "192.0.2.1", "alice") is not None
+    held[0].succeeded()
+    held[1].release()
+    assert retry_after(throttle, "192.0.2.1", "alice") is None
+    held[2].failed()
+    held[2].succeeded()  # settled already: no effect
+    fail(throttle, "192.0.2.1", "alice", 1)
+    assert retry_after(throttle, "192.0.2.1", "alice") is None
+
+
+def test_success_clears_the_users_count_at_the_address(clock: Clock) -> None:
+    """record_success must clear the user's failures there (issue 15: a suite let this through)."""
+    throttle = make(clock)
+    fail(throttle, "192.0.2.1", "alice", 2)
+    throttle.admit("192.0.2.1", "alice").succeeded()
+    fail(throttle, "192.0.2.1", "alice", 2)
+    assert retry_after(throttle, "192.0.2.1", "alice") is None
+
+
+def test_success_clears_the_pair_with_checks_in_flight(clock: Clock) -> None:
+    throttle = make(clock)
+    held = throttle.admit("192.0.2.1", "alice")  # the right password, still being checked
+    fail(throttle, "192.0.2.1", "alice", 2)
+    assert retry_after(throttle, "192.0.2.1", "alice") == 60
+    held.succeeded()
+    assert retry_after(throttle, "192.0.2.1", "alice") is None
+
+
+def test_success_clears_only_its_own_name_at_the_address(clock: Clock) -> None:
+    """A client with one valid account cannot reset the address between guesses at others."""
+    throttle = make(clock)
+    fail(throttle, "192.0.2.1", "alice")
+    fail(throttle, "192.0.2.1", "bob")
+    throttle.admit("192.0.2.1", "mallory").succeeded()
+    fail(throttle, "192.0.2.1", "carol")  # the third name with failures
+    assert retry_after(throttle, "192.0.2.1", "dave") == 300
+    # alice's success removes her name from the address's count (so it has two names left) ...
+    clock.now += 400
+    fail(throttle, "192.0.2.1", "alice")
+    fail(throttle, "192.0.2.1", "bob")
+    throttle.admit("192.0.2.1", "alice").succeeded()
+    fail(throttle, "192.0.2.1", "carol")
+    assert retry_after(throttle, "192.0.2.1", "dave") is None
+    # ... and not bob's, whose failure still counts.
+    fail(throttle, "192.0.2.1", "erin")
+    assert retry_after(throttle, "192.0.2.1", "dave") == 300
+
+
+def test_an_address_is_blocked_after_max_failures_names(clock: Clock) -> None:
+    throttle = make(clock)
+    for user in ("alice", "bob", "carol"):
+        fail(throttle, "192.0.2.1", user)
+    assert retry_after(throttle, "192.0.2.1", "dave") == 300
+    assert retry_after(throttle, "192.0.2.2", "alice") is None
+
+
+def test_parallel_guesses_at_many_names_take_the_address_budget_first(clock: Clock) -> None:
+    throttle = make(clock, max_failures=5)
+    admitted = 0
+    for n in range(60):
+        try:
+            throttle.admit("192.0.2.1", f"user{n}")
+            admitted += 1
+        except Throttled:
+            pass
+    assert admitted == 5
+
+
+def test_one_colleague_mistyping_does_not_block_a_shared_address(clock: Clock) -> None:
+    """Shared addresses: the typist's pair is blocked; colleagues behind the same NAT are not."""
+    throttle = make(clock)
+    fail(throttle, "198.51.100.1", "alice", 3)
+    assert retry_after(throttle, "198.51.100.1", "alice") == 300
+    for colleague in ("bob", "carol", "dave"):
+        throttle.admit("198.51.100.1", colleague).succeeded()
+    fail(throttle, "198.51.100.1", "bob")  # a second typist counts as a second name
+    assert retry_after(throttle, "198.51.100.1", "carol") is None
+
+
+def test_guessing_one_name_from_many_addresses_is_slowed_not_blocked(clock: Clock) -> None:
+    """No lockout by name: many addresses share a slow rate for the name, never a block."""
+    throttle = make(clock, max_failures_per_user=6)
+    for n in range(6):
+        fail(throttle, f"203.0.113.{n}", "alice")
+    # The rate is spent: a seventh address waits until the oldest failure leaves the window.
+    assert retry_after(throttle, "203.0.113.99", "alice") == 60
+    clock.now += 30
+    assert retry_after(throttle, "203.0.113.99", "alice") == 30
+    clock.now += 30
+    assert retry_after(throttle, "203.0.113.99", "alice") is None
+    # Other names are untouched.
+    assert retry_after(throttle, "203.0.113.99", "bob") is None
+
+
+def test_the_owner_from_a_known_address_is_exempt_from_the_names_rate(clock: Clock) -> None:
+    throttle = make(clock, max_failures_per_user=6, known_client_ttl=3600)
+    throttle.admit("192.0.2.50", "alice").succeeded()
+    for n in range(6):
+        fail(throttle, f"203.0.113.{n}", "alice")
+    assert retry_after(throttle, "203.0.113.99", "alice") is not None
+    assert retry_after(throttle, "192.0.2.50", "alice") is None
+    # The owner's own typos there still meet the pair's hard limit.
+    fail(throttle, "192.0.2.50", "alice", 3)
+    assert retry_after(throttle, "192.0.2.50", "alice") == 300
+    # An address is known for known_client_ttl after its last success.
+    clock.now += 3601
+    for n in range(6):
+        fail(throttle, f"203.0.113.{n}", "alice")
+    assert retry_after(throttle, "192.0.2.50", "alice") is not None
+
+
+def test_one_guessing_address_leaves_the_owner_a_fresh_address(clock: Clock) -> None:
+    throttle = make(clock)  # max_failures_per_user defaults to twice max_failures
+    fail(throttle, "203.0.113.1", "alice", 3)
+    assert retry_after(throttle, "203.0.113.1", "alice") == 300
+    throttle.admit("192.0.2.7", "alice").succeeded()
 
 
 def test_block_expires_by_itself_and_the_count_starts_afresh(clock: Clock) -> None:
     throttle = make(clock)
-    for _ in range(3):
-        throttle.record_failure("192.0.2.1", "alice")
+    fail(throttle, "192.0.2.1", "alice", 3)
     clock.now += 299.5
-    assert throttle.blocked("192.0.2.1", "alice") == pytest.approx(0.5)
+    assert retry_after(throttle, "192.0.2.1", "alice") == pytest.approx(0.5)
     clock.now += 0.5
-    assert throttle.blocked("192.0.2.1", "alice") is None
-    throttle.record_failure("192.0.2.1", "alice")
-    assert throttle.blocked("192.0.2.1", "alice") is None
-    assert throttle.tracked == 2
+    assert retry_after(throttle, "192.0.2.1", "alice") is None
+    fail(throttle, "192.0.2.1", "alice", 2)
+    assert retry_after(throttle, "192.0.2.1", "alice") is None
 
 
 def test_failures_during_a_block_do_not_extend_it(clock: Clock) -> None:
     throttle = make(clock)
-    for _ in range(3):
-        throttle.record_failure("192.0.2.1", "alice")
+    held = throttle.admit("192.0.2.1", "alice")  # a check already running
+    for user in ("bob", "carol", "alice"):
+        fail(throttle, "192.0.2.1", user)
+    assert retry_after(throttle, "192.0.2.1", "dave") == 300
     clock.now += 200
-    throttle.record_failure("192.0.2.1", "alice")
-    assert throttle.blocked("192.0.2.1", "alice") == 100
+    held.failed()
+    assert retry_after(throttle, "192.0.2.1", "dave") == 100
 
 
 def test_the_window_slides(clock: Clock) -> None:
     throttle = make(clock)
-    throttle.record_failure("192.0.2.1", "alice")
+    fail(throttle, "192.0.2.1", "alice")
     clock.now += 40
-    throttle.record_failure("192.0.2.1", "alice")
+    fail(throttle, "192.0.2.1", "alice")
     clock.now += 30  # the first failure is now 70 s old: out of the window
-    throttle.record_failure("192.0.2.1", "alice")
-    assert throttle.blocked("192.0.2.1", "alice") is None
+    fail(throttle, "192.0.2.1", "alice")
+    assert retry_after(throttle, "192.0.2.1", "alice") is None
     clock.now += 20  # the second is 50 s old: still in
-    throttle.record_failure("192.0.2.1", "alice")
-    assert throttle.blocked("192.0.2.1", "alice") == 300
+    fail(throttle, "192.0.2.1", "alice")
+    assert retry_after(throttle, "192.0.2.1", "alice") == 300
 
 
 def test_slow_guessing_is_never_blocked(clock: Clock) -> None:
     throttle = make(clock)
     for _ in range(100):
-        throttle.record_failure("192.0.2.1", "alice")
-        assert throttle.blocked("192.0.2.1", "alice") is None
+        fail(throttle, "192.0.2.1", "alice")
+        assert retry_after(throttle, "192.0.2.1", "alice") is None
         clock.now += 30.01
-
-
-def test_a_user_is_blocked_from_every_address(clock: Clock) -> None:
-    throttle = make(clock)
-    for n in range(3):
-        throttle.record_failure(f"192.0.2.{n}", "alice")
-    assert throttle.blocked("198.51.100.7", "alice") == 300
-    # The addresses themselves had one failure each, so other users pass.
-    assert throttle.blocked("192.0.2.0", "bob") is None
-
-
-def test_an_address_is_blocked_for_every_user(clock: Clock) -> None:
-    throttle = make(clock)
-    for user in ("alice", "bob", "carol"):
-        throttle.record_failure("192.0.2.1", user)
-    assert throttle.blocked("192.0.2.1", "dave") == 300
-    assert throttle.blocked("192.0.2.2", "alice") is None
-
-
-def test_blocked_reports_the_later_of_two_blocks(clock: Clock) -> None:
-    throttle = make(clock)
-    for _ in range(3):
-        throttle.record_failure("192.0.2.1", "alice")
-    clock.now += 100
-    for n in range(3):
-        throttle.record_failure(f"198.51.100.{n}", "bob")
-    assert throttle.blocked("192.0.2.1", "bob") == 300
-    assert throttle.blocked("192.0.2.1", "carol") == 200
-
-
-def test_success_clears_the_user_not_the_address(clock: Clock) -> None:
-    throttle = make(clock)
-    for _ in range(2):
-        throttle.record_failure("192.0.2.1", "alice")
-    throttle.record_success("192.0.2.1", "alice")
-    throttle.record_failure("192.0.2.2", "alice")
-    throttle.record_failure("192.0.2.2", "alice")
-    assert throttle.blocked("192.0.2.2", "alice") is None
-    # The first address still has its two failures: one more (any user) blocks it.
-    throttle.record_failure("192.0.2.1", "bob")
-    assert throttle.blocked("192.0.2.1", "zed") == 300
-
-
-def test_success_ends_a_users_block(clock: Clock) -> None:
-    throttle = make(clock)
-    for n in range(3):
-        throttle.record_failure(f"192.0.2.{n}", "alice")
-    throttle.record_success("192.0.2.9", "alice")
-    assert throttle.blocked("192.0.2.9", "alice") is None
 
 
 def test_ipv6_counts_per_64(clock: Clock) -> None:
     throttle = make(clock)
     for n in range(1, 4):
-        throttle.record_failure(f"2001:db8:1:2::{n:x}", f"user{n}")
-    assert throttle.blocked("2001:db8:1:2:ffff:ffff:ffff:ffff", "other") == 300
-    assert throttle.blocked("2001:db8:1:3::1", "other") is None
+        fail(throttle, f"2001:db8:1:2::{n:x}", f"user{n}")
+    assert retry_after(throttle, "2001:db8:1:2:ffff:ffff:ffff:ffff", "other") == 300
+    assert retry_after(throttle, "2001:db8:1:3::1", "other") is None
 
 
 def test_ipv4_mapped_addresses_count_as_ipv4(clock: Clock) -> None:
     throttle = make(clock)
     for n in range(3):
-        throttle.record_failure("::ffff:192.0.2.1" if n % 2 else "192.0.2.1", f"user{n}")
-    assert throttle.blocked("192.0.2.1", "other") == 300
-    assert throttle.blocked("::ffff:192.0.2.1", "other") == 300
+        fail(throttle, "::ffff:192.0.2.1" if n % 2 else "192.0.2.1", f"user{n}")
+    assert retry_after(throttle, "192.0.2.1", "other") == 300
+    assert retry_after(throttle, "::ffff:192.0.2.1", "other") == 300
 
 
 def test_addresses_that_are_not_ip_addresses_are_keys_as_they_are(clock: Clock) -> None:
     throttle = make(clock, max_failures=1)
-    throttle.record_failure("unix-socket", "alice")
-    assert throttle.blocked("unix-socket", "bob") == 300
-    assert throttle.blocked("fe80::1%eth0", "bob") is None
-
-
-def test_a_limit_of_one_blocks_at_the_first_failure(clock: Clock) -> None:
-    throttle = make(clock, max_failures=1)
-    throttle.record_failure("192.0.2.1", "alice")
-    assert throttle.blocked("192.0.2.1", "alice") == 300
+    fail(throttle, "unix-socket", "alice")
+    assert retry_after(throttle, "unix-socket", "bob") == 300
+    assert retry_after(throttle, "fe80::1%eth0", "bob") is None
 
 
 def test_memory_is_bounded(clock: Clock) -> None:
-    throttle = make(clock, max_keys=50)
+    store = MemoryStore(max_keys=50)
+    throttle = make(clock, store=store)
     for n in range(10_000):
-        throttle.record_failure(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", "x" * 4000 + str(n))
-        assert throttle.tracked <= 100
+        fail(throttle, f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", "x" * 4000 + str(n))
+        assert len(store) <= 50
         clock.now += 0.001
-    assert throttle.tracked == 100
+    assert len(store) == 50
 
 
 def test_blocked_keys_outlive_a_flood_of_unblocked_ones(clock: Clock) -> None:
-    throttle = make(clock, max_keys=10)
-    for _ in range(3):
-        throttle.record_failure("192.0.2.1", "alice")
+    store = MemoryStore(max_keys=10)
+    throttle = make(clock, store=store)
+    fail(throttle, "192.0.2.1", "alice", 3)
     for n in range(1000):
-        throttle.record_failure(f"10.0.{n >> 8}.{n & 255}", f"user{n}")
-    assert throttle.blocked("192.0.2.1", "nobody") == 300
-    assert throttle.blocked("203.0.113.1", "alice") == 300
+        fail(throttle, f"10.0.{n >> 8}.{n & 255}", f"user{n}")
+    assert retry_after(throttle, "192.0.2.1", "alice") == 300
 
 
 def test_stale_keys_are_forgotten(clock: Clock) -> None:
-    throttle = make(clock)
+    store = MemoryStore()
+    throttle = make(clock, store=store)
     for n in range(20):
-        throttle.record_failure(f"10.0.0.{n}", f"user{n}")
-    assert throttle.tracked == 40
+        fail(throttle, f"10.0.0.{n}", f"user{n}")
+    assert len(store) == 60  # pair, address and name for each
     clock.now += 61
-    throttle.record_failure("192.0.2.1", "alice")
-    assert throttle.tracked == 2
+    for n in range(20):
+        assert retry_after(throttle, f"10.0.0.{n}", f"user{n}") is None
+    assert len(store) == 0
 
 
 @pytest.mark.parametrize(
@@ -191,9 +289,15 @@ def test_stale_keys_are_forgotten(clock: Clock) -> None:
         {"max_failures": 0, "window": 60, "block": 60},
         {"max_failures": 3, "window": 0, "block": 60},
         {"max_failures": 3, "window": 60, "block": -1},
-        {"max_failures": 3, "window": 60, "block": 60, "max_keys": 0},
+        {"max_failures": 3, "window": 60, "block": 60, "max_failures_per_user": 0},
+        {"max_failures": 3, "window": 60, "block": 60, "known_client_ttl": 0},
     ],
 )
 def test_refuses_unusable_settings(arguments: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         Throttle(**arguments)  # type: ignore[arg-type]
+
+
+def test_the_store_refuses_no_room() -> None:
+    with pytest.raises(ValueError):
+        MemoryStore(max_keys=0)
