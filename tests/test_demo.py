@@ -184,6 +184,7 @@ def checkout(tmp_path: Path) -> Path:
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "install-deps", tmp_path / "scripts")
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    shutil.copy(ROOT / "constraints.txt", tmp_path)
     venv = tmp_path / ".venv" / "bin"
     venv.mkdir(parents=True)
     recorder = venv / "python"
@@ -219,5 +220,9 @@ def test_install_deps_runs_pip_only_when_something_changed(checkout: Path) -> No
     # ...but a test install serves the demo.
     assert pip_calls(checkout, "--demo") == []
     with (checkout / "pyproject.toml").open("a") as file:
+        file.write("\n# changed\n")
+    assert any("-e .[test]" in c for c in pip_calls(checkout))
+    # New pins (scripts/pin-deps) reinstall too.
+    with (checkout / "constraints.txt").open("a") as file:
         file.write("\n# changed\n")
     assert any("-e .[test]" in c for c in pip_calls(checkout))

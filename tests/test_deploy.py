@@ -590,7 +590,8 @@ def test_only_the_public_port_and_the_registry_port_are_published() -> None:
 
 
 def test_ingress_variant_changes_only_the_proxy_publishing() -> None:
-    """deploy/stack-ingress.yml on top: ingress port, replicas, start-first; nothing else."""
+    """deploy/stack-ingress.yml on top: ingress port, replicas, start-first, and the per-client
+    connection cap lifted (every client comes from the ingress address); nothing else."""
     override = DEPLOY / "stack-ingress.yml"
     merged, base = stack(override)["services"], stack()["services"]
     assert published_ports(merged)["proxy"] == (443, port_of(proxy_settings()["listen"]), "ingress")
@@ -601,6 +602,9 @@ def test_ingress_variant_changes_only_the_proxy_publishing() -> None:
     assert {k: v for k, v in merged.items() if k != "proxy"} == {
         k: v for k, v in base.items() if k != "proxy"
     }
+    environment = merged["proxy"]["environment"]
+    assert environment.pop("PROXY_MAX_CONNECTIONS_PER_CLIENT") == "4096"
+    assert environment == base["proxy"]["environment"]
     unchanged = {"ports", "deploy"}
     assert {k: v for k, v in merged["proxy"].items() if k not in unchanged} == {
         k: v for k, v in base["proxy"].items() if k not in unchanged

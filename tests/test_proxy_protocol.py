@@ -198,8 +198,9 @@ def test_haproxy_tcp_mode_tells_clients_apart(
     url = f"http://127.0.0.1:{edge.port}/v2/"
     good, guesser = CLIENTS
     for attempt in range(3):
-        assert curl(url, guesser, "mallory", f"guess-{attempt}") == 401
-    # alice's first login (not cached yet) from the guesser's address is blocked ...
+        assert curl(url, guesser, f"mallory-{attempt}", "guess") == 401
+    # Failures for three names block the address: alice's first login (not cached yet) from
+    # the guesser's address is refused ...
     assert curl(url, guesser, "alice", users["alice"]) == 429
     # ... and only there.
     assert curl(url, good, "alice", users["alice"]) == 200
