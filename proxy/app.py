@@ -18,6 +18,7 @@ from proxy.config import Config
 from proxy.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
+from proxy.forwarded import client_key
 from proxy.hashpool import Busy
 from proxy.log import escape
 from proxy.metrics import Metrics
@@ -26,7 +27,7 @@ from proxy.paths import Action
 from proxy.pool import UpstreamSlots
 from proxy.refusal import Refusal
 from proxy.reload import CredentialReloader
-from proxy.throttle import Throttle, Throttled, client_key
+from proxy.throttle import Throttle, Throttled
 
 log = logging.getLogger("registry_proxy")
 

@@ -85,3 +85,17 @@ def forwarded_client(peer: str, chain: Sequence[str], trusted: Sequence[Network]
         if not is_trusted(address, trusted):
             break
     return client
+
+
+def client_key(address: str) -> str:
+    """What a client's connections are counted under: its IPv4 address (IPv4-mapped IPv6
+    included) or its IPv6 /64, the usual allocation of one site."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

@@ -24,11 +24,11 @@ any of them ends, and a burst of parallel guesses runs no more checks than the b
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import secrets
 import time
 from collections.abc import Callable, Hashable
 
+from proxy.forwarded import client_key
 from proxy.throttle_store import MemoryStore, ThrottleStore
 
 # ("pair", address, user), ("address", address), ("user", user) or ("known", user).
@@ -41,19 +41,6 @@ class Throttled(Exception):
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"throttled for {retry_after:.1f}s")
         self.retry_after = retry_after
-
-
-def client_key(address: str) -> str:
-    """The address a client is counted as: IPv6 by /64, IPv4-mapped IPv6 as IPv4."""
-    try:
-        ip = ipaddress.ip_address(address.partition("%")[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 def _user_key(user: str) -> bytes:

@@ -18,8 +18,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.client_slots import ClientSlots, client_key
+from proxy.client_slots import ClientSlots
 from proxy.connection import HEAD_LIMIT
+from proxy.forwarded import client_key
 from proxy.pool import UpstreamSlots
 from tests.support import Proxy, Registry, eventually, http_status, push_blob
 from tests.test_adversarial import counting_upstream, exchange_raw, gauge, rss, token
