@@ -30,6 +30,7 @@ _CHECKED = {
 }
 
 Result = Identity | AuthFailure | None
+_EMPTY_BASIC = "Og=="  # base64 of ":"
 
 
 class Authenticator(Protocol):
@@ -44,6 +45,19 @@ def basic_challenge(realm: str) -> str:
     return f'Basic realm="{realm}"'
 
 
+def sends_credentials(request: web.Request) -> bool:
+    """False without an Authorization header, or with Basic of an empty user and password.
+
+    containers/image (skopeo, podman, buildah) answers a Basic challenge with `Basic Og==`
+    (`:`) when it holds no credentials: that is no login, not a wrong one.
+    """
+    header = request.headers.get("Authorization")
+    if not header:
+        return False
+    scheme, _, token = header.strip().partition(" ")
+    return not (scheme.lower() == "basic" and token.strip() == _EMPTY_BASIC)
+
+
 class HtpasswdAuthenticator:
     """HTTP Basic against the htpasswd table, behind the password-guessing throttle."""
 
@@ -56,10 +70,9 @@ class HtpasswdAuthenticator:
         self.challenge = basic_challenge(realm)
 
     async def authenticate(self, request: web.Request, exchange: Exchange) -> Result:
-        header = request.headers.get("Authorization")
-        if not header:
+        if not sends_credentials(request):
             return None
-        credentials = parse_basic(header)
+        credentials = parse_basic(request.headers.get("Authorization"))
         if credentials is None:
             # Malformed: no password was checked, so nothing counts as a guess.
             return self._refuse(AuthOutcome.BAD_CREDENTIALS)
@@ -114,7 +127,7 @@ class AnonymousAuthenticator:
         self._enabled = enabled
 
     async def authenticate(self, request: web.Request, exchange: Exchange) -> Result:
-        if "Authorization" in request.headers or exchange.target.action is Action.PING:
+        if sends_credentials(request) or exchange.target.action is Action.PING:
             return None
         return ANONYMOUS if self._enabled() else None
 

@@ -171,7 +171,8 @@ def test_glob_edge_cases(pattern: str, matches: list[str], misses: list[str]) ->
         (
             None,
             [{"users": "a", "repositories": "*", "actions": "pull", "repos": "x"}],
-            r"^access\[0\]: unknown key 'repos' \(expected users, repositories, actions, networks\)$",
+            r"^access\[0\]: unknown key 'repos' "
+            r"\(expected users, repositories, actions, networks\)$",
         ),
         (
             None,
