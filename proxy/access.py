@@ -15,7 +15,10 @@ Semantics:
 - No rules (no `access` key, or an empty list): every authenticated user may do everything.
 - Otherwise a user's rights are the union over every rule naming them: there are no deny rules,
   so the order of the rules does not matter. A user no rule names may only log in (`/v2/`).
-- `users`: user names, `@group` (from `groups`), or `*` for any authenticated user.
+- `users`: user names, `@group` (from `groups`), `*` for any authenticated user, or the reserved
+  `@anonymous` for requests without credentials (pull and catalog only; `*` does not include it).
+- `networks` (optional): CIDR networks; the rule then grants its rights only to clients whose real
+  address (after `trusted_proxies` / PROXY protocol) is inside one of them.
 - `repositories`: globs over the whole repository name; `*` matches any run of characters
   within one path component, `**` any run including `/`. `team-a/*` matches `team-a/app` but not
   `team-a/app/x`; `team-a/**` matches both; neither matches `team-a` itself.
@@ -39,12 +42,15 @@ and the first value of a repeated key wins.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from urllib.parse import quote
 
+from proxy.identity import ANONYMOUS_GROUP, Identity
 from proxy.paths import Action, Target, classify, is_repository
 
 
@@ -66,13 +72,51 @@ CATALOG_MAX_N = 1000
 # backtracking cheap on names a client makes up.
 REPOSITORY_MAX_LENGTH = 255
 
-_RULE_KEYS = ("users", "repositories", "actions")
+_RULE_KEYS = ("users", "repositories", "actions", "networks")
+# What `@anonymous` may be granted: reading, never writing.
+ANONYMOUS_RIGHTS = frozenset({Right.PULL, Right.CATALOG})
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PATTERN_CHARS = re.compile(r"[a-z0-9._/*-]+")
 _WILDCARDS = re.compile(r"(\*\*|\*)")
 # Go's strconv.Atoi, which reads the registry's `n`.
 _ATOI = re.compile(r"[+-]?[0-9]+")
 _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What a rule may look at: who asks, for what, and from where."""
+
+    identity: Identity
+    method: str = "GET"
+    target: Target = field(default_factory=lambda: Target(Action.OTHER))
+    raw_query: str = ""
+    content_type: str = ""
+    # The real client address (after trusted_proxies / PROXY protocol); "" if unknown.
+    client: str = ""
+
+    @classmethod
+    def of(
+        cls, user: str, method: str = "GET", target: Target | None = None, raw_query: str = ""
+    ) -> RequestContext:
+        """A password-authenticated `user` from no known address (for tests and tools)."""
+        return cls(Identity.user(user), method, target or Target(Action.OTHER), raw_query)
+
+    @cached_property
+    def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(self.client)
+        except ValueError:
+            return None
+
+
+# A bare user name stands for `RequestContext.of(name)`: rules with `networks` never apply to it.
+Subject = RequestContext | str
+
+
+def _context(who: Subject) -> RequestContext:
+    return RequestContext.of(who) if isinstance(who, str) else who
 
 
 @dataclass(frozen=True)
@@ -83,9 +127,24 @@ class Rule:
     any_user: bool
     patterns: tuple[re.Pattern[str], ...]
     rights: frozenset[Right]
+    # Groups the identity itself carries (today only the reserved `anonymous`).
+    groups: frozenset[str] = frozenset()
+    networks: tuple[Network, ...] = ()
 
-    def names(self, user: str) -> bool:
-        return self.any_user or user in self.users
+    def names(self, identity: Identity) -> bool:
+        if self.groups & identity.groups:
+            return True
+        return not identity.anonymous and (self.any_user or identity.name in self.users)
+
+    def reaches(self, context: RequestContext) -> bool:
+        """Whether the client's address is inside the rule's networks (if it has any)."""
+        if not self.networks:
+            return True
+        address = context.address
+        return address is not None and any(address in network for network in self.networks)
+
+    def applies(self, context: RequestContext) -> bool:
+        return self.names(context.identity) and self.reaches(context)
 
     def covers(self, repository: str) -> bool:
         return any(pattern.fullmatch(repository) for pattern in self.patterns)
@@ -106,28 +165,36 @@ class AccessPolicy:
         """Every user name the rules and their groups mention (to warn about typos)."""
         return frozenset().union(*(rule.users for rule in self._rules))
 
-    def allows(self, user: str, right: Right, repository: str | None) -> bool:
-        """Whether `user` has `right`; no rule grants a repository right on `None`."""
+    @property
+    def public(self) -> bool:
+        """Whether some rule grants `@anonymous` anything (else no request is anonymous)."""
+        return any(ANONYMOUS_GROUP in rule.groups for rule in self._rules)
+
+    def allows(self, who: Subject, right: Right, repository: str | None) -> bool:
+        """Whether `who` has `right`; no rule grants a repository right on `None`."""
         if self.unrestricted:
             return True
+        context = _context(who)
         if right is Right.CATALOG:
-            return any(right in rule.rights and rule.names(user) for rule in self._rules)
+            return any(right in rule.rights and rule.applies(context) for rule in self._rules)
         if repository is None or len(repository) > REPOSITORY_MAX_LENGTH:
             return False
         return any(
-            right in rule.rights and rule.names(user) and rule.covers(repository)
+            right in rule.rights and rule.applies(context) and rule.covers(repository)
             for rule in self._rules
         )
 
-    def may_pull_any(self, user: str) -> bool:
-        """Whether any rule lets `user` pull some repository (else the catalog is empty)."""
+    def may_pull_any(self, who: Subject) -> bool:
+        """Whether any rule lets `who` pull some repository (else the catalog is empty)."""
+        context = _context(who)
         return self.unrestricted or any(
-            Right.PULL in rule.rights and rule.names(user) and rule.patterns for rule in self._rules
+            Right.PULL in rule.rights and rule.applies(context) and rule.patterns
+            for rule in self._rules
         )
 
-    def may_pull(self, user: str, repository: str) -> bool:
-        """Whether the catalog may show `repository` to `user`."""
-        return self.allows(user, Right.PULL, repository)
+    def may_pull(self, who: Subject, repository: str) -> bool:
+        """Whether the catalog may show `repository` to `who`."""
+        return self.allows(who, Right.PULL, repository)
 
 
 def parse_access(groups: object, rules: object) -> AccessPolicy:
@@ -158,6 +225,11 @@ def _parse_groups(groups: object) -> dict[str, frozenset[str]]:
             parsed[name] = frozenset()
             continue
         entries = _strings(where, users)
+        if name == ANONYMOUS_GROUP:
+            raise ValueError(
+                f"groups.{name}: the name is reserved (@{ANONYMOUS_GROUP} means requests "
+                "without credentials)"
+            )
         for index, user in enumerate(entries):
             if user == ANY_USER or user.startswith("@"):
                 raise ValueError(f"{where}[{index}]: a group lists user names only, got {user!r}")
@@ -184,10 +256,19 @@ def _parse_rule(where: str, rule: object, groups: Mapping[str, frozenset[str]]) 
             ) from None
 
     users: set[str] = set()
+    identity_groups: set[str] = set()
     any_user = False
     for index, entry in enumerate(_required(where, rule, "users")):
         if entry == ANY_USER:
             any_user = True
+        elif entry == f"@{ANONYMOUS_GROUP}":
+            writes = sorted(right.value for right in rights - ANONYMOUS_RIGHTS)
+            if writes:
+                raise ValueError(
+                    f"{where}.users[{index}]: @{ANONYMOUS_GROUP} may only pull and read the "
+                    f"catalog, not {', '.join(writes)} (give those to named users)"
+                )
+            identity_groups.add(ANONYMOUS_GROUP)
         elif entry.startswith("@"):
             if entry[1:] not in groups:
                 defined = ", ".join(sorted(groups)) or "none"
@@ -203,7 +284,30 @@ def _parse_rule(where: str, rule: object, groups: Mapping[str, frozenset[str]]) 
     if rights & REPOSITORY_RIGHTS or rule.get("repositories") is not None:
         for index, pattern in enumerate(_required(where, rule, "repositories")):
             patterns.append(_glob(f"{where}.repositories[{index}]", pattern))
-    return Rule(frozenset(users), any_user, tuple(patterns), frozenset(rights))
+    networks = tuple(_parse_networks(f"{where}.networks", rule.get("networks")))
+    return Rule(
+        frozenset(users),
+        any_user,
+        tuple(patterns),
+        frozenset(rights),
+        frozenset(identity_groups),
+        networks,
+    )
+
+
+def _parse_networks(where: str, value: object) -> list[Network]:
+    if value is None:
+        return []
+    entries = _strings(where, value)
+    if not entries:
+        raise ValueError(f"{where}: expected at least one CIDR network")
+    networks: list[Network] = []
+    for index, entry in enumerate(entries):
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{where}[{index}]: {entry!r} is not a CIDR network ({exc})") from None
+    return networks
 
 
 def _required(where: str, rule: Mapping[object, object], key: str) -> list[str]:
@@ -253,6 +357,17 @@ def _glob(where: str, pattern: str) -> re.Pattern[str]:
         ".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part) for part in parts
     )
     return re.compile(regex)
+
+
+# For other rule kinds that take repository globs and string lists (proxy/immutable.py).
+def glob_pattern(where: str, pattern: str) -> re.Pattern[str]:
+    """A repository glob, as `repositories` in `access` reads it."""
+    return _glob(where, pattern)
+
+
+def strings(where: str, value: object) -> list[str]:
+    """A list of strings; a single string counts as a list of one."""
+    return _strings(where, value)
 
 
 # Which rights a request needs.
@@ -308,26 +423,21 @@ class Decision:
     reason: str = ""
 
 
-def authorize(
-    policy: AccessPolicy,
-    user: str,
-    method: str,
-    target: Target,
-    raw_query: str,
-) -> Decision:
-    """Decide one authenticated request (its bytes already passed `proxy.reading`)."""
+def authorize(policy: AccessPolicy, context: RequestContext) -> Decision:
+    """Decide one identified request (its bytes already passed `proxy.reading`)."""
+    method, target, raw_query = context.method, context.target, context.raw_query
     if target.action is Action.CATALOG:
         raw_query = cap_catalog_query(raw_query)
     if policy.unrestricted:
         return Decision(True, raw_query)
     for right, repository in required_rights(method, target, {}):
-        if not policy.allows(user, right, repository):
+        if not policy.allows(context, right, repository):
             where = f" on {repository}" if repository else ""
             return Decision(False, raw_query, f"{right.value}{where} denied")
     source = mount_source(method, target, parse_query(raw_query))
     # A glob can match what is no name to the registry (`shared/**` takes `shared/x#/y`).
     if source is not None and not (
-        is_repository(source) and policy.allows(user, Right.PULL, source)
+        is_repository(source) and policy.allows(context, Right.PULL, source)
     ):
         raw_query = strip_mount(raw_query)
     return Decision(True, raw_query)

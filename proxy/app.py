@@ -6,48 +6,31 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
-from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
 
-from proxy import catalog, errors, reading
-from proxy.access import AccessPolicy, authorize
-from proxy.auth import CredentialChecker, Outcome, parse_basic
+from proxy import catalog, errors
+from proxy.access import AccessPolicy
+from proxy.auth import CredentialChecker
+from proxy.authn import AnonymousAuthenticator, Authenticators, HtpasswdAuthenticator
 from proxy.config import Config
 from proxy.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
-from proxy.forwarded import client_key
-from proxy.hashpool import Busy
-from proxy.log import escape
+from proxy.gate import AccessControl, Gate
 from proxy.metrics import Metrics
 from proxy.pacing import RefusalPacer
 from proxy.paths import Action
 from proxy.pool import UpstreamSlots
 from proxy.refusal import Refusal
 from proxy.reload import CredentialReloader
-from proxy.throttle import Throttle, Throttled
+from proxy.tag_guard import TagGuard
+from proxy.throttle import Throttle
 
 log = logging.getLogger("registry_proxy")
 
 _API_PREFIX = "/v2/"
-_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# Seconds a client whose checks fill its share of the hashing pool is told to wait.
-_BUSY_RETRY_AFTER = 1.0
-_OUTCOME_LABELS = {
-    Outcome.CACHED: "cached",
-    Outcome.VERIFIED: "success",
-    Outcome.REJECTED: "bad_credentials",
-}
-
-
-class AccessControl:
-    """The access rules and read-only switch in force; SIGHUP replaces them."""
-
-    def __init__(self, policy: AccessPolicy, read_only: bool) -> None:
-        self.policy = policy
-        self.read_only = read_only
 
 
 class ProxyState:
@@ -92,6 +75,7 @@ ACCESS = web.AppKey("access", AccessControl)
 RELOADER = web.AppKey("reloader", CredentialReloader)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+GATE = web.AppKey("gate", Gate)
 
 
 def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> None:
@@ -105,135 +89,9 @@ def _exchange(request: web.Request) -> Exchange:
     return exchange_of(request, request.app[CONFIG].trusted_proxies)
 
 
-async def authenticated_user(request: web.Request) -> str | None:
-    """The user whose Basic credentials this request carries, checked once per request."""
-    exchange = _exchange(request)
-    if exchange.auth_outcome is None:
-        header = request.headers.get("Authorization")
-        credentials = parse_basic(header)
-        if credentials is None:
-            # Malformed or absent: no password was checked, so nothing counts as a guess.
-            exchange.auth_outcome = "bad_credentials" if header else "no_credentials"
-        else:
-            await _check_password(request, exchange, *credentials)
-        request.app[METRICS].auth.labels(exchange.auth_outcome).inc()
-    return exchange.user
-
-
-async def _check_password(
-    request: web.Request, exchange: Exchange, user: str, password: str
-) -> None:
-    throttle, checker = request.app[THROTTLE], request.app[CHECKER]
-    if checker.is_cached(user, password):
-        # Credentials that just worked pass without a hash, even while their name is throttled.
-        await checker.check(user, password)
-        exchange.auth_outcome, exchange.user = "cached", user
-        return
-    try:
-        # The failure is reserved before the hash runs: parallel guesses cannot overtake it.
-        admission = throttle.admit(exchange.client, user)
-    except Throttled as refusal:
-        await _pace_refusal(request, exchange)
-        exchange.auth_outcome, exchange.retry_after = "throttled", refusal.retry_after
-        return
-
-    def settle(outcome: Outcome) -> None:
-        (admission.succeeded if outcome.ok else admission.failed)()
-
-    try:
-        outcome = await checker.check(user, password, client_key(exchange.client), settle)
-    except Busy:
-        admission.release()
-        await _pace_refusal(request, exchange)
-        exchange.auth_outcome, exchange.retry_after = "throttled", _BUSY_RETRY_AFTER
-        return
-    finally:
-        # A check abandoned half-way (a cancelled handler) counts as a failure.
-        admission.failed()
-    exchange.auth_outcome = _OUTCOME_LABELS[outcome]
-    if outcome.ok:
-        exchange.user = user
-
-
-async def _pace_refusal(request: web.Request, exchange: Exchange) -> None:
-    """Hold a 429 for an address that keeps resending without waiting (see proxy/pacing.py)."""
-    delay = request.app[PACER].delay_for(client_key(exchange.client))
-    if delay:
-        await asyncio.sleep(delay)
-
-
-async def _gate(request: web.Request, exchange: Exchange) -> web.Response | None:
-    """The refusal of a request that must not go upstream, or None to let it pass."""
-    refusal = await _refusal(request, exchange)
-    if refusal is not None and (request.body_exists or refusal.status == 400):
-        # Never forward, and not keep, a connection carrying an upload we refuse, or bytes we
-        # could not read as the registry would (RFC 9112 §6.1 for HTTP/1.0 framing).
-        refusal.force_close()
-    return refusal
-
-
-async def _refusal(request: web.Request, exchange: Exchange) -> web.Response | None:
-    """Everything that may refuse a request, in order."""
-    problem = reading.request_problem(request)
-    if problem is not None:
-        log.info("refused %s: %s", escape(request.method), problem)
-        exchange.refusal, exchange.refusal_detail = Refusal.BAD_REQUEST, problem
-        return errors.bad_request(problem)
-    if exchange.malformed_hop is not None:
-        # Whoever it is cannot be told: no throttle key, no password check, nothing forwarded.
-        log.info("refused: malformed X-Forwarded-For hop %s", escape(exchange.malformed_hop[:100]))
-        exchange.refusal = Refusal.BAD_REQUEST
-        exchange.refusal_detail = "malformed X-Forwarded-For hop"
-        return errors.malformed_forwarding()
-    user = await authenticated_user(request)
-    if user is None:
-        if exchange.auth_outcome == "throttled":
-            exchange.refusal = Refusal.THROTTLED
-            return errors.too_many_failures(exchange.retry_after)
-        no_credentials = exchange.auth_outcome == "no_credentials"
-        exchange.refusal = Refusal.NO_CREDENTIALS if no_credentials else Refusal.BAD_CREDENTIALS
-        return errors.unauthorized(request.app[CONFIG].realm)
-    if not is_api_path(request.raw_path):
-        exchange.refusal = Refusal.NOT_API
-        return errors.not_found()
-    access = request.app[ACCESS]
-    if access.read_only and request.method in _WRITES:
-        exchange.refusal = Refusal.READ_ONLY
-        return errors.read_only()
-    problem = reading.body_problem(request)
-    if problem is not None:
-        log.info("refused %s from %s: %s", request.method, escape(user), problem)
-        exchange.refusal, exchange.refusal_detail = Refusal.BAD_REQUEST, problem
-        return errors.bad_request(problem)
-    decision = authorize(
-        access.policy,
-        user,
-        request.method,
-        exchange.target,
-        request.raw_path.partition("?")[2],
-    )
-    if not decision.allowed:
-        exchange.refusal, exchange.refusal_detail = Refusal.DENIED, decision.reason
-        log.info(
-            "denied %s %s to %s: %s",
-            request.method,
-            escape(request.raw_path.partition("?")[0]),
-            escape(user),
-            escape(decision.reason),
-        )
-        return errors.denied(decision.reason)
-    restricted_catalog = exchange.target.action is Action.CATALOG and not access.policy.unrestricted
-    if restricted_catalog and request.method != "GET":
-        # Filtering answers GET only; never send the registry another method than the client's.
-        exchange.refusal = Refusal.METHOD_NOT_ALLOWED
-        return errors.method_not_allowed("GET")
-    exchange.upstream_query = decision.query
-    return None
-
-
 async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     """Check credentials and rights before `100 Continue`: a refused upload is never sent."""
-    refusal = await _gate(request, _exchange(request))
+    refusal = await request.app[GATE].check(request, _exchange(request))
     if refusal is not None:
         return refusal
     if request.headers.get("Expect", "").lower() != "100-continue":
@@ -246,15 +104,6 @@ async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-def is_api_path(raw_path: str) -> bool:
-    """True for `/v2/...` targets without dot segments (plain or percent-encoded)."""
-    if not raw_path.startswith(_API_PREFIX):
-        return False
-    # Decoded first, as Go does before gorilla/mux cleans the path: `a%2F..%2Fb` hides a `..`.
-    path = unquote(raw_path.partition("?")[0])
-    return not any(segment in (".", "..") for segment in path.split("/"))
-
-
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every request on the public listener: authenticate first, then forward or 404."""
     state = request.app[STATE]
@@ -263,7 +112,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state.enter()
     in_flight.inc()
     try:
-        refusal = await _gate(request, exchange)
+        gate = request.app[GATE]
+        refusal = await gate.check(request, exchange) or await gate.confirm(request, exchange)
         if refusal is not None:
             return refusal
         forwarder = request.app[FORWARDER]
@@ -299,6 +149,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[FORWARDER] = Forwarder(
         session, config.upstream, app[METRICS], config.body_timeout, slots=slots
     )
+    app[GATE].tags = TagGuard(session, config.upstream, config.body_timeout)
     try:
         yield
     finally:
@@ -376,7 +227,12 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
         known_client_ttl=config.auth_known_client_ttl,
     )
     app[PACER] = RefusalPacer()
-    app[ACCESS] = AccessControl(config.access, config.read_only)
+    app[ACCESS] = access = AccessControl(config.access, config.read_only, config.immutable_tags)
+    passwords = HtpasswdAuthenticator(checker, app[THROTTLE], app[PACER], config.realm)
+    authenticator = Authenticators(
+        [passwords, AnonymousAuthenticator(lambda: access.policy.public)], passwords.challenge
+    )
+    app[GATE] = Gate(authenticator, access, metrics)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
     app.cleanup_ctx.extend([_upstream_session, _background_tasks])
     app.on_response_prepare.extend([_send_request_id, drop_server_banner])

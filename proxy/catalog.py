@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.access import CATALOG_MAX_N, AccessPolicy, parse_query
+from proxy.access import CATALOG_MAX_N, AccessPolicy, RequestContext, parse_query
 from proxy.exchange import Exchange
 from proxy.forward import Fetched, Forwarder
 
@@ -114,16 +114,17 @@ def next_link(last: str, n: int) -> str:
 async def filtered(
     forwarder: Forwarder, request: web.Request, exchange: Exchange, policy: AccessPolicy
 ) -> web.Response:
-    """Answer GET /v2/_catalog for `exchange.user` under `policy`."""
-    user = exchange.user
-    assert user is not None
+    """Answer GET /v2/_catalog for `exchange.identity` under `policy`."""
+    identity = exchange.identity
+    assert identity is not None
+    who = RequestContext(identity, request.method, exchange.target, client=exchange.client)
     query = parse_query(request.raw_path.partition("?")[2])
     n = query.get("n", "")
     want = DEFAULT_N if n == "" else _count(n)
     if want is None:
         return errors.pagination_number_invalid(n)
     headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json; charset=utf-8"})
-    if not policy.may_pull_any(user):
+    if not policy.may_pull_any(who):
         return web.Response(body=catalog_body([]), headers=headers)
 
     async def fetch(cursor: str | None) -> tuple[list[str], bool]:
@@ -149,14 +150,14 @@ async def filtered(
         return names, upstream_more
 
     try:
-        listing = await collect(fetch, partial(policy.may_pull, user), want, query.get("last"))
+        listing = await collect(fetch, partial(policy.may_pull, who), want, query.get("last"))
     except _Answer as answer:
         return answer.response
     if listing.cut_short:
         log.warning(
             "catalog for %s: %d registry pages in a row held nothing the user may pull; "
             "the listing ends there",
-            user,
+            identity.name or "@anonymous",
             UPSTREAM_PAGES,
         )
     if listing.more:

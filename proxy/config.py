@@ -15,6 +15,7 @@ import yaml
 from yarl import URL
 
 from proxy.access import AccessPolicy, parse_access
+from proxy.immutable import ImmutableTags, parse_immutable_tags
 
 ENV_PREFIX = "PROXY_"
 CONFIG_ENV = "PROXY_CONFIG"
@@ -79,6 +80,7 @@ class Config:
     auth_failure_window: float
     auth_block: float
     access: AccessPolicy
+    immutable_tags: ImmutableTags
     # `groups` and `access` as given (YAML values), so check-config can print the rules in effect.
     access_given: dict[str, object]
     tls: TLSConfig
@@ -252,6 +254,7 @@ SETTINGS: dict[str, _Setting] = {
     "auth_max_pending_per_client": _Setting(_count, 8),
     "groups": _Setting(_raw, None, structured=True),
     "access": _Setting(_raw, None, structured=True),
+    "immutable_tags": _Setting(_raw, None, structured=True),
     "tls.cert": _Setting(_optional_path, None),
     "tls.key": _Setting(_optional_path, None),
 }
@@ -295,6 +298,12 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     except ValueError as exc:
         key = "groups" if str(exc).startswith("groups") else "access"
         raise ConfigError(f"{given.get(key, (None, 'default'))[1]}: {exc}") from None
+    immutable = values.pop("immutable_tags")
+    values["access_given"]["immutable_tags"] = immutable
+    try:
+        values["immutable_tags"] = parse_immutable_tags(immutable)
+    except ValueError as exc:
+        raise ConfigError(f"{given.get('immutable_tags', (None, 'default'))[1]}: {exc}") from None
 
     tls = TLSConfig(cert=values.pop("tls.cert"), key=values.pop("tls.key"))
     if (tls.cert is None) != (tls.key is None):
@@ -409,7 +418,7 @@ def source_of(key: str, path: Path | None, environ: Mapping[str, str] | None = N
 
 
 # Settings SIGHUP applies; every other change waits for a restart.
-RELOADABLE = frozenset({"access", "groups", "read_only"})
+RELOADABLE = frozenset({"access", "groups", "read_only", "immutable_tags"})
 
 
 def restart_only_changes(running: Config, fresh: Config) -> list[str]:
@@ -462,6 +471,7 @@ def describe(config: Config) -> dict[str, object]:
         "auth_max_pending_per_client": config.auth_max_pending_per_client,
         "groups": config.access_given["groups"] or {},
         "access": config.access_given["access"] or [],
+        "immutable_tags": config.access_given.get("immutable_tags") or [],
         "tls": {
             "cert": str(config.tls.cert) if config.tls.cert else None,
             "key": str(config.tls.key) if config.tls.key else None,

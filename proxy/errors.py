@@ -33,11 +33,16 @@ def registry_error(
 
 def unauthorized(realm: str) -> web.Response:
     """The Basic challenge docker and podman learn the auth scheme from."""
+    return challenge(f'Basic realm="{realm}"')
+
+
+def challenge(www_authenticate: str) -> web.Response:
+    """401 with an authentication backend's challenge."""
     return registry_error(
         401,
         "UNAUTHORIZED",
         "authentication required",
-        headers={"WWW-Authenticate": f'Basic realm="{realm}"'},
+        headers={"WWW-Authenticate": www_authenticate},
     )
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxy.config import Network
 from proxy.forwarded import MalformedHop, canonical_address, forwarded_client, hops, is_trusted
+from proxy.identity import AuthOutcome, Identity
 from proxy.paths import Target, classify
 from proxy.refusal import Refusal
 
@@ -34,7 +35,9 @@ class Exchange:
     scheme: str
     target: Target
     user: str | None = None
-    auth_outcome: str | None = None
+    # Set once authentication ran: its outcome, and the identity if one was established.
+    auth_outcome: AuthOutcome | None = None
+    identity: Identity | None = None
     # Seconds until a password-guessing block ends, when auth_outcome is "throttled".
     retry_after: float = 0.0
     # The query string to send upstream (access control may drop a mount or cap `n`).
@@ -48,6 +51,8 @@ class Exchange:
     refusal_detail: str | None = None
     # Milliseconds from sending the request upstream to the upstream's response headers.
     upstream_ms: float | None = None
+    # The request body, when the gate had to read it whole (a manifest PUT to an immutable tag).
+    body: bytes | None = None
 
 
 def _client_and_scheme(

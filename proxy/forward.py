@@ -189,6 +189,8 @@ class Forwarder:
         """Forward the request; errors before the response starts become registry JSON errors."""
         url = self._url(request, query)
         body = _ClientBody(request, self._body_timeout) if request.body_exists else None
+        # A body the gate read whole (proxy/immutable.py) is sent as read.
+        data = body if exchange.body is None else exchange.body
         sent = time.monotonic()
         try:
             upstream = await self._session.request(
@@ -197,7 +199,7 @@ class Forwarder:
                 headers=upstream_request_headers(
                     request, exchange.client, exchange.scheme, exchange.request_id
                 ),
-                data=body,
+                data=data,
                 allow_redirects=False,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.identity import AuthOutcome
 from proxy.proxy_protocol import REJECT_REASONS
 from proxy.refusal import Refusal
 
@@ -45,7 +46,7 @@ _DURATION_BUCKETS = (
 )
 _HASH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
-AUTH_OUTCOMES = ("success", "cached", "bad_credentials", "no_credentials", "throttled")
+AUTH_OUTCOMES = tuple(outcome.value for outcome in AuthOutcome)
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "5xx")
 RELOAD_RESULTS = ("success", "failure")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -8,13 +8,14 @@ from enum import StrEnum
 class Refusal(StrEnum):
     """A refusal's reason; set on `Exchange.refusal` where the refusal is decided."""
 
-    # 401: no Authorization header at all (every docker push/pull starts with one: normal).
+    # 401: no credentials (every docker push/pull starts with one: normal), or an anonymous
+    # request the rules do not grant.
     NO_CREDENTIALS = "no_credentials"
     # 401: malformed, unknown user or wrong password.
     BAD_CREDENTIALS = "bad_credentials"
     # 429: too many failed password checks.
     THROTTLED = "throttled"
-    # 403: the access rules do not grant the right.
+    # 403: the access rules do not grant the right, or the write would move an immutable tag.
     DENIED = "denied"
     # 405: a write while `read_only` is on.
     READ_ONLY = "read_only"

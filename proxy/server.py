@@ -55,6 +55,7 @@ def _reload_access(app: web.Application, config_path: Path | None) -> None:
     _warn_about_restart_only(app[CONFIG], fresh)
     access = app[ACCESS]
     access.policy, access.read_only = fresh.access, fresh.read_only
+    access.immutable = fresh.immutable_tags
     warn_about_unknown_users(fresh.access, app[CHECKER].users)
     rules = "unrestricted" if fresh.access.unrestricted else "restricted by rules"
     log.info("access reloaded (SIGHUP): %s, read_only=%s", rules, str(fresh.read_only).lower())

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from proxy.access import (
     CATALOG_MAX_N,
     AccessPolicy,
+    Decision,
+    RequestContext,
     Right,
     authorize,
     cap_catalog_query,
@@ -23,6 +25,14 @@ from proxy.access import (
     strip_mount,
 )
 from proxy.paths import Action, Target, classify
+
+
+def authorize_as(
+    policy: AccessPolicy, user: str, method: str, target: Target, raw_query: str
+) -> Decision:
+    """`authorize` for a password-authenticated user (it takes a RequestContext since issue 14)."""
+    return authorize(policy, RequestContext.of(user, method, target, raw_query))
+
 
 EXAMPLE = """
 groups:
@@ -80,7 +90,7 @@ MATRIX = [
 
 def allowed(policy: AccessPolicy, user: str, method: str, path: str) -> bool:
     raw_path, _, raw_query = path.partition("?")
-    return authorize(policy, user, method, classify(raw_path), raw_query).allowed
+    return authorize_as(policy, user, method, classify(raw_path), raw_query).allowed
 
 
 @pytest.mark.parametrize(("method", "path", "expected"), MATRIX)
@@ -111,7 +121,7 @@ def test_no_rules_means_everyone_may_do_everything() -> None:
         for right in Right:
             assert policy.allows("anyone", right, "any/repo")
             assert policy.allows("anyone", right, None)
-        decision = authorize(policy, "anyone", "DELETE", classify("/v2/x/manifests/t"), "")
+        decision = authorize_as(policy, "anyone", "DELETE", classify("/v2/x/manifests/t"), "")
         assert decision.allowed
 
 
@@ -161,7 +171,8 @@ def test_glob_edge_cases(pattern: str, matches: list[str], misses: list[str]) ->
         (
             None,
             [{"users": "a", "repositories": "*", "actions": "pull", "repos": "x"}],
-            r"^access\[0\]: unknown key 'repos' \(expected users, repositories, actions\)$",
+            r"^access\[0\]: unknown key 'repos' "
+            r"\(expected users, repositories, actions, networks\)$",
         ),
         (
             None,
@@ -298,7 +309,7 @@ def test_a_mount_without_pull_on_the_source_becomes_a_plain_upload(
     query: str, forwarded: str
 ) -> None:
     policy = policy_from(MOUNT_POLICY)
-    decision = authorize(policy, "alice", "POST", target("/v2/team-a/app/blobs/uploads/"), query)
+    decision = authorize_as(policy, "alice", "POST", target("/v2/team-a/app/blobs/uploads/"), query)
     assert decision.allowed
     assert decision.query == forwarded
     upload = target("/v2/team-a/app/blobs/uploads/")
@@ -307,7 +318,7 @@ def test_a_mount_without_pull_on_the_source_becomes_a_plain_upload(
 
 def test_a_mount_never_lets_a_stranger_push() -> None:
     policy = policy_from(MOUNT_POLICY)
-    decision = authorize(
+    decision = authorize_as(
         policy,
         "alice",
         "POST",
@@ -350,7 +361,7 @@ def test_parse_query_reads_like_go() -> None:
 )
 def test_catalog_n_is_capped(query: str, capped: str) -> None:
     assert cap_catalog_query(query) == capped
-    decision = authorize(AccessPolicy(), "u", "GET", target("/v2/_catalog"), query)
+    decision = authorize_as(AccessPolicy(), "u", "GET", target("/v2/_catalog"), query)
     assert decision.query == capped
 
 
@@ -360,12 +371,12 @@ def test_cap_catalog_query_can_move_last() -> None:
 
 
 def test_denied_requests_say_what_was_missing(example: AccessPolicy) -> None:
-    catalog = authorize(AccessPolicy([]), "x", "GET", target("/v2/_catalog"), "n=5000")
+    catalog = authorize_as(AccessPolicy([]), "x", "GET", target("/v2/_catalog"), "n=5000")
     assert (catalog.allowed, catalog.query) == (True, f"n={CATALOG_MAX_N}")
     no_catalog = policy_from("access: [{users: [a], repositories: ['**'], actions: [pull]}]")
-    decision = authorize(no_catalog, "a", "GET", target("/v2/_catalog"), "")
+    decision = authorize_as(no_catalog, "a", "GET", target("/v2/_catalog"), "")
     assert (decision.allowed, decision.reason) == (False, "catalog denied")
-    decision = authorize(example, "alice", "DELETE", target("/v2/team-b/x/manifests/1"), "")
+    decision = authorize_as(example, "alice", "DELETE", target("/v2/team-b/x/manifests/1"), "")
     assert decision.reason == "delete on team-b/x denied"
 
 

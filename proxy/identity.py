@@ -1,0 +1,59 @@
+"""Who sent a request and how the proxy learned it: shared by the gate, metrics and the log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+# The group every request without credentials belongs to, when a rule grants it anything.
+ANONYMOUS_GROUP = "anonymous"
+
+
+class AuthOutcome(StrEnum):
+    """How authentication ended: the `auth` field of the audit log and the metrics label."""
+
+    # A password checked against its hash.
+    SUCCESS = "success"
+    # Credentials that succeeded recently (no hash computed).
+    CACHED = "cached"
+    # Malformed credentials, an unknown user or a wrong password.
+    BAD_CREDENTIALS = "bad_credentials"
+    # No Authorization header, and no public access for this request.
+    NO_CREDENTIALS = "no_credentials"
+    # Too many failed password checks (or the client's share of the hashing pool is full).
+    THROTTLED = "throttled"
+    # No Authorization header, admitted as `@anonymous` for the access rules to decide.
+    ANONYMOUS = "anonymous"
+
+    @property
+    def identified(self) -> bool:
+        return self in (AuthOutcome.SUCCESS, AuthOutcome.CACHED, AuthOutcome.ANONYMOUS)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An established identity: a user name (None for anonymous), its groups, and how."""
+
+    name: str | None
+    how: AuthOutcome
+    groups: frozenset[str] = frozenset()
+
+    @property
+    def anonymous(self) -> bool:
+        return self.name is None
+
+    @classmethod
+    def user(cls, name: str, how: AuthOutcome = AuthOutcome.SUCCESS) -> Identity:
+        return cls(name, how)
+
+
+ANONYMOUS = Identity(None, AuthOutcome.ANONYMOUS, frozenset({ANONYMOUS_GROUP}))
+
+
+@dataclass(frozen=True)
+class AuthFailure:
+    """A refused authentication: the outcome, the challenge to send, and when to retry."""
+
+    how: AuthOutcome
+    challenge: str
+    retry_after: float = 0.0
