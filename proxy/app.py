@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy import errors
 from proxy.access import AccessPolicy, CatalogPage, authorize, filter_catalog_page
 from proxy.auth import CredentialChecker, Outcome, parse_basic
+from proxy.blob_relay import BlobRelay
 from proxy.config import Config
 from proxy.exchange import Exchange, exchange_of
 from proxy.forward import Forwarder, create_session
@@ -82,6 +83,8 @@ ACCESS = web.AppKey("access", AccessControl)
 RELOADER = web.AppKey("reloader", CredentialReloader)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+BLOB_RELAY = web.AppKey("blob_relay", BlobRelay)
+UPSTREAM_SLOTS = web.AppKey("upstream_slots", asyncio.Semaphore)
 
 
 def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> None:
@@ -200,21 +203,50 @@ async def handle(request: web.Request) -> web.StreamResponse:
         refusal = await _gate(request, exchange)
         if refusal is not None:
             return refusal
-        forwarder = request.app[FORWARDER]
-        policy = request.app[ACCESS].policy
-        if exchange.target.action is Action.CATALOG and not policy.unrestricted:
-            user = exchange.user
-            assert user is not None
-
-            def visible(body: bytes, link: str | None) -> CatalogPage:
-                return filter_catalog_page(body, link, user, policy)
-
-            query = exchange.upstream_query or ""
-            return await forwarder.catalog(request, exchange, query, visible)
-        return await forwarder(request, exchange, exchange.upstream_query)
+        # One upstream connection at a time per request, fast path and normal relay alike.
+        async with upstream_slot(request):
+            return await _forward(request, exchange)
     finally:
         in_flight.dec()
         state.leave()
+
+
+async def _forward(request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    """The fast blob path, the filtered catalog, or the normal relay."""
+    forwarder = request.app[FORWARDER]
+    policy = request.app[ACCESS].policy
+    if exchange.target.action is Action.CATALOG and not policy.unrestricted:
+        user = exchange.user
+        assert user is not None
+
+        def visible(body: bytes, link: str | None) -> CatalogPage:
+            return filter_catalog_page(body, link, user, policy)
+
+        query = exchange.upstream_query or ""
+        return await forwarder.catalog(request, exchange, query, visible)
+    if _takes_fast_path(request, exchange):
+        fast = await request.app[BLOB_RELAY](request, exchange, exchange.upstream_query)
+        if fast is not None:
+            return fast
+    return await forwarder(request, exchange, exchange.upstream_query)
+
+
+def _takes_fast_path(request: web.Request, exchange: Exchange) -> bool:
+    """Blob GETs without a body to an http:// upstream, unless `fast_blob_relay` is off."""
+    config = request.app[CONFIG]
+    return (
+        config.fast_blob_relay
+        and exchange.target.action is Action.BLOB
+        and request.method == "GET"
+        and not request.body_exists
+        and config.upstream.scheme == "http"
+    )
+
+
+def upstream_slot(request: web.Request) -> asyncio.Semaphore:
+    """One of `upstream_connections`, shared by the fast path and the pool, held to the end."""
+    # The one call site where a per-client upstream limiter (503 "proxy busy") hooks in.
+    return request.app[UPSTREAM_SLOTS]
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -226,6 +258,14 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     )
     app[SESSION] = session
     app[FORWARDER] = Forwarder(session, config.upstream, app[METRICS], config.body_timeout)
+    app[BLOB_RELAY] = BlobRelay(
+        config.upstream,
+        app[METRICS],
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        body_timeout=config.body_timeout,
+    )
+    app[UPSTREAM_SLOTS] = asyncio.Semaphore(config.upstream_connections)
     try:
         yield
     finally:

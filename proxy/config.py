@@ -77,6 +77,7 @@ class Config:
     auth_block: float
     access: AccessPolicy
     tls: TLSConfig
+    fast_blob_relay: bool = True
 
 
 # Value parsers: each takes what YAML or the environment gave, or raises ValueError("expected ...").
@@ -236,6 +237,7 @@ SETTINGS: dict[str, _Setting] = {
     "auth_block": _Setting(_seconds, 300),
     "groups": _Setting(_raw, None, structured=True),
     "access": _Setting(_raw, None, structured=True),
+    "fast_blob_relay": _Setting(_bool, True),
     "tls.cert": _Setting(_optional_path, None),
     "tls.key": _Setting(_optional_path, None),
 }
@@ -373,6 +375,7 @@ def describe(config: Config) -> dict[str, object]:
         "auth_failure_window": config.auth_failure_window,
         "auth_block": config.auth_block,
         "access": "unrestricted" if config.access.unrestricted else "rules (see the file)",
+        "fast_blob_relay": config.fast_blob_relay,
         "tls": {
             "cert": str(config.tls.cert) if config.tls.cert else None,
             "key": str(config.tls.key) if config.tls.key else None,

@@ -45,7 +45,7 @@ _CATALOG_PAGES = 20
 READ_BUFSIZE = 1 << 20
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     """Header names a sender listed in Connection, which are hop-by-hop too."""
     return {
         token.strip().lower()
@@ -76,9 +76,16 @@ def client_response_headers(
     upstream: aiohttp.ClientResponse, upstream_origin: URL, client_origin: str
 ) -> CIMultiDict[str]:
     """The upstream's headers minus hop-by-hop ones, with Locations at the upstream rewritten."""
-    dropped = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    return relayed_headers(upstream.headers, upstream_origin, client_origin)
+
+
+def relayed_headers(
+    received: CIMultiDictProxy[str] | CIMultiDict[str], upstream_origin: URL, client_origin: str
+) -> CIMultiDict[str]:
+    """Response headers as the client gets them: hop-by-hop dropped, upstream Locations ours."""
+    dropped = HOP_BY_HOP | _connection_tokens(received)
     headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
+    for name, value in received.items():
         if name.lower() not in dropped:
             headers.add(name, value)
     location = headers.get("Location")
@@ -88,6 +95,16 @@ def client_response_headers(
             # A user must never be sent to the upstream directly.
             headers["Location"] = client_origin + (target.raw_path_qs or "/")
     return headers
+
+
+def request_target(raw_path: str, query: str | None) -> str:
+    """The upstream request target: the client's, with the query access control may rewrite."""
+    # raw_path is the request target as sent: percent-escapes and query (`_state`,
+    # `digest=sha256%3A...`) pass byte for byte unless access control rewrote the query.
+    path, _, raw_query = raw_path.partition("?")
+    if query is not None and query != raw_query:
+        return f"{path}?{query}" if query else path
+    return raw_path
 
 
 class _ClientBody:
@@ -124,13 +141,7 @@ class Forwarder:
         self._base = str(self._upstream)
 
     def _url(self, request: web.Request, query: str | None) -> URL:
-        # raw_path is the request target as sent: percent-escapes and query (`_state`,
-        # `digest=sha256%3A...`) pass byte for byte unless access control rewrote the query.
-        target = request.raw_path
-        path, _, raw_query = target.partition("?")
-        if query is not None and query != raw_query:
-            target = f"{path}?{query}" if query else path
-        return URL(self._base + target, encoded=True)
+        return URL(self._base + request_target(request.raw_path, query), encoded=True)
 
     async def __call__(
         self, request: web.Request, exchange: Exchange, query: str | None = None
@@ -251,7 +262,7 @@ class Forwarder:
                     _describe(exc),
                 )
                 upstream.close()
-                _abort(request)
+                abort_client(request)
                 return response
             if not chunk:
                 break
@@ -264,13 +275,14 @@ class Forwarder:
                 upstream.close()
                 if isinstance(exc, TimeoutError):
                     log.info("client stopped reading for %gs: closing", self._body_timeout)
-                    _abort(request)
+                    abort_client(request)
                 return response
         await response.write_eof()
         return response
 
 
-def _abort(request: web.Request) -> None:
+def abort_client(request: web.Request) -> None:
+    """Cut the client's connection: a response already begun must not look complete."""
     transport = request.transport
     if transport is not None:
         transport.abort()

@@ -48,10 +48,16 @@ def access_record(
         "path": path,
         "status": response.status,
         "bytes_in": request.content.total_bytes,
-        "bytes_out": response.body_length,
+        "bytes_out": bytes_out(request, response),
         "duration": round(seconds, 6),
         "upstream_status": exchange.upstream_status,
     }
+
+
+def bytes_out(request: BaseRequest, response: StreamResponse) -> int:
+    """Bytes sent to the client, head included, also for a transfer cut short."""
+    # body_length is only set at the end of the body: a cut transfer would count 0.
+    return response.body_length or request.writer.output_size
 
 
 _TEXT_FORMAT = (
@@ -75,7 +81,7 @@ def access_logger_class(metrics: Metrics, style: str) -> type[AbstractAccessLogg
             ).inc()
             metrics.request_duration.labels(action).observe(time)
             metrics.received_bytes.labels(action).inc(request.content.total_bytes)
-            metrics.sent_bytes.labels(action).inc(response.body_length)
+            metrics.sent_bytes.labels(action).inc(bytes_out(request, response))
             if style == "json":
                 self.logger.info("%s", json.dumps(record, separators=(",", ":")))
             elif style == "text":
