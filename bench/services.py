@@ -152,8 +152,10 @@ class Proxy:
         *,
         source: Path = REPO_DIR,
         python: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.root = root
+        self.extra_env = dict(env or {})
         self.upstream = upstream
         self.htpasswd = htpasswd
         # `python -m proxy` imports the `proxy` package from the directory it starts in.
@@ -181,6 +183,7 @@ class Proxy:
             PROXY_UPSTREAM=self.upstream,
             PROXY_HTPASSWD=str(self.htpasswd),
         )
+        env.update(self.extra_env)
         self.process = Process(
             [self.python, "-m", "proxy", "serve"],
             self.root / "proxy.log",
