@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import socket
@@ -28,8 +29,6 @@ log = logging.getLogger("registry_proxy.blob_relay")
 # A registry's blob response head is ~400 bytes; aiohttp's own client parser stops near 8 KiB
 # a line and 100 fields, so anything larger goes to the normal relay and its limits.
 MAX_HEAD = 16384
-# Below this the normal relay costs no more, and the refetch is cheap.
-MIN_BODY = 1 << 20
 # One per transfer. Measured against 256 KiB and 1 MiB (bench/README.md): 256 KiB costs 30-50 %
 # more CPU per GiB; 1 MiB no less CPU than 512 KiB but 8 MB more peak RSS at 8 downloads.
 BUFFER_SIZE = 512 * 1024
@@ -74,6 +73,8 @@ class BlobRelay:
         self._origin = upstream.origin()
         self._host = upstream.host or ""
         self._port = upstream.port or 80
+        # An address needs no resolver (asyncio's getaddrinfo is a thread-pool round trip).
+        self._literal = _literal_address(self._host, self._port)
         self._errors = metrics.upstream_errors
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -117,7 +118,9 @@ class BlobRelay:
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
         try:
             async with asyncio.timeout(self._connect_timeout):
-                infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+                infos = self._literal or await loop.getaddrinfo(
+                    self._host, self._port, type=socket.SOCK_STREAM
+                )
                 last: OSError | None = None
                 for family, kind, proto, _, address in infos:
                     sock = socket.socket(family, kind, proto)
@@ -250,6 +253,18 @@ class BlobRelay:
         return response
 
 
+def _literal_address(
+    host: str, port: int
+) -> list[tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[str, int]]]:
+    """getaddrinfo's answer for an IP address host, without asking it; empty for a name."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return []
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+
+
 def _parse_head(raw: bytes, start: bytes) -> _Head:
     """The response head, or _Fallback unless it announces a plain body of one known size."""
     connection = h11.Connection(h11.CLIENT)
@@ -275,7 +290,7 @@ def _parse_head(raw: bytes, start: bytes) -> _Head:
         if lowered == "content-length":
             lengths.append(text_value)
         headers.add(text_name, text_value)
-    if len(lengths) != 1 or not lengths[0].isdigit() or int(lengths[0]) < MIN_BODY:
+    if len(lengths) != 1 or not lengths[0].isdigit():
         raise _Fallback
     try:
         reason = event.reason.decode("ascii")
