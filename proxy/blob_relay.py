@@ -99,6 +99,11 @@ class BlobRelay:
         except _Fallback:
             sock.close()
             return None
+        except OSError as exc:  # the request could not be sent
+            sock.close()
+            self._errors.labels("reset").inc()
+            log.warning("upstream %s failed before answering: %s", self._origin, exc)
+            return errors.bad_gateway()
         except BaseException:
             sock.close()
             raise
