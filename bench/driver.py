@@ -220,10 +220,17 @@ class Bench:
         headers = self.headers(BLOB_USER)
         for index, path in self.rounds(s.rounds_get):
             url = f"{self.base(path)}/v2/{REPO}/blobs/{self.digest}"
+            pids = self._server_pids(path)
+            cpu_before = sum(client.cpu_seconds(pid) for pid in pids)
             seconds = client.download(url, headers, s.blob_size, 1)
+            cpu = sum(client.cpu_seconds(pid) for pid in pids) - cpu_before
             rate = s.blob_size / MiB / seconds
             self.record("get1", path, rate)
-            log(f"blob GET 1 stream, round {index + 1}, {path}: {rate:,.0f} MiB/s")
+            self.record("cpu_per_gib_get1", path, cpu / (s.blob_size / (1 << 30)))
+            log(
+                f"blob GET 1 stream, round {index + 1}, {path}: {rate:,.0f} MiB/s, "
+                f"{cpu / (s.blob_size / (1 << 30)):.2f} CPU s/GiB"
+            )
 
     def blob_get_concurrent(self) -> None:
         s = self.settings
@@ -246,6 +253,40 @@ class Bench:
                 f"blob GET {s.streams} streams, round {index + 1}, {path}: {rate:,.0f} MiB/s, "
                 f"server peak RSS {peak_kib * 1024 / MB:.1f} MB, {cpu:.1f} CPU s"
             )
+
+    def blob_get_normal_relay(self) -> None:
+        """The proxy with fast_blob_relay off, alternating with the fast path in each round."""
+        s = self.settings
+        headers = self.headers(BLOB_USER)
+        normal = Proxy(
+            self.workdir / "proxy-normal",
+            self.registry.url,
+            self.htpasswd,
+            source=self.proxy.source if self.proxy else REPO_DIR,
+            env={"PROXY_FAST_BLOB_RELAY": "false"},
+        )
+        normal.start()
+        servers = {"fast": self.base("proxy"), "normal": normal.url}
+        pids = {"fast": self._server_pids("proxy")[0], "normal": normal.pid}
+        try:
+            for index in range(s.rounds_get):
+                for relay in ("normal", "fast") if index % 2 == 0 else ("fast", "normal"):
+                    for streams in (1, s.streams):
+                        url = f"{servers[relay]}/v2/{REPO}/blobs/{self.digest}"
+                        before = client.cpu_seconds(pids[relay])
+                        seconds = client.download(url, headers, s.blob_size, streams)
+                        cpu = client.cpu_seconds(pids[relay]) - before
+                        gib = streams * s.blob_size / (1 << 30)
+                        rate = streams * s.blob_size / MiB / seconds
+                        key = "get1" if streams == 1 else "get8"
+                        self.record(f"relay_{relay}_{key}", "proxy", rate)
+                        self.record(f"relay_{relay}_cpu_{key}", "proxy", cpu / gib)
+                        log(
+                            f"relay comparison, {streams} stream(s), round {index + 1}, "
+                            f"{relay}: {rate:,.0f} MiB/s, {cpu / gib:.2f} CPU s/GiB"
+                        )
+        finally:
+            normal.stop()
 
     def _server_pids(self, path: str) -> list[int]:
         """The processes of what a client talks to on `path`: the registry on the direct path."""
@@ -448,6 +489,7 @@ class Bench:
     def run(self) -> None:
         self.blob_get()
         self.blob_get_concurrent()
+        self.blob_get_normal_relay()
         self.blob_upload()
         self.manifest_get()
         self.manifest_head()

@@ -54,6 +54,10 @@ def _metrics(aborts: int, streams: int) -> list[Metric]:
     rows += [
         Metric("rss_peak", f"peak RSS, {streams} concurrent blob GETs", "MB", False, False),
         Metric("cpu_per_gib_get", "server CPU per GiB served", "CPU s", False, False),
+        Metric("cpu_per_gib_get1", "server CPU per GiB served, 1 stream", "CPU s", False, False),
+    ]
+    rows += _relay_metrics(streams)
+    rows += [
         Metric("rss_peak_aborts", f"proxy peak RSS during {aborts} aborted GETs", "MB", False),
         Metric("rss_after_aborts", "  RSS after them", "MB", False),
         Metric("rss_growth_aborts", "  growth over them (last 3 - first 3 readings)", "MB", False),
@@ -103,6 +107,39 @@ def _fairness_targets(figures: dict[str, dict[str, float]]) -> list[dict[str, An
             }
         )
     return targets
+
+
+def _relay_metrics(streams: int) -> list[Metric]:
+    """The proxy alone, fast_blob_relay on and off in the same rounds (issue 18)."""
+    rows = []
+    for relay in ("fast", "normal"):
+        for key, what in (("get1", "1 stream"), ("get8", f"{streams} streams")):
+            label = f"proxy blob GET {what}, {relay} relay"
+            rows += [
+                Metric(f"relay_{relay}_{key}", label, "MiB/s", True, False),
+                Metric(f"relay_{relay}_cpu_{key}", "  proxy CPU per GiB", "CPU s", False, False),
+            ]
+    return rows
+
+
+def _relay_targets(figures: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Issue 18's targets for the lean blob relay."""
+
+    def target(name: str, value: float | None, threshold: float, unit: str) -> dict[str, Any]:
+        at_least = unit == "x"
+        met = value is not None and (value >= threshold if at_least else value <= threshold)
+        return {"target": name, "value": value, "threshold": threshold, "unit": unit, "met": met}
+
+    def proxy(key: str) -> float | None:
+        return figures.get(key, {}).get("proxy")
+
+    return [
+        target("blob GET 1 stream >= 0.75x direct", _ratio(figures, "get1", "direct"), 0.75, "x"),
+        target("blob GET 8 streams >= 0.7x direct", _ratio(figures, "get8", "direct"), 0.7, "x"),
+        target("relay CPU, 1 stream <= 0.5 CPU s/GiB", proxy("cpu_per_gib_get1"), 0.5, "CPU s"),
+        target("relay CPU, 8 streams <= 0.5 CPU s/GiB", proxy("cpu_per_gib_get"), 0.5, "CPU s"),
+        target("peak RSS at 8 concurrent blob GETs <= 60 MB", proxy("rss_peak"), 60.0, "MB"),
+    ]
 
 
 # --- building the results ----------------------------------------------------------------
@@ -267,7 +304,7 @@ def build(
             "The machine may be shared with other jobs: compare figures within one run only.",
         ],
         "rows": rows,
-        "targets": _targets(figures, aborts),
+        "targets": _targets(figures, aborts) + _relay_targets(figures),
         "samples": samples,
         "extra": extra,
     }

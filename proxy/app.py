@@ -14,6 +14,7 @@ from proxy import catalog, errors
 from proxy.access import AccessPolicy
 from proxy.auth import CredentialChecker
 from proxy.authn import AnonymousAuthenticator, Authenticators, HtpasswdAuthenticator
+from proxy.blob_relay import BlobRelay
 from proxy.config import Config
 from proxy.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
@@ -76,6 +77,7 @@ RELOADER = web.AppKey("reloader", CredentialReloader)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 GATE = web.AppKey("gate", Gate)
+BLOB_RELAY = web.AppKey("blob_relay", BlobRelay)
 
 
 def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> None:
@@ -120,7 +122,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         policy = request.app[ACCESS].policy
         if exchange.target.action is Action.CATALOG and not policy.unrestricted:
             return await catalog.filtered(forwarder, request, exchange, policy)
-        return await forwarder(request, exchange, exchange.upstream_query)
+        fast = request.app[BLOB_RELAY] if _takes_fast_path(request, exchange) else None
+        return await forwarder(request, exchange, exchange.upstream_query, fast=fast)
     finally:
         in_flight.dec()
         state.leave()
@@ -132,6 +135,18 @@ async def _send_request_id(request: web.Request, response: web.StreamResponse) -
     # None: aiohttp answered before the handler ran (the access log calls that bad_request).
     if isinstance(exchange, Exchange):
         response.headers[REQUEST_ID_HEADER] = exchange.request_id
+
+
+def _takes_fast_path(request: web.Request, exchange: Exchange) -> bool:
+    """Blob GETs without a body to an http:// upstream, unless `fast_blob_relay` is off."""
+    config = request.app[CONFIG]
+    return (
+        config.fast_blob_relay
+        and exchange.target.action is Action.BLOB
+        and request.method == "GET"
+        and not request.body_exists
+        and config.upstream.scheme == "http"
+    )
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -150,6 +165,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         session, config.upstream, app[METRICS], config.body_timeout, slots=slots
     )
     app[GATE].tags = TagGuard(session, config.upstream, config.body_timeout)
+    app[BLOB_RELAY] = BlobRelay(
+        config.upstream,
+        app[METRICS],
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        body_timeout=config.body_timeout,
+    )
     try:
         yield
     finally:

@@ -89,6 +89,7 @@ class Config:
     auth_max_failures_per_user: int
     auth_known_client_ttl: float
     auth_max_pending_per_client: int
+    fast_blob_relay: bool = True
 
 
 # Value parsers: each takes what YAML or the environment gave, or raises ValueError("expected ...").
@@ -255,6 +256,7 @@ SETTINGS: dict[str, _Setting] = {
     "groups": _Setting(_raw, None, structured=True),
     "access": _Setting(_raw, None, structured=True),
     "immutable_tags": _Setting(_raw, None, structured=True),
+    "fast_blob_relay": _Setting(_bool, True),
     "tls.cert": _Setting(_optional_path, None),
     "tls.key": _Setting(_optional_path, None),
 }
@@ -472,6 +474,7 @@ def describe(config: Config) -> dict[str, object]:
         "groups": config.access_given["groups"] or {},
         "access": config.access_given["access"] or [],
         "immutable_tags": config.access_given.get("immutable_tags") or [],
+        "fast_blob_relay": config.fast_blob_relay,
         "tls": {
             "cert": str(config.tls.cert) if config.tls.cert else None,
             "key": str(config.tls.key) if config.tls.key else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -44,11 +44,14 @@ _CLIENT_ONLY = frozenset(
 )
 _FORWARDING_PREFIX = "x-forwarded-"
 
+# A relay tried before the normal one (proxy/blob_relay.py); None: it declined, nothing was sent.
+FastPath = Callable[[web.Request, Exchange, str | None], Awaitable[web.StreamResponse | None]]
+
 # The best relay buffer measured on loopback (see README, Performance).
 READ_BUFSIZE = 1 << 20
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     """Header names a sender listed in Connection, which are hop-by-hop too."""
     return {
         token.strip().lower()
@@ -83,9 +86,16 @@ def client_response_headers(
     upstream: aiohttp.ClientResponse, upstream_origin: URL, client_origin: str
 ) -> CIMultiDict[str]:
     """The upstream's headers minus hop-by-hop ones, with Locations at the upstream rewritten."""
-    dropped = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    return relayed_headers(upstream.headers, upstream_origin, client_origin)
+
+
+def relayed_headers(
+    received: CIMultiDictProxy[str] | CIMultiDict[str], upstream_origin: URL, client_origin: str
+) -> CIMultiDict[str]:
+    """Response headers as the client gets them: hop-by-hop dropped, upstream Locations ours."""
+    dropped = HOP_BY_HOP | _connection_tokens(received)
     headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
+    for name, value in received.items():
         if name.lower() not in dropped:
             headers.add(name, value)
     location = headers.get("Location")
@@ -114,6 +124,16 @@ class Fetched:
     status: int
     headers: CIMultiDict[str]
     body: bytes
+
+
+def request_target(raw_path: str, query: str | None) -> str:
+    """The upstream request target: the client's, with the query access control may rewrite."""
+    # raw_path is the request target as sent: percent-escapes and query (`_state`,
+    # `digest=sha256%3A...`) pass byte for byte unless access control rewrote the query.
+    path, _, raw_query = raw_path.partition("?")
+    if query is not None and query != raw_query:
+        return f"{path}?{query}" if query else path
+    return raw_path
 
 
 class _ClientBody:
@@ -158,20 +178,23 @@ class Forwarder:
         self._base = str(self._upstream)
 
     def _url(self, request: web.Request, query: str | None) -> URL:
-        # raw_path is the request target as sent: percent-escapes and query (`_state`,
-        # `digest=sha256%3A...`) pass byte for byte unless access control rewrote the query.
-        target = request.raw_path
-        path, _, raw_query = target.partition("?")
-        if query is not None and query != raw_query:
-            target = f"{path}?{query}" if query else path
-        return upstream_url(self._base, target)
+        return upstream_url(self._base, request_target(request.raw_path, query))
 
     async def __call__(
-        self, request: web.Request, exchange: Exchange, query: str | None = None
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        query: str | None = None,
+        *,
+        fast: FastPath | None = None,
     ) -> web.StreamResponse:
-        """Forward within the user's share of the upstream pool; 503 if no slot frees in time."""
+        """Forward within the user's share of the upstream pool; 503 if no slot frees in time.
+
+        `fast` (the blob fast path) is tried first, in the same slot; None from it means the
+        normal relay answers instead.
+        """
         if self._slots is None:
-            return await self._forward(request, exchange, query)
+            return await self._forward_either(request, exchange, query, fast)
         # Only authenticated requests are forwarded; the client address is a fallback.
         user = exchange.user or exchange.client
         if not await self._slots.acquire(user):
@@ -179,9 +202,18 @@ class Forwarder:
             log.debug("no upstream connection free: %s %s", request.method, exchange.target.action)
             return errors.proxy_busy()
         try:
-            return await self._forward(request, exchange, query)
+            return await self._forward_either(request, exchange, query, fast)
         finally:
             self._slots.release(user)
+
+    async def _forward_either(
+        self, request: web.Request, exchange: Exchange, query: str | None, fast: FastPath | None
+    ) -> web.StreamResponse:
+        if fast is not None:
+            response = await fast(request, exchange, query)
+            if response is not None:
+                return response
+        return await self._forward(request, exchange, query)
 
     async def _forward(
         self, request: web.Request, exchange: Exchange, query: str | None
@@ -298,7 +330,7 @@ class Forwarder:
                     _describe(exc),
                 )
                 upstream.close()
-                _abort(request)
+                abort_client(request)
                 return response
             if not chunk:
                 break
@@ -311,13 +343,14 @@ class Forwarder:
                 upstream.close()
                 if isinstance(exc, TimeoutError):
                     log.info("client stopped reading for %gs: closing", self._body_timeout)
-                    _abort(request)
+                    abort_client(request)
                 return response
         await response.write_eof()
         return response
 
 
-def _abort(request: web.Request) -> None:
+def abort_client(request: web.Request) -> None:
+    """Cut the client's connection: a response already begun must not look complete."""
     transport = request.transport
     if transport is not None:
         transport.abort()

@@ -160,7 +160,7 @@ def access_record(
         "status": response.status,
         "upstream_status": exchange.upstream_status,
         "bytes_in": request.content.total_bytes,
-        "bytes_out": response.body_length,
+        "bytes_out": bytes_out(request, response),
         "duration_ms": round(seconds * 1000, 3),
         "upstream_ms": exchange.upstream_ms,
         "user_agent": bounded(request.headers.get("User-Agent"), _USER_AGENT_LIMIT),
@@ -174,6 +174,12 @@ _TEXT_FIELDS = (
     "time", "request_id", "client", "user", "request", "status", "upstream_status", "bytes_in",
     "bytes_out", "duration_ms", "decision", "event", "digest", "user_agent",
 )  # fmt: skip
+
+
+def bytes_out(request: BaseRequest, response: StreamResponse) -> int:
+    """Bytes sent to the client, head included, also for a transfer cut short."""
+    # body_length is only set at the end of the body: a cut transfer would count 0.
+    return response.body_length or request.writer.output_size
 
 
 def text_line(record: dict[str, object]) -> str:
@@ -198,7 +204,7 @@ def access_logger_class(metrics: Metrics, style: str) -> type[AbstractAccessLogg
             ).inc()
             metrics.request_duration.labels(action).observe(time)
             metrics.received_bytes.labels(action).inc(request.content.total_bytes)
-            metrics.sent_bytes.labels(action).inc(response.body_length)
+            metrics.sent_bytes.labels(action).inc(bytes_out(request, response))
             if record["decision"] != "allowed":
                 metrics.refusals.labels(record["decision"]).inc()
             if style == "json":

@@ -280,11 +280,12 @@ async def test_stalled_upload_body_is_closed_and_the_upstream_request_aborted(
     assert outcome == ["aborted"]
 
 
+@pytest.mark.parametrize("fast", ["true", "false"], ids=["fast", "normal"])
 async def test_client_that_stops_reading_is_cut_and_memory_stays_flat(
-    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str], fast: str
 ) -> None:
     # Defence: backpressure (we write only as fast as the client reads) and body_timeout.
-    proxy = start_proxy(registry.url, PROXY_BODY_TIMEOUT="2")
+    proxy = start_proxy(registry.url, PROXY_BODY_TIMEOUT="2", PROXY_FAST_BLOB_RELAY=fast)
     blob = os.urandom(256 * 1024 * 1024)
     digest = push_blob(registry.url, "slowreader/app", blob)
     del blob
@@ -442,11 +443,12 @@ def open_fds(proxy: Proxy) -> int:
     return len(os.listdir(f"/proc/{proxy.process.popen.pid}/fd"))
 
 
+@pytest.mark.parametrize("fast", ["true", "false"], ids=["fast", "normal"])
 async def test_a_thousand_aborted_downloads_and_uploads_leave_no_trace(
-    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str], fast: str
 ) -> None:
     # Defence: every path out of the relay releases the upstream response and the client transport.
-    proxy = start_proxy(registry.url, PROXY_ACCESS_LOG="off")
+    proxy = start_proxy(registry.url, PROXY_ACCESS_LOG="off", PROXY_FAST_BLOB_RELAY=fast)
     digest = push_blob(registry.url, "soak/app", os.urandom(8 * 1024 * 1024))
     auth = token("alice", users["alice"])
     headers = f"Host: {proxy.host}\r\nAuthorization: {auth}\r\n"

@@ -418,10 +418,11 @@ def start_download(
     return sock, digest, received
 
 
+@pytest.mark.parametrize("fast", ["true", "false"], ids=["fast", "normal"])
 def test_sigterm_lets_a_download_finish_and_refuses_new_connections(
-    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str], fast: str
 ) -> None:
-    proxy = start_proxy(registry.url)
+    proxy = start_proxy(registry.url, PROXY_FAST_BLOB_RELAY=fast)
     sock, digest, received = start_download(registry, proxy, 48, basic("alice", users["alice"]))
     assert proxy.process is not None
     proxy.process.signal(signal.SIGTERM)
@@ -447,10 +448,11 @@ def test_sigterm_lets_a_download_finish_and_refuses_new_connections(
     assert "all requests finished" in proxy.log()
 
 
+@pytest.mark.parametrize("fast", ["true", "false"], ids=["fast", "normal"])
 def test_drain_deadline_cuts_what_is_left_and_says_so(
-    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str], fast: str
 ) -> None:
-    proxy = start_proxy(registry.url, PROXY_SHUTDOWN_TIMEOUT="0.5")
+    proxy = start_proxy(registry.url, PROXY_SHUTDOWN_TIMEOUT="0.5", PROXY_FAST_BLOB_RELAY=fast)
     sock, _, _ = start_download(registry, proxy, 32, basic("alice", users["alice"]))
     assert proxy.process is not None
     started = time.monotonic()
