@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import re
 import socket
+import time
 from dataclasses import dataclass
 
 import h11
@@ -18,6 +19,7 @@ from proxy import errors
 from proxy.exchange import Exchange
 from proxy.forward import (
     abort_client,
+    record_time_to_headers,
     relayed_headers,
     request_target,
     upstream_request_headers,
@@ -76,6 +78,7 @@ class BlobRelay:
         # An address needs no resolver (asyncio's getaddrinfo is a thread-pool round trip).
         self._literal = _literal_address(self._host, self._port)
         self._errors = metrics.upstream_errors
+        self._time_to_headers = metrics.upstream_time_to_headers
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._body_timeout = body_timeout
@@ -91,6 +94,7 @@ class BlobRelay:
         except _Failed as failed:
             return failed.response
         try:
+            sent = time.monotonic()
             await loop.sock_sendall(sock, self._request_head(request, exchange, query))
             head = await self._read_head(loop, sock, memoryview(buffer))
         except _Failed as failed:
@@ -108,13 +112,16 @@ class BlobRelay:
             sock.close()
             raise
         exchange.upstream_status = head.status
+        record_time_to_headers(self._time_to_headers, exchange, sent)
         try:
             return await self._relay_body(request, exchange, loop, sock, buffer, head)
         finally:
             sock.close()
 
     def _request_head(self, request: web.Request, exchange: Exchange, query: str | None) -> bytes:
-        headers = upstream_request_headers(request, exchange.client, exchange.scheme)
+        headers = upstream_request_headers(
+            request, exchange.client, exchange.scheme, exchange.request_id
+        )
         headers.setdefault("Accept", _DEFAULT_ACCEPT)
         lines = [f"GET {request_target(request.raw_path, query)} HTTP/1.1"]
         lines.extend(f"{name}: {value}" for name, value in headers.items())

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import Histogram
 from yarl import URL
 
 from proxy import errors
@@ -134,6 +135,13 @@ def request_target(raw_path: str, query: str | None) -> str:
     if query is not None and query != raw_query:
         return f"{path}?{query}" if query else path
     return raw_path
+
+
+def record_time_to_headers(histogram: Histogram, exchange: Exchange, sent: float) -> None:
+    """Record the time from `sent` to the upstream's headers (summed over a catalog's pages)."""
+    seconds = time.monotonic() - sent
+    histogram.labels(exchange.target.action).observe(seconds)
+    exchange.upstream_ms = round((exchange.upstream_ms or 0.0) + seconds * 1000, 3)
 
 
 class _ClientBody:
@@ -280,10 +288,7 @@ class Forwarder:
         return Fetched(upstream.status, headers, body)
 
     def _took(self, exchange: Exchange, sent: float) -> None:
-        """Record the time to the upstream's headers (summed over a catalog's pages)."""
-        seconds = time.monotonic() - sent
-        self._time_to_headers.labels(exchange.target.action).observe(seconds)
-        exchange.upstream_ms = round((exchange.upstream_ms or 0.0) + seconds * 1000, 3)
+        record_time_to_headers(self._time_to_headers, exchange, sent)
 
     def _failed_before_headers(
         self, request: web.Request, exc: TimeoutError | aiohttp.ClientError
