@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(config.log_level)
     try:
+        if config.workers > 1:
+            from proxy.workers import supervise
+
+            return supervise(config, Path(config_path) if config_path else None)
         run(config, users, Path(config_path) if config_path else None)
     except ConfigError as exc:
         print(f"registry-proxy: {exc}", file=sys.stderr)

@@ -62,6 +62,7 @@ class Config:
     keepalive_timeout: float
     body_timeout: float
     max_connections: int
+    workers: int
     shutdown_timeout: float
     upstream_connections: int
     auth_cache_ttl: float
@@ -148,6 +149,16 @@ def _count(value: object) -> int:
     return int(text)
 
 
+def _workers(value: object) -> int:
+    """A count, or `auto`: the CPUs this process may run on (cgroup cpusets included)."""
+    if str(value).strip().lower() == "auto":
+        return len(os.sched_getaffinity(0))
+    try:
+        return _count(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number of at least 1 or auto, got {value!r}") from None
+
+
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -222,6 +233,7 @@ SETTINGS: dict[str, _Setting] = {
     "keepalive_timeout": _Setting(_seconds, 75),
     "body_timeout": _Setting(_seconds, 60),
     "max_connections": _Setting(_count, 4096),
+    "workers": _Setting(_workers, 1),
     "shutdown_timeout": _Setting(_seconds, 30),
     "upstream_connections": _Setting(_count, 100),
     "auth_cache_ttl": _Setting(_seconds, 300),
@@ -368,6 +380,7 @@ def describe(config: Config) -> dict[str, object]:
         "keepalive_timeout": config.keepalive_timeout,
         "body_timeout": config.body_timeout,
         "max_connections": config.max_connections,
+        "workers": config.workers,
         "shutdown_timeout": config.shutdown_timeout,
         "upstream_connections": config.upstream_connections,
         "auth_cache_ttl": config.auth_cache_ttl,

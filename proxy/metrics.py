@@ -12,6 +12,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 
 from proxy import __version__
@@ -91,6 +92,7 @@ class Metrics:
             f"{PREFIX}_requests_in_flight",
             "Requests being handled (transfers in progress included), by action.",
             ["action"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.auth = Counter(
@@ -114,6 +116,7 @@ class Metrics:
         self.users = Gauge(
             f"{PREFIX}_users",
             "Users in the credential table in use.",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.reloads = Counter(
@@ -125,11 +128,13 @@ class Metrics:
         self.last_reload = Gauge(
             f"{PREFIX}_htpasswd_last_success_timestamp_seconds",
             "Unix time the credential table in use was loaded.",
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.upstream_up = Gauge(
             f"{PREFIX}_upstream_up",
             "1 when the upstream answered its last /v2/ probe, else 0.",
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.connections_refused = Counter(
@@ -146,6 +151,7 @@ class Metrics:
         self.tasks = Gauge(
             f"{PREFIX}_event_loop_tasks",
             "asyncio tasks alive at the last scrape (leak detector).",
+            multiprocess_mode="livesum",
             registry=r,
         )
         # process_open_fds, process_resident_memory_bytes, process_cpu_seconds_total, ...
@@ -154,6 +160,7 @@ class Metrics:
             f"{PREFIX}_build_info",
             "Version information; always 1.",
             ["version", "python", "aiohttp"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.build_info.labels(__version__, platform.python_version(), aiohttp.__version__).set(1)
@@ -170,3 +177,14 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
         return generate_latest(self.registry)
+
+
+def multiprocess_exposition(directory: str) -> bytes:
+    """Every worker's metrics summed (prometheus_client multiprocess mode, see proxy/workers.py).
+
+    Counters and histograms add up, dead workers' counts included; each gauge is combined by
+    its `multiprocess_mode`, `live*` modes over the workers alive.
+    """
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)

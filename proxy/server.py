@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -32,8 +33,22 @@ log = logging.getLogger("registry_proxy")
 _CANCEL_GRACE = 1.0
 
 
-def run(config: Config, users: Mapping[str, str], config_path: Path | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds."""
+# A worker's hook (proxy/worker.py), called once its listener serves.
+OnServing = Callable[[web.Application], None]
+
+
+def run(
+    config: Config,
+    users: Mapping[str, str],
+    config_path: Path | None = None,
+    *,
+    listener: socket.socket | None = None,
+    on_serving: OnServing | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds.
+
+    A worker (proxy/workers.py) passes the supervisor's `listener` and serves no admin routes.
+    """
     if not c_parser_in_use():
         # The pure-Python parser is slower and has had request smuggling bugs the C one had not.
         raise ConfigError(
@@ -41,7 +56,7 @@ def run(config: Config, users: Mapping[str, str], config_path: Path | None = Non
             "installed without its extensions); refusing to serve the internet with the Python one"
         )
     certificates = CertificateReloader(config.tls) if config.tls.enabled else None
-    asyncio.run(_serve(config, users, certificates, config_path))
+    asyncio.run(_serve(config, users, certificates, config_path, listener, on_serving))
 
 
 def _reload_access(app: web.Application, config_path: Path | None) -> None:
@@ -63,6 +78,8 @@ async def _serve(
     users: Mapping[str, str],
     certificates: CertificateReloader | None,
     config_path: Path | None,
+    listener: socket.socket | None = None,
+    on_serving: OnServing | None = None,
 ) -> None:
     app = create_app(config, users)
     runner = web.AppRunner(
@@ -83,6 +100,7 @@ async def _serve(
         on_proxy_rejected=lambda reason: app[METRICS].proxy_protocol_rejected.labels(reason).inc(),
         ssl_context=certificates.listener_context if certificates else None,
         backlog=1024,
+        sock=listener,
     )
     await site.start()
     log.info(
@@ -95,7 +113,9 @@ async def _serve(
     )
 
     admin_runner: web.AppRunner | None = None
-    if config.admin_listen is not None:
+    if on_serving is not None:
+        on_serving(app)
+    elif config.admin_listen is not None:
         admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
         await admin_runner.setup()
         await web.TCPSite(admin_runner, config.admin_listen.host, config.admin_listen.port).start()
