@@ -243,7 +243,9 @@ class Supervisor:
     def _on_status(self, slot: Slot, message: str) -> None:
         if message == "started":
             slot.started, slot.failed_starts = True, 0
-            if slot.reload_pending and slot.process is not None:
+            assert slot.process is not None
+            log.info("worker %d (pid %d) serves", slot.index, slot.process.pid)
+            if slot.reload_pending:
                 slot.reload_pending = False
                 slot.process.send_signal(signal.SIGHUP)
         elif message in ("ready", "unready"):
@@ -280,6 +282,7 @@ def supervise(config: Config, config_path: Path | None) -> int:
     """Run `config.workers` workers until SIGTERM; the exit status for the command."""
     listener = bind_listener(config.listen)
     metrics_dir = tempfile.mkdtemp(prefix="registry-proxy-metrics.")
+    log.info("workers' metrics in %s (removed on exit)", metrics_dir)
     try:
         return asyncio.run(Supervisor(config, config_path, listener, metrics_dir).run())
     finally:
