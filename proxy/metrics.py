@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable, Iterable, Iterator
 
 import aiohttp
 from prometheus_client import (
@@ -14,6 +15,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.proxy_protocol import REJECT_REASONS
@@ -179,7 +182,35 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def multiprocess_exposition(directory: str) -> bytes:
+class ProcessesCollector(Collector):
+    """The standard `process_*` metrics summed over processes (the workers and their parent);
+    the start time is the oldest, the fd limit the lowest."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self._pids = pids
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in self._pids():
+            for family in ProcessCollector(registry=None, pid=_constant(pid)).collect():
+                if family.name not in merged:
+                    merged[family.name] = family
+                    continue
+                kept, (sample,) = merged[family.name], family.samples
+                pick = min if family.name in _LOWEST else sum
+                value = pick((kept.samples[0].value, sample.value))
+                kept.samples[0] = kept.samples[0]._replace(value=value)
+        yield from merged.values()
+
+
+def _constant(pid: int) -> Callable[[], int]:
+    return lambda: pid
+
+
+_LOWEST = frozenset({"process_start_time_seconds", "process_max_fds"})
+
+
+def multiprocess_exposition(directory: str, *collectors: Collector) -> bytes:
     """Every worker's metrics summed (prometheus_client multiprocess mode, see proxy/workers.py).
 
     Counters and histograms add up, dead workers' counts included; each gauge is combined by
@@ -187,4 +218,6 @@ def multiprocess_exposition(directory: str) -> bytes:
     """
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    for collector in collectors:
+        registry.register(collector)
     return generate_latest(registry)

@@ -32,7 +32,7 @@ from aiohttp import web
 from prometheus_client import multiprocess
 
 from proxy.config import Address, Config, ConfigError
-from proxy.metrics import multiprocess_exposition
+from proxy.metrics import ProcessesCollector, multiprocess_exposition
 from proxy.worker import EXIT_CONFIG
 
 log = logging.getLogger("registry_proxy.workers")
@@ -251,6 +251,11 @@ class Supervisor:
         elif message in ("ready", "unready"):
             slot.ready = message == "ready"
 
+    def _pids(self) -> list[int]:
+        """The parent's and every live worker's."""
+        alive = [slot.process.pid for slot in self._slots if slot.process and slot.alive]
+        return [os.getpid(), *alive]
+
     def _admin_app(self) -> web.Application:
         """/healthz, /readyz and /metrics for all the workers."""
 
@@ -265,8 +270,10 @@ class Supervisor:
                 return web.Response(status=503, text=f"not ready: {', '.join(waiting)}\n")
             return web.Response(text="ready\n")
 
+        processes = ProcessesCollector(self._pids)
+
         async def metrics_page(request: web.Request) -> web.Response:
-            body = await asyncio.to_thread(multiprocess_exposition, self._metrics_dir)
+            body = await asyncio.to_thread(multiprocess_exposition, self._metrics_dir, processes)
             return web.Response(
                 body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
             )

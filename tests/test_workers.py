@@ -133,6 +133,14 @@ def test_metrics_sum_every_worker(proxy: Proxy, users: dict[str, str]) -> None:
     assert value(after, durations, action="ping") - value(before, durations, action="ping") == 80
     assert value(after, "registry_proxy_requests_in_flight", action="ping") == 0
     assert value(after, "registry_proxy_build_info", **build_labels(after)) == 1
+    # process_* add up the parent and the workers: more than the parent has alone.
+    assert proxy.process is not None
+    assert value(after, "process_resident_memory_bytes") > rss_bytes(proxy.process.pid)
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
 
 
 def build_labels(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, str]:
