@@ -21,7 +21,7 @@ NGINX_BINARY = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 def render_nginx_conf(
-    template: str, *, root: Path, port: int, upstream_port: int, htpasswd: Path, workers: int
+    template: str, *, root: Path, port: int, upstream_port: int, htpasswd: Path, workers: int | str
 ) -> str:
     """The recipe's server block with this run's ports, paths and (as root) worker user."""
     user_line = "user root;" if os.geteuid() == 0 else ""
@@ -45,7 +45,16 @@ def render_nginx_conf(
 class Nginx:
     """nginx as distribution's "authenticate proxy with nginx" recipe, a non-daemon child."""
 
-    def __init__(self, root: Path, upstream_port: int, htpasswd: Path, workers: int = 1) -> None:
+    def __init__(
+        self,
+        root: Path,
+        upstream_port: int,
+        htpasswd: Path,
+        workers: int | str = 1,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        # `tls`: (certificate, key) for `listen ... ssl` (bench/scaling.py's --tls rows).
+        self.tls = tls
         self.root = root
         self.port = free_port()
         self.upstream_port = upstream_port
@@ -55,7 +64,7 @@ class Nginx:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def worker_pids(self) -> list[int]:
         """The worker processes (children of the master)."""
@@ -82,6 +91,16 @@ class Nginx:
                 workers=self.workers,
             )
         )
+        if self.tls is not None:
+            cert, key = self.tls
+            listen = f"listen 127.0.0.1:{self.port};"
+            conf.write_text(
+                conf.read_text().replace(
+                    listen,
+                    f"listen 127.0.0.1:{self.port} ssl;\n    ssl_certificate {cert};\n"
+                    f"    ssl_certificate_key {key};",
+                )
+            )
         test = subprocess.run(
             [NGINX_BINARY, "-t", "-p", str(self.root), "-c", str(conf)],
             capture_output=True,
@@ -152,7 +171,10 @@ class Proxy:
         *,
         source: Path = REPO_DIR,
         python: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        # Extra PROXY_* settings (PROXY_WORKERS, PROXY_TLS_CERT, ...).
+        self.env = env or {}
         self.root = root
         self.upstream = upstream
         self.htpasswd = htpasswd
@@ -165,12 +187,21 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "PROXY_TLS_CERT" in self.env else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def worker_pids(self) -> list[int]:
+        """With `workers` above 1, the worker processes (children of the supervisor)."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -181,6 +212,7 @@ class Proxy:
             PROXY_UPSTREAM=self.upstream,
             PROXY_HTPASSWD=str(self.htpasswd),
         )
+        env.update(self.env)
         self.process = Process(
             [self.python, "-m", "proxy", "serve"],
             self.root / "proxy.log",
