@@ -178,6 +178,14 @@ class Supervisor:
 
     async def _keep(self, slot: Slot) -> None:
         """Run a worker in `slot` until the proxy stops, restarting it when it dies."""
+        try:
+            await self._keep_running(slot)
+        except Exception:
+            # A worker that cannot even be spawned (no memory, no processes left) is not kept.
+            log.exception("worker %d cannot be started: giving up", slot.index)
+            self._give_up(1)
+
+    async def _keep_running(self, slot: Slot) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             began = loop.time()
