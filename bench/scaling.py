@@ -174,15 +174,28 @@ class Scaling:
         pids = path.pids()
         for pid in pids:
             client.reset_peak(pid)
+        # CPU of every process on the path (the proxy's supervisor and nginx's master too).
+        counted = self._all_pids(path)
+        cpu_before = [client.cpu_seconds(pid) for pid in counted]
         seconds = client.download(url, headers, self.blob_size, 8)
+        cpu = [client.cpu_seconds(pid) - b for pid, b in zip(counted, cpu_before, strict=True)]
         rate8 = 8 * self.blob_size / MB / seconds
         path.record("get8", rate8)
+        path.record("cpu_per_gib", sum(cpu) / (8 * self.blob_size / (1 << 30)))
         rss = max(client.status_kib(pid, "VmHWM") for pid in pids) * 1024 / MB
         path.record("rss_worker", rss)
         log(
             f"round {index + 1} {scheme} {path.name}: 1 stream {rate:,.0f} MB/s, 8 streams "
-            f"{rate8:,.0f} MB/s, peak RSS per process {rss:.1f} MB ({len(pids)} processes)"
+            f"{rate8:,.0f} MB/s, peak RSS per process {rss:.1f} MB ({len(pids)} processes), "
+            f"CPU s by process {' + '.join(f'{c:.1f}' for c in cpu)}"
         )
+
+    def _all_pids(self, path: Route) -> list[int]:
+        server = path.server
+        if isinstance(server, Proxy | Nginx):
+            assert server.process is not None
+            return [server.process.pid, *server.worker_pids()]
+        return path.pids()
 
     def _manifests(self, path: Route, headers: dict[str, str]) -> None:
         url = f"{path.url}/v2/{REPO}/manifests/{TAG}"
@@ -251,6 +264,7 @@ class Scaling:
             ("get1", "GET 1 stream, MB/s"),
             ("get8", "GET 8 streams, MB/s"),
             ("rss_worker", "peak RSS per process, MB"),
+            ("cpu_per_gib", "CPU s per GiB, 8 streams"),
             ("rps10", "manifest req/s, bcrypt 10"),
         ]
         lines = [f"{'path':<16}" + "".join(f"{label:>28}" for _, label in metrics)]
