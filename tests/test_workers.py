@@ -253,6 +253,34 @@ def test_a_bad_certificate_makes_the_parent_exit_2(
     assert not metrics_dir(proxy).exists()
 
 
+def test_workers_that_keep_dying_at_start_are_given_up_after_3_tries(
+    tmp_path: Path, registry: Registry, htpasswd_file: Path
+) -> None:
+    """Guards the restart loop's end: a worker that dies before it serves (injected: it exits 3
+    at interpreter start) is restarted with a growing delay, then the parent exits 1."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, sys\nif '--listen-fd' in sys.argv:\n    os._exit(3)\n"
+    )
+    proxy = Proxy(
+        tmp_path, registry.url, htpasswd_file, {"PROXY_WORKERS": "2", "PYTHONPATH": str(hooks)}
+    )
+    proxy.process = Process(
+        [sys.executable, "-m", "proxy", "serve"], tmp_path / "proxy.log", proxy.environment()
+    )
+    proxy.process.start()
+    try:
+        assert proxy.process.wait(30) == 1
+    finally:
+        proxy.stop()
+    log = proxy.log()
+    assert "exited with status 3; restarting it in 0.5s" in log
+    assert "exited with status 3; restarting it in 1s" in log
+    assert "exited with status 3 before it served (3 in a row): giving up" in log
+    assert not metrics_dir(proxy).exists()
+
+
 def check_config(htpasswd: Path, *prefix: str, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
     environment.update(PROXY_HTPASSWD=str(htpasswd), **env)
