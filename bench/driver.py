@@ -63,7 +63,8 @@ class Settings:
     aborts: int
     abort_concurrency: int
     abort_after: int
-    nginx_workers: int
+    # nginx worker_processes: `auto` (one per CPU) is the official nginx image's default.
+    nginx_workers: int | str
 
 
 FULL = Settings(
@@ -84,7 +85,7 @@ FULL = Settings(
     aborts=1000,
     abort_concurrency=8,
     abort_after=1 * MiB,
-    nginx_workers=1,
+    nginx_workers="auto",
 )
 SMALL = Settings(
     mode="small",
@@ -104,7 +105,7 @@ SMALL = Settings(
     aborts=100,
     abort_concurrency=8,
     abort_after=256 * 1024,
-    nginx_workers=1,
+    nginx_workers="auto",
 )
 
 
@@ -173,6 +174,9 @@ class Bench:
         self.proxy = Proxy(self.workdir / "proxy", self.registry.url, self.htpasswd, source=source)
         self.proxy.start()
         log(f"nginx on {self.nginx.url}, proxy on {self.proxy.url} (pid {self.proxy.pid})")
+        self.extra["nginx_workers"] = len(self.nginx.worker_pids())
+        log(f"nginx worker_processes {self.settings.nginx_workers}: "
+            f"{self.extra['nginx_workers']} workers")  # fmt: skip
         self.extra["proxy_rss_start_kib"] = client.status_kib(self.proxy.pid, "VmRSS")
         self._sanity()
 
@@ -529,7 +533,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds of every measurement (default: mode's)")
     parser.add_argument("--blob-mib", type=int, help="blob size in MiB (default: mode's)")
     parser.add_argument(
-        "--nginx-workers", type=int, help="nginx worker_processes (default 1, the recipe's)"
+        "--nginx-workers",
+        help="nginx worker_processes: a number or auto (default auto, the nginx image's)",
+    )
+    parser.add_argument(
+        "--workers",
+        nargs="?",
+        const="auto",
+        metavar="N",
+        help="instead: blob GETs through the proxy with 1 and N workers (default auto) next to "
+        "nginx (auto and 1 worker) and the registry, with the workers targets (bench/scaling.py)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="with --workers (implied): the same over HTTPS too"
     )
     parser.add_argument(
         "--proxy-rev",
@@ -577,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
+
+    if args.workers or args.tls:
+        from bench import scaling
+
+        return scaling.run(args, settings)
 
     started = datetime.now(UTC)
     workdir = Path(tempfile.mkdtemp(prefix="registry-proxy-bench-"))

@@ -297,7 +297,9 @@ def build(
         "settings": settings,
         "notes": [
             "direct: the registry itself, no auth; nginx: distribution's nginx recipe "
-            f"({settings['nginx_workers']} worker); proxy: registry-proxy. Same htpasswd file.",
+            f"(worker_processes {settings['nginx_workers']}: "
+            f"{extra.get('nginx_workers', '?')} workers); proxy: registry-proxy. "
+            "Same htpasswd file.",
             "Figures are medians over rounds that alternate the paths; peak RSS is the maximum.",
             "Client: curl to /dev/null for blobs, wrk for manifest GET, one raw keep-alive "
             "socket for HEAD latency; all on the same machine as the servers.",

@@ -22,7 +22,7 @@ NGINX_BINARY = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 def render_nginx_conf(
-    template: str, *, root: Path, port: int, upstream_port: int, htpasswd: Path, workers: int
+    template: str, *, root: Path, port: int, upstream_port: int, htpasswd: Path, workers: int | str
 ) -> str:
     """The recipe's server block with this run's ports, paths and (as root) worker user."""
     user_line = "user root;" if os.geteuid() == 0 else ""
@@ -46,7 +46,16 @@ def render_nginx_conf(
 class Nginx:
     """nginx as distribution's "authenticate proxy with nginx" recipe, a non-daemon child."""
 
-    def __init__(self, root: Path, upstream_port: int, htpasswd: Path, workers: int = 1) -> None:
+    def __init__(
+        self,
+        root: Path,
+        upstream_port: int,
+        htpasswd: Path,
+        workers: int | str = 1,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        # `tls`: (certificate, key) for `listen ... ssl` (bench/scaling.py's --tls rows).
+        self.tls = tls
         self.root = root
         self.port = free_port()
         self.upstream_port = upstream_port
@@ -56,7 +65,7 @@ class Nginx:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def worker_pids(self) -> list[int]:
         """The worker processes (children of the master)."""
@@ -83,6 +92,16 @@ class Nginx:
                 workers=self.workers,
             )
         )
+        if self.tls is not None:
+            cert, key = self.tls
+            listen = f"listen 127.0.0.1:{self.port};"
+            conf.write_text(
+                conf.read_text().replace(
+                    listen,
+                    f"listen 127.0.0.1:{self.port} ssl;\n    ssl_certificate {cert};\n"
+                    f"    ssl_certificate_key {key};",
+                )
+            )
         test = subprocess.run(
             [NGINX_BINARY, "-t", "-p", str(self.root), "-c", str(conf)],
             capture_output=True,
@@ -156,6 +175,7 @@ class Proxy:
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.root = root
+        # Extra PROXY_* settings (PROXY_WORKERS, PROXY_TLS_CERT, ...).
         self.extra_env = dict(env or {})
         self.upstream = upstream
         self.htpasswd = htpasswd
@@ -168,12 +188,21 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "PROXY_TLS_CERT" in self.extra_env else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def worker_pids(self) -> list[int]:
+        """With `workers` above 1, the worker processes (children of the supervisor)."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,8 @@ async def _probe_upstream_forever(app: web.Application) -> None:
             log.warning("upstream %s stopped answering /v2/", config.upstream)
         state.upstream_answered = answered
         metrics.upstream_up.set(1 if answered else 0)
+        # Between scrapes too: with workers the supervisor's scrape cannot ask the pools.
+        metrics.observe_pool(app[SESSION].connector)
         await asyncio.sleep(config.upstream_probe_interval)
 
 

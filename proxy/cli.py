@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     from proxy.server import ListenError, run
 
     try:
+        if config.workers > 1:
+            from proxy.workers import supervise
+
+            return supervise(config, path)
         run(config, users, path)
     except ConfigError as exc:
         print(f"registry-proxy: {exc}", file=sys.stderr)

@@ -65,6 +65,7 @@ class Config:
     keepalive_timeout: float
     body_timeout: float
     max_connections: int
+    workers: int
     shutdown_timeout: float
     upstream_connections: int
     auth_cache_ttl: float
@@ -160,6 +161,16 @@ def _count(value: object) -> int:
     return int(text)
 
 
+def _workers(value: object) -> int:
+    """A count, or `auto`: the CPUs this process may run on (cgroup cpusets included)."""
+    if str(value).strip().lower() == "auto":
+        return len(os.sched_getaffinity(0))
+    try:
+        return _count(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number of at least 1 or auto, got {value!r}") from None
+
+
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -235,6 +246,7 @@ SETTINGS: dict[str, _Setting] = {
     "body_timeout": _Setting(_seconds, 60),
     "max_connections": _Setting(_count, 4096),
     "max_connections_per_client": _Setting(_count, 256),
+    "workers": _Setting(_workers, 1),
     "shutdown_timeout": _Setting(_seconds, 30),
     "upstream_connections": _Setting(_count, 100),
     "upstream_connections_per_user": _Setting(_count, 25),
@@ -453,6 +465,7 @@ def describe(config: Config) -> dict[str, object]:
         "body_timeout": config.body_timeout,
         "max_connections": config.max_connections,
         "max_connections_per_client": config.max_connections_per_client,
+        "workers": config.workers,
         "shutdown_timeout": config.shutdown_timeout,
         "upstream_connections": config.upstream_connections,
         "upstream_connections_per_user": config.upstream_connections_per_user,

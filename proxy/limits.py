@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable, Sequence
 
 from aiohttp import http_parser, web
@@ -69,7 +70,8 @@ class LimitedTCPSite(web.TCPSite):
 
     With `proxy_protocol_from` (the trusted balancers), every connection must start with a
     PROXY header from one of them; the limits then apply once the header is read, to the client
-    it names.
+    it names. With `sock` (a worker's inherited listening socket) it serves that instead of
+    binding.
     """
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
@@ -77,7 +79,7 @@ class LimitedTCPSite(web.TCPSite):
                  on_client_refused: Callable[[], None] = lambda: None,
                  proxy_protocol_from: Sequence[Network] = (),
                  on_proxy_rejected: Callable[[str], None] = lambda reason: None,
-                 **kwargs: object) -> None:  # fmt: skip
+                 sock: socket.socket | None = None, **kwargs: object) -> None:  # fmt: skip
         super().__init__(runner, host, port, **kwargs)  # type: ignore[arg-type]
         self._max_connections = max_connections
         self._on_refused = on_refused
@@ -86,6 +88,7 @@ class LimitedTCPSite(web.TCPSite):
         self._proxy_protocol_from = tuple(proxy_protocol_from)
         self._on_proxy_rejected = on_proxy_rejected
         self._proxy_listener: ProxyProtocolListener | None = None
+        self._sock = sock
 
     async def start(self) -> None:
         # BaseSite.start registers the site; the listener is created here, as TCPSite does,
@@ -104,6 +107,11 @@ class LimitedTCPSite(web.TCPSite):
                 factory, self._proxy_protocol_from, ssl_context, self._on_proxy_rejected
             )
             factory, ssl_context = self._proxy_listener, None
+        if self._sock is not None:
+            self._server = await asyncio.get_running_loop().create_server(
+                factory, sock=self._sock, ssl=ssl_context, backlog=self._backlog
+            )
+            return
         self._server = await asyncio.get_running_loop().create_server(
             factory,
             self._host,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import aiohttp
 from prometheus_client import (
@@ -13,8 +13,10 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
@@ -72,7 +74,7 @@ def code_label(status: int) -> str:
     return str(status) if status in CODES else OTHER_CODE
 
 
-class _CertificateExpiry(Collector):
+class CertificateExpiry(Collector):
     """The served certificate's notAfter, read at each scrape; nothing without TLS."""
 
     def __init__(self, name: str) -> None:
@@ -116,11 +118,13 @@ class Metrics:
         self.upstream_connections_in_use = Gauge(
             f"{PREFIX}_upstream_connections_in_use",
             "Upstream connections carrying a request at the last scrape.",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.upstream_connections_limit = Gauge(
             f"{PREFIX}_upstream_connections_limit",
             "The most upstream connections the pool opens (upstream_connections).",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.request_duration = Histogram(
@@ -146,6 +150,7 @@ class Metrics:
             f"{PREFIX}_requests_in_flight",
             "Requests being handled (transfers in progress included), by action.",
             ["action"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.auth = Counter(
@@ -169,6 +174,7 @@ class Metrics:
         self.users = Gauge(
             f"{PREFIX}_users",
             "Users in the credential table in use.",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.reloads = Counter(
@@ -180,6 +186,7 @@ class Metrics:
         self.last_reload = Gauge(
             f"{PREFIX}_htpasswd_last_success_timestamp_seconds",
             "Unix time the credential table in use was loaded.",
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.config_reloads = Counter(
@@ -194,13 +201,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.certificate_expiry = _CertificateExpiry(
+        self.certificate_expiry = CertificateExpiry(
             f"{PREFIX}_tls_certificate_expiry_timestamp_seconds"
         )
         r.register(self.certificate_expiry)
         self.upstream_up = Gauge(
             f"{PREFIX}_upstream_up",
             "1 when the upstream answered its last /v2/ probe, else 0.",
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.connections_refused = Counter(
@@ -229,6 +237,7 @@ class Metrics:
         self.tasks = Gauge(
             f"{PREFIX}_event_loop_tasks",
             "asyncio tasks alive at the last scrape (leak detector).",
+            multiprocess_mode="livesum",
             registry=r,
         )
         # process_open_fds, process_resident_memory_bytes, process_cpu_seconds_total, ...
@@ -237,6 +246,7 @@ class Metrics:
             f"{PREFIX}_build_info",
             "Version information; always 1.",
             ["version", "python", "aiohttp"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.build_info.labels(__version__, platform.python_version(), aiohttp.__version__).set(1)
@@ -263,3 +273,44 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
         return generate_latest(self.registry)
+
+
+class ProcessesCollector(Collector):
+    """The standard `process_*` metrics summed over processes (the workers and their parent);
+    the start time is the oldest, the fd limit the lowest."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self._pids = pids
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for pid in self._pids():
+            for family in ProcessCollector(registry=None, pid=_constant(pid)).collect():
+                if family.name not in merged:
+                    merged[family.name] = family
+                    continue
+                kept, (sample,) = merged[family.name], family.samples
+                pick = min if family.name in _LOWEST else sum
+                value = pick((kept.samples[0].value, sample.value))
+                kept.samples[0] = kept.samples[0]._replace(value=value)
+        yield from merged.values()
+
+
+def _constant(pid: int) -> Callable[[], int]:
+    return lambda: pid
+
+
+_LOWEST = frozenset({"process_start_time_seconds", "process_max_fds"})
+
+
+def multiprocess_exposition(directory: str, *collectors: Collector) -> bytes:
+    """Every worker's metrics summed (prometheus_client multiprocess mode, see proxy/workers.py).
+
+    Counters and histograms add up, dead workers' counts included; each gauge is combined by
+    its `multiprocess_mode`, `live*` modes over the workers alive.
+    """
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    for collector in collectors:
+        registry.register(collector)
+    return generate_latest(registry)

@@ -7,7 +7,8 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -36,11 +37,25 @@ log = logging.getLogger("registry_proxy")
 _CANCEL_GRACE = 1.0
 
 
-def run(config: Config, users: Mapping[str, str], config_path: Path | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds."""
+# A worker's hook (proxy/worker.py), called once its listener serves.
+OnServing = Callable[[web.Application], None]
+
+
+def run(
+    config: Config,
+    users: Mapping[str, str],
+    config_path: Path | None = None,
+    *,
+    listener: socket.socket | None = None,
+    on_serving: OnServing | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds.
+
+    A worker (proxy/workers.py) passes the supervisor's `listener` and serves no admin routes.
+    """
     require_c_parser()
     certificates = CertificateReloader(config.tls) if config.tls.enabled else None
-    asyncio.run(_serve(config, users, certificates, config_path))
+    asyncio.run(_serve(config, users, certificates, config_path, listener, on_serving))
 
 
 def _reload_access(app: web.Application, config_path: Path | None) -> None:
@@ -88,6 +103,8 @@ async def _serve(
     users: Mapping[str, str],
     certificates: CertificateReloader | None,
     config_path: Path | None,
+    listener: socket.socket | None = None,
+    on_serving: OnServing | None = None,
 ) -> None:
     app = create_app(config, users)
     if certificates is not None:
@@ -113,6 +130,7 @@ async def _serve(
         on_proxy_rejected=lambda reason: app[METRICS].proxy_protocol_rejected.labels(reason).inc(),
         ssl_context=certificates.listener_context if certificates else None,
         backlog=1024,
+        sock=listener,
     )
     try:
         await _start_site(site, "listen", config.listen)
@@ -129,7 +147,9 @@ async def _serve(
     )
 
     admin_runner: web.AppRunner | None = None
-    if config.admin_listen is not None:
+    if on_serving is not None:
+        on_serving(app)
+    elif config.admin_listen is not None:
         admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
         await admin_runner.setup()
         admin_site = web.TCPSite(admin_runner, config.admin_listen.host, config.admin_listen.port)

@@ -1,0 +1,308 @@
+"""`workers: N`: worker processes behind one port, the supervising parent, summed metrics.
+
+Some tests of other modules run here again against a proxy with workers: the client tests
+(docker login, skopeo, podman) against `workers: auto`, and operations, TLS and PROXY protocol
+tests through `start_proxy`, which starts two workers in this module. The password-guessing
+throttle is still per worker, so its tests are not among them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.support import Process, Proxy, Registry, call, http_status, sha256, wait_until
+from tests.support import basic_auth as basic
+from tests.test_clients import (  # noqa: F401 (fixtures and tests run here again)
+    clients,
+    podman,
+    test_docker_login_refuses_bad_credentials,
+    test_docker_login_stores_credentials,
+    test_podman_login_pull_tag_push,
+    test_skopeo_push_inspect_pull_and_delete,
+)
+from tests.test_operations import (  # noqa: F401
+    ca,
+    scrape,
+    start_download,
+    test_drain_deadline_cuts_what_is_left_and_says_so,
+    test_drain_turns_readyz_503_and_closes_idle_connections_at_once,
+    test_metrics_move_with_a_push_and_a_pull,
+    test_metrics_pass_promtool,
+    test_readyz_follows_the_upstream,
+    test_skopeo_and_curl_push_and_pull_over_tls,
+    tls_proxy,
+    value,
+)
+from tests.test_proxy_protocol import (  # noqa: F401
+    test_many_connections_at_once_each_keep_their_own_client,
+)
+
+WORKERS = 2
+AUTO = len(os.sched_getaffinity(0))
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    registry: Registry, htpasswd_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Proxy]:
+    """The session proxy's settings with `workers: auto`, for the tests run here again (2 where
+    this process may use one CPU only: auto would be a single process there)."""
+    workers = "auto" if AUTO > 1 else "2"
+    server = Proxy(
+        tmp_path_factory.mktemp("proxy-auto"),
+        registry.url,
+        htpasswd_file,
+        {"PROXY_AUTH_MAX_FAILURES": "1000000", "PROXY_WORKERS": workers},
+    )
+    server.start()
+    wait_until(lambda: http_status(server.admin_url + "/readyz") == 200, "every worker ready")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_proxy(start_proxy: Callable[..., Proxy]) -> Callable[..., Proxy]:
+    """conftest's `start_proxy` with `workers: 2` unless a test sets PROXY_WORKERS."""
+
+    def start(upstream: str, htpasswd: Path | None = None, **env: str) -> Proxy:
+        server = start_proxy(upstream, htpasswd, **{"PROXY_WORKERS": str(WORKERS), **env})
+        count = int(env.get("PROXY_WORKERS", WORKERS))
+        wait_until(lambda: serving(server) == count, "every worker to serve")
+        return server
+
+    return start
+
+
+def worker_pids(proxy: Proxy) -> dict[int, int]:
+    """Worker index -> pid of the latest process started in that slot, from the parent's log."""
+    return {
+        int(index): int(pid)
+        for index, pid in re.findall(r"worker (\d+) started: pid (\d+)", proxy.log())
+    }
+
+
+def serving(proxy: Proxy) -> int:
+    """How many workers told the parent they serve (their signal handlers are set by then)."""
+    return len(re.findall(r"workers: worker \d+ \(pid \d+\) serves", proxy.log()))
+
+
+def served_by(proxy: Proxy) -> dict[str, int]:
+    """Access records per worker tag."""
+    counts: dict[str, int] = {}
+    for tag in re.findall(r"\[worker (\d+)\] registry_proxy\.access:", proxy.log()):
+        counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def metrics_dir(proxy: Proxy) -> Path:
+    found = re.search(r"workers' metrics in (\S+)", proxy.log())
+    assert found, proxy.log()
+    return Path(found.group(1))
+
+
+def on_new_connections(url: str, count: int, **kwargs: object) -> list[int]:
+    """`count` requests, each on its own connection, eight at a time; their statuses."""
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda _: call(url, **kwargs)[0], range(count)))  # type: ignore[arg-type]
+
+
+def test_metrics_sum_every_worker(proxy: Proxy, users: dict[str, str]) -> None:
+    """Guards the exposition: /metrics counts the requests of every worker exactly once (one
+    worker's registry would show about half, a double count twice as many)."""
+    auth = basic("alice", users["alice"])
+    before, served_before = scrape(proxy), served_by(proxy)
+    statuses = on_new_connections(proxy.url + "/v2/", 80, headers=auth)
+    assert statuses == [200] * 80
+    wait_until(lambda: sum(served_by(proxy).values()) - sum(served_before.values()) == 80,
+               "80 access records")  # fmt: skip
+    after, served_after = scrape(proxy), served_by(proxy)
+    assert len(served_after) == max(AUTO, 2)
+    for worker, served in served_after.items():
+        assert served > served_before.get(worker, 0), f"worker {worker} served none of them"
+    requests = "registry_proxy_requests_total"
+    labels = {"method": "GET", "action": "ping", "status_class": "2xx"}
+    assert value(after, requests, **labels) - value(before, requests, **labels) == 80
+    durations = "registry_proxy_request_duration_seconds_count"
+    assert value(after, durations, action="ping") - value(before, durations, action="ping") == 80
+    assert value(after, "registry_proxy_requests_in_flight", action="ping") == 0
+    assert value(after, "registry_proxy_build_info", **build_labels(after)) == 1
+    # process_* add up the parent and the workers: more than the parent has alone.
+    assert proxy.process is not None
+    assert value(after, "process_resident_memory_bytes") > rss_bytes(proxy.process.pid)
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def build_labels(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, str]:
+    (labels,) = [dict(key[1]) for key in samples if key[0] == "registry_proxy_build_info"]
+    return labels
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_drains_a_download_on_a_worker_then_the_parent_exits_0(
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+) -> None:
+    """Guards the forwarded drain: every worker stops accepting (the port refuses), the download
+    in flight finishes intact while the parent waits, and the temp dir is gone afterwards."""
+    proxy = start_proxy(registry.url)
+    directory = metrics_dir(proxy)
+    assert directory.is_dir()
+    sock, digest, received = start_download(registry, proxy, 48, basic("alice", users["alice"]))
+    assert proxy.process is not None
+    proxy.process.signal(signal.SIGTERM)
+    wait_until(lambda: proxy.log().count("stopped accepting") == WORKERS, "every worker to drain")
+    assert refused(proxy.port)
+    assert proxy.process.popen is not None and proxy.process.popen.poll() is None
+    while chunk := sock.recv(1 << 20):
+        received += chunk
+    sock.close()
+    assert sha256(received.split(b"\r\n\r\n", 1)[1]) == digest
+    assert proxy.process.wait(30) == 0
+    assert proxy.log().count("all requests finished") == WORKERS
+    assert "all workers stopped" in proxy.log()
+    assert not directory.exists()
+
+
+def test_sighup_reloads_the_access_rules_in_every_worker(
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str], tmp_path: Path
+) -> None:
+    """Guards SIGHUP forwarding: after `read_only: true` and one SIGHUP to the parent, writes
+    are refused on every connection, whichever worker takes it (not every other one)."""
+    config = tmp_path / "proxy.yml"
+    config.write_text("read_only: false\n")
+    proxy = start_proxy(registry.url, PROXY_CONFIG=str(config))
+    auth = basic("alice", users["alice"])
+    upload = f"{proxy.url}/v2/hup/blobs/uploads/"
+    assert on_new_connections(upload, 8, method="POST", headers=auth) == [202] * 8
+    config.write_text("read_only: true\n")
+    assert proxy.process is not None
+    proxy.process.signal(signal.SIGHUP)
+    wait_until(lambda: proxy.log().count("access reloaded (SIGHUP)") == WORKERS,
+               "every worker to reload")  # fmt: skip
+    served_before = served_by(proxy)
+    assert on_new_connections(upload, 40, method="POST", headers=auth) == [405] * 40
+    wait_until(lambda: sum(served_by(proxy).values()) - sum(served_before.values()) == 40,
+               "40 access records")  # fmt: skip
+    for worker, served in served_by(proxy).items():
+        assert served > served_before.get(worker, 0), f"worker {worker} served none of them"
+
+
+def test_a_killed_worker_is_restarted_and_readyz_says_503_meanwhile(
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+) -> None:
+    """Guards the restart: the parent logs how the worker died, /readyz is 503 until the new
+    one serves (not ready while a worker is down), then the proxy serves on every worker."""
+    proxy = start_proxy(registry.url, PROXY_UPSTREAM_PROBE_INTERVAL="0.2")
+    wait_until(lambda: http_status(proxy.admin_url + "/readyz") == 200, "ready")
+    victim = worker_pids(proxy)[1]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: http_status(proxy.admin_url + "/readyz") == 503, "/readyz to say 503")
+    assert f"worker 1 (pid {victim}) was killed by signal 9 (SIGKILL); restarting it" in (
+        proxy.log()
+    )
+    wait_until(lambda: worker_pids(proxy)[1] != victim, "a new worker 1")
+    wait_until(lambda: http_status(proxy.admin_url + "/readyz") == 200, "ready again")
+    auth = basic("alice", users["alice"])
+    assert on_new_connections(proxy.url + "/v2/", 20, headers=auth) == [200] * 20
+
+
+def test_a_bad_certificate_makes_the_parent_exit_2(
+    tmp_path: Path, registry: Registry, htpasswd_file: Path
+) -> None:
+    """Guards the give-up: workers that cannot start (the certificate does not load) make the
+    parent exit with the configuration status instead of restarting them forever."""
+    bad = tmp_path / "cert.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    proxy = Proxy(
+        tmp_path,
+        registry.url,
+        htpasswd_file,
+        {"PROXY_WORKERS": "2", "PROXY_TLS_CERT": str(bad), "PROXY_TLS_KEY": str(bad)},
+    )
+    proxy.process = Process(
+        [sys.executable, "-m", "proxy", "serve"], tmp_path / "proxy.log", proxy.environment()
+    )
+    proxy.process.start()
+    try:
+        assert proxy.process.wait(30) == 2
+    finally:
+        proxy.stop()
+    log = proxy.log()
+    assert "tls.cert/tls.key: cannot load" in log
+    assert "before it served (1 in a row): giving up" in log
+    assert not metrics_dir(proxy).exists()
+
+
+def test_workers_that_keep_dying_at_start_are_given_up_after_3_tries(
+    tmp_path: Path, registry: Registry, htpasswd_file: Path
+) -> None:
+    """Guards the restart loop's end: a worker that dies before it serves (injected: it exits 3
+    at interpreter start) is restarted with a growing delay, then the parent exits 1."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, sys\nif '--listen-fd' in sys.argv:\n    os._exit(3)\n"
+    )
+    proxy = Proxy(
+        tmp_path, registry.url, htpasswd_file, {"PROXY_WORKERS": "2", "PYTHONPATH": str(hooks)}
+    )
+    proxy.process = Process(
+        [sys.executable, "-m", "proxy", "serve"], tmp_path / "proxy.log", proxy.environment()
+    )
+    proxy.process.start()
+    try:
+        assert proxy.process.wait(30) == 1
+    finally:
+        proxy.stop()
+    log = proxy.log()
+    assert "exited with status 3; restarting it in 0.5s" in log
+    assert "exited with status 3; restarting it in 1s" in log
+    assert "exited with status 3 before it served (3 in a row): giving up" in log
+    assert not metrics_dir(proxy).exists()
+
+
+def check_config(htpasswd: Path, *prefix: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    environment.update(PROXY_HTPASSWD=str(htpasswd), **env)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "proxy", "check-config"],
+        env=environment, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_workers_auto_counts_the_cpus_this_process_may_use(htpasswd_file: Path) -> None:
+    """Guards `auto`: sched_getaffinity (what taskset and cgroup cpusets allow), not the CPUs
+    the machine has."""
+    result = check_config(htpasswd_file, PROXY_WORKERS="auto")
+    assert f"\nworkers: {len(os.sched_getaffinity(0))}\n" in result.stdout, result.stderr
+    result = check_config(htpasswd_file, "taskset", "-c", "0", PROXY_WORKERS="auto")
+    assert "\nworkers: 1\n" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("given", ["0", "two", "-1"])
+def test_workers_must_be_a_count_or_auto(given: str, htpasswd_file: Path) -> None:
+    result = check_config(htpasswd_file, PROXY_WORKERS=given)
+    assert result.returncode == 2
+    assert "environment PROXY_WORKERS: workers: expected a whole number of at least 1 or auto" in (
+        result.stderr
+    )
