@@ -22,7 +22,7 @@ from aiohttp import web
 from proxy.app import METRICS, STATE
 from proxy.config import ConfigError, load_config
 from proxy.htpasswd import HtpasswdError, load_htpasswd
-from proxy.log import setup_logging
+from proxy.log import EscapingFormatter, setup_logging
 from proxy.server import run
 
 log = logging.getLogger("registry_proxy.worker")
@@ -72,7 +72,7 @@ class StatusReporter:
 
 def _tag_log_lines(index: int) -> None:
     """Every line says which worker wrote it (all workers share the supervisor's stderr)."""
-    formatter = logging.Formatter(
+    formatter = EscapingFormatter(
         f"%(asctime)s %(levelname)s [worker {index}] %(name)s: %(message)s"
     )
     for handler in logging.getLogger().handlers:
