@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 
 from bench.client import BenchError, status_kib
+from tests.harness import unread_bytes
 
 # The proxy's cap (proxy/connection.py HEAD_LIMIT); the heads stay just below it.
 HEAD_LIMIT = 32 * 1024
@@ -25,20 +25,6 @@ def _unfinished_head() -> bytes:
     return head
 
 
-def _unread_bytes(port: int) -> int:
-    """Bytes on loopback connections to `port` not yet read by the server (/proc/net/tcp)."""
-    total = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
-        tx_queue, rx_queue = (int(part, 16) for part in fields[4].split(":"))
-        if local == port:
-            total += rx_queue
-        elif remote == port:
-            total += tx_queue
-    return total
-
-
 def unfinished_heads_rss(port: int, pid: int, count: int) -> tuple[float, int]:
     """Open `count` connections each holding an unfinished head near the cap; the proxy's RSS
     growth in MB once it has read them all, and how many it had answered or closed (none
@@ -54,9 +40,9 @@ def unfinished_heads_rss(port: int, pid: int, count: int) -> tuple[float, int]:
             sock.sendall(head)
             held.append(sock)
         deadline = time.monotonic() + SETTLE_DEADLINE
-        while _unread_bytes(port) and time.monotonic() < deadline:
+        while unread_bytes(port) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _unread_bytes(port):
+        if unread_bytes(port):
             raise BenchError(f"the proxy did not read {count} heads within {SETTLE_DEADLINE}s")
         added = (status_kib(pid, "VmRSS") - before) * 1024 / 1_000_000
         dropped = 0

@@ -211,3 +211,18 @@ http:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes in flight on loopback TCP connections to `port`: queued by the clients' kernels
+    or received but not yet read by the server (/proc/net/tcp's tx_queue and rx_queue)."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
+        tx_queue, rx_queue = (int(part, 16) for part in fields[4].split(":"))
+        if local == port:
+            total += rx_queue
+        elif remote == port:
+            total += tx_queue
+    return total

@@ -13,7 +13,6 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -22,6 +21,7 @@ from proxy.client_slots import ClientSlots
 from proxy.connection import HEAD_LIMIT
 from proxy.forwarded import client_key
 from proxy.pool import UpstreamSlots
+from tests.harness import unread_bytes
 from tests.support import Proxy, Registry, eventually, http_status, push_blob
 from tests.test_adversarial import counting_upstream, exchange_raw, gauge, rss, token
 
@@ -41,21 +41,6 @@ async def ping(proxy: Proxy, reader: asyncio.StreamReader, writer: asyncio.Strea
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         await reader.readexactly(length)
     return head
-
-
-def unread_bytes(port: int) -> int:
-    """Bytes in flight on loopback TCP connections to `port`: queued by the clients' kernels
-    or received but not yet read by the server (/proc/net/tcp's tx_queue and rx_queue)."""
-    total = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
-        tx_queue, rx_queue = (int(part, 16) for part in fields[4].split(":"))
-        if local == port:
-            total += rx_queue
-        elif remote == port:
-            total += tx_queue
-    return total
 
 
 def body_of(answer: bytes) -> dict[str, object]:

@@ -23,6 +23,7 @@ from proxy.forward import upstream_url
 from proxy.paths import Action, classify
 from proxy.reading import go_media_type, target_problem
 from tests.support import Proxy, Registry, call, push_blob, push_image, wait_until
+from tests.test_adversarial import exchange_raw
 
 PASSWORDS = {"alice": "alice-secret", "mallory": "mallory-secret"}
 RULES = """
@@ -64,23 +65,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, P
     registry.stop()
 
 
-async def exchange(proxy: Proxy, data: bytes, timeout: float = 10) -> bytes:
-    """Send raw bytes; return what the proxy answers until it closes the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(data)
-    await writer.drain()
-    try:
-        async with asyncio.timeout(timeout):
-            return await reader.read()
-    finally:
-        writer.close()
-
-
 def raw(proxy: Proxy, method: str, target: bytes, headers: bytes = b"", body: bytes = b"") -> bytes:
     head = b"%s %s HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\nConnection: close\r\n" % (
         method.encode(), target, proxy.host.encode(), basic("alice").encode())  # fmt: skip
     length = b"Content-Length: %d\r\n" % len(body) if method in ("POST", "PUT", "PATCH") else b""
-    return asyncio.run(exchange(proxy, head + headers + length + b"\r\n" + body))
+    return asyncio.run(exchange_raw(proxy, head + headers + length + b"\r\n" + body))
 
 
 def status_and_body(answer: bytes) -> tuple[int, bytes]:
@@ -223,7 +212,7 @@ def test_request_targets_read_two_ways_are_refused_before_anything(
         target,
         proxy.host.encode(),
     )
-    assert_refused_unseen(registry, asyncio.run(exchange(proxy, head)), marker)
+    assert_refused_unseen(registry, asyncio.run(exchange_raw(proxy, head)), marker)
 
 
 @pytest.mark.parametrize(
@@ -290,8 +279,8 @@ def test_http_1_0_with_transfer_encoding_is_answered_and_closed(
         # What a peer reading the framing otherwise might take for the next request.
         b"GET /v2/%s-next/tags/list HTTP/1.1\r\n%s\r\n"
     ) % (marker.encode(), auth, marker.encode(), auth)
-    # exchange() returns only once the proxy closes the connection.
-    answer = asyncio.run(exchange(restricted, request))
+    # exchange_raw() returns only once the proxy closes the connection.
+    answer = asyncio.run(exchange_raw(restricted, request))
     assert len(re.findall(rb"HTTP/1\.[01] [0-9]{3} ", answer)) == 1, answer
     assert_refused_unseen(registry, answer, marker)
 
