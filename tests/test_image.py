@@ -12,6 +12,7 @@ except in CI (CI=true), where that is a failure.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -453,6 +454,103 @@ def test_sigterm_lets_a_download_finish_then_exits_0(
     # 137 would mean podman had to SIGKILL it at the end of the grace period.
     assert container.state()["ExitCode"] == 0, container.logs()
     assert "all requests finished" in container.logs()
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def serving_pid(client: socket.socket, port: int, pids: list[int]) -> int | None:
+    """Which of `pids` holds the server side of `client`'s connection to `port` (host network)."""
+    local = f"0100007F:{port:04X}"
+    remote = f"0100007F:{client.getsockname()[1]:04X}"
+    inodes = {
+        fields[9]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if (fields := line.split())[1:3] == [local, remote]
+    }
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in {f"socket:[{inode}]" for inode in inodes}:
+                    return pid
+    return None
+
+
+def test_sigterm_drains_a_download_on_each_of_2_workers_then_exits_0(
+    start_container: Callable[..., Container], registry: Registry, users: dict[str, str]
+) -> None:
+    """Guards `PROXY_WORKERS=2` in the image: the supervisor is PID 1, both workers are its
+    children as uid 10001, and `podman stop` (SIGTERM to PID 1) lets a download in flight on each
+    worker finish intact before the container exits 0 (not 137: podman's SIGKILL)."""
+    workers = 2
+    container = start_container(PROXY_WORKERS=str(workers), PROXY_SHUTDOWN_TIMEOUT=str(GRACE // 2))
+    serves = re.compile(r"worker \d+ \(pid \d+\) serves")
+    wait_until(lambda: len(serves.findall(container.logs())) == workers, "both workers to serve")
+    parent = container.host_pid()
+    assert proc_status(parent)["NSpid"].split()[-1] == "1", "the supervisor is PID 1"
+    pids = children(parent)
+    assert len(pids) == workers, pids
+    for pid in [parent, *pids]:
+        fields = proc_status(pid)
+        assert fields["Uid"].split() == ["10001"] * 4, pid
+        assert fields["Gid"].split() == ["10001"] * 4, pid
+    for pid in pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:3] == [b"-m", b"proxy.worker"], cmdline
+
+    repo = f"image/drain2-{uuid.uuid4().hex[:8]}"
+    digest = push_blob(registry.url, repo, os.urandom(32 << 20))
+    # Downloads until each worker carries one; an idle worker accepts first, so 2 usually do.
+    downloads: list[tuple[socket.socket, bytearray]] = []
+    carriers: set[int] = set()
+    while carriers != set(pids):
+        assert len(downloads) < 8, f"the workers {carriers} carry every download"
+        sock = socket.create_connection(("127.0.0.1", container.port), timeout=30)
+        sock.sendall(
+            f"GET /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: {container.host}\r\n"
+            f"Authorization: {basic(users)}\r\n\r\n".encode()
+        )
+        received = bytearray(sock.recv(65536))
+        assert received.startswith(b"HTTP/1.1 200"), received[:200]
+        downloads.append((sock, received))
+        carrier = serving_pid(sock, container.port, pids)
+        assert carrier is not None, "a worker holds the connection"
+        carriers.add(carrier)
+
+    with subprocess.Popen(
+        container.podman.command("stop", "--time", str(GRACE), container.name),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=container.podman.env,
+    ) as stop:
+        try:
+            wait_until(
+                lambda: container.logs().count("stopped accepting") == workers,
+                "both workers to drain",
+            )
+            for sock, received in downloads:
+                while chunk := sock.recv(1 << 20):
+                    received += chunk
+                sock.close()
+            _, errors = stop.communicate(timeout=GRACE + 30)
+            assert stop.returncode == 0, errors
+        finally:
+            if stop.poll() is None:
+                stop.kill()
+    for _, received in downloads:
+        body = bytes(received).split(b"\r\n\r\n", 1)[1]
+        assert hashlib.sha256(body).hexdigest() == digest.split(":")[1], "every download finished"
+    logs = container.logs()
+    assert container.state()["ExitCode"] == 0, logs
+    assert logs.count("all requests finished") == workers, logs
+    assert "all workers stopped" in logs
 
 
 def test_healthcheck_passes_while_serving_and_fails_when_the_admin_listener_is_down(
