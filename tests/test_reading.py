@@ -296,6 +296,21 @@ def test_http_1_0_with_transfer_encoding_is_answered_and_closed(
     assert_refused_unseen(registry, answer, marker)
 
 
+@pytest.mark.parametrize("coding", [b"identity, chunked", b"gzip, chunked", b"gzip,chunked"])
+def test_transfer_codings_go_refuses_are_refused_and_never_forwarded(
+    site: tuple[Registry, Proxy, Proxy], coding: bytes
+) -> None:
+    """Class: framing read two ways: llhttp takes any coding list ending in `chunked`, Go's
+    net/http only a lone `chunked` (else 501), so the proxy would forward coded bytes as a body."""
+    registry, _, unrestricted = site
+    marker = f"team-a/coding-{uuid.uuid4().hex[:8]}"
+    request = (
+        b"POST /v2/%s/blobs/uploads/ HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n"
+        b"Transfer-Encoding: %s\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    ) % (marker.encode(), unrestricted.host.encode(), basic("alice").encode(), coding)
+    assert_refused_unseen(registry, asyncio.run(exchange(unrestricted, request)), marker)
+
+
 # --- Routes: the proxy classifies a path as distribution's router (gorilla/mux) routes it.
 
 ROUTES = [
