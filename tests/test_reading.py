@@ -323,6 +323,22 @@ def test_transfer_codings_go_refuses_are_refused_and_never_forwarded(
     assert_refused_unseen(registry, asyncio.run(exchange(unrestricted, request)), marker)
 
 
+@pytest.mark.parametrize("target", [b"/v2/%0a", b"/v2/team-b/app%0A/tags/list"])
+def test_an_escaped_newline_in_the_path_still_meets_authentication(
+    site: tuple[Registry, Proxy, Proxy], target: bytes
+) -> None:
+    """Class: a path the catch-all route missed (its `.` skips a decoded newline), so aiohttp
+    answered a plain-text 404 itself: no credentials asked, no registry-style error, no id."""
+    _, restricted, _ = site
+    head = b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (
+        target,
+        restricted.host.encode(),
+    )
+    status, body = status_and_body(asyncio.run(exchange(restricted, head)))
+    assert status == 401, body
+    assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+
+
 # --- Routes: the proxy classifies a path as distribution's router (gorilla/mux) routes it.
 
 ROUTES = [
