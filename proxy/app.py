@@ -10,6 +10,7 @@ from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy import catalog, errors, reading
 from proxy.access import AccessPolicy, authorize
@@ -339,6 +340,14 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         app[CHECKER].close()
 
 
+@web.middleware
+async def _unrouted(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A target no route takes (asterisk-form `OPTIONS *`) meets the gate too, not aiohttp's 404."""
+    if request.match_info.http_exception is not None:
+        return await handle(request)
+    return await handler(request)
+
+
 def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
     """The public application."""
     app = web.Application(
@@ -352,7 +361,8 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
             # connection.DISCARD_LIMIT bytes, so the client sees the answer instead of a reset,
             # then close.
             "lingering_time": 2.0,
-        }
+        },
+        middlewares=[_unrouted],
     )
     metrics = Metrics()
     checker = CredentialChecker(

@@ -339,6 +339,22 @@ def test_an_escaped_newline_in_the_path_still_meets_authentication(
     assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
 
 
+def test_an_asterisk_form_target_gets_the_registry_style_400(
+    site: tuple[Registry, Proxy, Proxy],
+) -> None:
+    """Class: a target no route takes: `OPTIONS *` got aiohttp's own plain-text 404, outside
+    the gate (no registry-style error, no request id)."""
+    _, restricted, _ = site
+    head = b"OPTIONS * HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (
+        restricted.host.encode()
+    )
+    answer = asyncio.run(exchange(restricted, head))
+    status, body = status_and_body(answer)
+    assert status == 400, answer
+    assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+    assert b"X-Request-Id: " in answer
+
+
 # --- Routes: the proxy classifies a path as distribution's router (gorilla/mux) routes it.
 
 ROUTES = [
