@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy import catalog, errors
 from proxy.access import AccessPolicy
@@ -215,6 +216,14 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         app[CHECKER].close()
 
 
+@web.middleware
+async def _unrouted(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A target no route takes (asterisk-form `OPTIONS *`) meets the gate too, not aiohttp's 404."""
+    if request.match_info.http_exception is not None:
+        return await handle(request)
+    return await handler(request)
+
+
 def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
     """The public application."""
     app = web.Application(
@@ -228,7 +237,8 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
             # connection.DISCARD_LIMIT bytes, so the client sees the answer instead of a reset,
             # then close.
             "lingering_time": 2.0,
-        }
+        },
+        middlewares=[_unrouted],
     )
     metrics = Metrics()
     checker = CredentialChecker(
@@ -260,7 +270,8 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
     app.cleanup_ctx.extend([_upstream_session, _background_tasks])
     app.on_response_prepare.extend([_send_request_id, drop_server_banner])
-    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)
+    # `.` skips a decoded newline (`/v2/%0a`): aiohttp would answer such paths itself, unchecked.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle, expect_handler=_expect_handler)
     return app
 
 

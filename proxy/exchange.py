@@ -13,6 +13,7 @@ from proxy.config import Network
 from proxy.forwarded import MalformedHop, canonical_address, forwarded_client, hops, is_trusted
 from proxy.identity import AuthOutcome, Identity
 from proxy.paths import Target, classify
+from proxy.proxy_protocol import NAMED_NOBODY
 from proxy.refusal import Refusal
 
 # Request key holding the Exchange.
@@ -93,6 +94,9 @@ def exchange_of(request: web.BaseRequest, trusted: Sequence[Network] = ()) -> Ex
     found = request.get(EXCHANGE_KEY)
     if isinstance(found, Exchange):
         return found
+    if request.transport is not None and request.transport.get_extra_info(NAMED_NOBODY):
+        # Behind a TCP balancer whose header named nobody, no proxy wrote the headers.
+        trusted = ()
     client, scheme, malformed = _client_and_scheme(request, trusted)
     created = Exchange(
         client=client,

@@ -112,7 +112,8 @@ def upstream_url(base: str, target: str) -> URL:
     """The upstream URL for a request target, exactly as sent; ValueError if yarl would alter it."""
     url = URL(base + target, encoded=True)
     # yarl drops a `?` with nothing after it; Go reads `/x?` and `/x` alike (an empty RawQuery).
-    if url.raw_path_qs != target.removesuffix("?"):
+    # Only that one: a `?` ending a query (`?x=?`) stays in it, for yarl as for Go.
+    if url.raw_path_qs != (target.removesuffix("?") if target.count("?") == 1 else target):
         # proxy.reading refuses such targets first; this keeps the promise if that ever changes.
         raise ValueError(f"request target {target!r} would be forwarded as {url.raw_path_qs!r}")
     return url

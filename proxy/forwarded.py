@@ -18,7 +18,8 @@ class MalformedHop(ValueError):
 
 
 def _port(text: str) -> bool:
-    return text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536
+    # ASCII only: str.isdigit takes `²` (int() then raises) and int() reads other scripts' digits.
+    return text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536
 
 
 def canonical_address(text: str) -> str | None:

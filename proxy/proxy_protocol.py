@@ -32,6 +32,9 @@ MAX_HEADER = 4096
 HEADER_DEADLINE = 5.0
 
 REJECT_REASONS = ("untrusted_peer", "invalid_header", "timeout", "closed")
+# Transport extra info: True when the header named nobody (LOCAL, UNKNOWN, UNSPEC), so the peer
+# is still the balancer but what follows is a client's own bytes (forwarding headers included).
+NAMED_NOBODY = "proxy_protocol_named_nobody"
 
 Address = tuple[str, int]
 
@@ -187,10 +190,12 @@ class AddressedTransport(asyncio.Transport):
     the client instead of the balancer; `balancer` keeps the socket's own peer.
     """
 
-    def __init__(self, transport: asyncio.Transport, client: Address, balancer: Any) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, client: Address, balancer: Any, *, named: bool = True
+    ) -> None:
         super().__init__()
         self._transport = transport
-        self._own = {"peername": client, "balancer": balancer}
+        self._own = {"peername": client, "balancer": balancer, NAMED_NOBODY: not named}
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name in self._own:
@@ -244,7 +249,7 @@ class AddressedTransport(asyncio.Transport):
 
 
 class _HandOver(asyncio.Protocol):
-    """Gives the new transport to the real protocol, wrapped when the header named a client."""
+    """Gives the new transport to the real protocol, wrapped to report whom the header named."""
 
     def __init__(self, make: Callable[[], asyncio.BaseProtocol], client: Address | None) -> None:
         self._make = make
@@ -255,10 +260,11 @@ class _HandOver(asyncio.Protocol):
         protocol = self._make()
         # From now on the transport talks to the real protocol directly.
         transport.set_protocol(protocol)
+        peer = transport.get_extra_info("peername")
         if self._client is not None:
-            transport = AddressedTransport(
-                transport, self._client, transport.get_extra_info("peername")
-            )
+            transport = AddressedTransport(transport, self._client, peer)
+        else:
+            transport = AddressedTransport(transport, peer, peer, named=False)
         protocol.connection_made(transport)
 
 

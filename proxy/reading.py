@@ -18,6 +18,9 @@ without credentials still gets its 401). Decisions (README, Security model, has 
   multipart bodies (`mount`, `from`, `digest`). Refused: non-ASCII, more than one, a media type Go
   cannot parse, and the two form types whatever their parameters.
 - HTTP/1.0 with Transfer-Encoding: the framing is faulty (RFC 9112 §6.1): 400, then close.
+- Transfer-Encoding other than a lone `chunked`: Go's net/http refuses it (501), llhttp takes
+  `identity, chunked` or `gzip, chunked` as chunked and the proxy would forward the coded bytes
+  as the body: 400, then close.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ def request_problem(request: web.BaseRequest) -> str | None:
     """Why the registry could read this request's framing or target otherwise, or None."""
     if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
         return "HTTP/1.0 request with Transfer-Encoding"
+    codings = request.headers.getall("Transfer-Encoding", ())
+    # net/http transfer.go: one field, `chunked` (any case, trimmed), or it answers 501.
+    if codings and (len(codings) > 1 or codings[0].strip(" \t").lower() != "chunked"):
+        return "Transfer-Encoding other than chunked"
     return target_problem(request.raw_path)
 
 

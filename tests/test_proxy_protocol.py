@@ -329,3 +329,25 @@ def test_many_connections_at_once_each_keep_their_own_client(
     assert all(answer.startswith(b"HTTP/1.1 401 ") for answer in answers)
     wait_until(lambda: len(access_clients(proxy)) == len(sources), "an access record each")
     assert sorted(access_clients(proxy)) == sorted(sources)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"PROXY UNKNOWN\r\n", V2_SIGNATURE + b"\x20\x00\x00\x00", V2_SIGNATURE + b"\x21\x00\x00\x00"],
+    ids=["v1-unknown", "v2-local", "v2-unspec"],
+)
+def test_a_header_naming_nobody_leaves_x_forwarded_for_unread(
+    registry: Registry, start_proxy: Callable[..., Proxy], header: bytes
+) -> None:
+    """Class: a client choosing its own address: behind a TCP-mode balancer the HTTP bytes are
+    the client's, so when the header names nobody (LOCAL, UNKNOWN, UNSPEC) the peer is still the
+    trusted balancer and the client's own X-Forwarded-For was believed (throttle key, log)."""
+    proxy = behind_the_protocol(start_proxy, registry)
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(
+            header + b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.66\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        assert sock.recv(100).startswith(b"HTTP/1.1 401 ")
+    wait_until(lambda: bool(access_clients(proxy)), "the access record")
+    assert access_clients(proxy) == ["127.0.0.1"]

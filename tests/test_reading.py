@@ -249,8 +249,20 @@ def test_every_target_the_proxy_accepts_is_forwarded_byte_for_byte(tail: str) ->
     if target_problem(target) is None:
         url = upstream_url("http://127.0.0.1:5000", target)
         # A lone trailing `?` goes: Go reads `/x?` as `/x` (an empty query).
-        assert url.raw_path_qs == target.removesuffix("?")
-        assert str(url) == "http://127.0.0.1:5000" + target.removesuffix("?")
+        sent = target.removesuffix("?") if target.count("?") == 1 else target
+        assert url.raw_path_qs == sent
+        assert str(url) == "http://127.0.0.1:5000" + sent
+
+
+def test_a_question_mark_ending_a_query_is_forwarded_as_part_of_it(
+    site: tuple[Registry, Proxy, Proxy],
+) -> None:
+    """Class: a valid target answered 500: `?x=?` ends in `?`, which only a lone `?` may drop."""
+    registry, _, unrestricted = site
+    assert upstream_url("http://h", "/v2/?x=?").raw_path_qs == "/v2/?x=?"
+    answer = raw(unrestricted, "GET", b"/v2/team-b/app/tags/list?qmark=?")
+    assert status_and_body(answer)[0] == 200, answer
+    assert "/v2/team-b/app/tags/list?qmark=?" in registry.requested_uris()
 
 
 def test_a_target_yarl_would_alter_never_becomes_an_upstream_url() -> None:
@@ -283,6 +295,53 @@ def test_http_1_0_with_transfer_encoding_is_answered_and_closed(
     answer = asyncio.run(exchange_raw(restricted, request))
     assert len(re.findall(rb"HTTP/1\.[01] [0-9]{3} ", answer)) == 1, answer
     assert_refused_unseen(registry, answer, marker)
+
+
+@pytest.mark.parametrize("coding", [b"identity, chunked", b"gzip, chunked", b"gzip,chunked"])
+def test_transfer_codings_go_refuses_are_refused_and_never_forwarded(
+    site: tuple[Registry, Proxy, Proxy], coding: bytes
+) -> None:
+    """Class: framing read two ways: llhttp takes any coding list ending in `chunked`, Go's
+    net/http only a lone `chunked` (else 501), so the proxy would forward coded bytes as a body."""
+    registry, _, unrestricted = site
+    marker = f"team-a/coding-{uuid.uuid4().hex[:8]}"
+    request = (
+        b"POST /v2/%s/blobs/uploads/ HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n"
+        b"Transfer-Encoding: %s\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    ) % (marker.encode(), unrestricted.host.encode(), basic("alice").encode(), coding)
+    assert_refused_unseen(registry, asyncio.run(exchange(unrestricted, request)), marker)
+
+
+@pytest.mark.parametrize("target", [b"/v2/%0a", b"/v2/team-b/app%0A/tags/list"])
+def test_an_escaped_newline_in_the_path_still_meets_authentication(
+    site: tuple[Registry, Proxy, Proxy], target: bytes
+) -> None:
+    """Class: a path the catch-all route missed (its `.` skips a decoded newline), so aiohttp
+    answered a plain-text 404 itself: no credentials asked, no registry-style error, no id."""
+    _, restricted, _ = site
+    head = b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (
+        target,
+        restricted.host.encode(),
+    )
+    status, body = status_and_body(asyncio.run(exchange(restricted, head)))
+    assert status == 401, body
+    assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+
+
+def test_an_asterisk_form_target_gets_the_registry_style_400(
+    site: tuple[Registry, Proxy, Proxy],
+) -> None:
+    """Class: a target no route takes: `OPTIONS *` got aiohttp's own plain-text 404, outside
+    the gate (no registry-style error, no request id)."""
+    _, restricted, _ = site
+    head = b"OPTIONS * HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (
+        restricted.host.encode()
+    )
+    answer = asyncio.run(exchange(restricted, head))
+    status, body = status_and_body(answer)
+    assert status == 400, answer
+    assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+    assert b"X-Request-Id: " in answer
 
 
 # --- Routes: the proxy classifies a path as distribution's router (gorilla/mux) routes it.
