@@ -309,7 +309,7 @@ def test_transfer_codings_go_refuses_are_refused_and_never_forwarded(
         b"POST /v2/%s/blobs/uploads/ HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n"
         b"Transfer-Encoding: %s\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     ) % (marker.encode(), unrestricted.host.encode(), basic("alice").encode(), coding)
-    assert_refused_unseen(registry, asyncio.run(exchange(unrestricted, request)), marker)
+    assert_refused_unseen(registry, asyncio.run(exchange_raw(unrestricted, request)), marker)
 
 
 @pytest.mark.parametrize("target", [b"/v2/%0a", b"/v2/team-b/app%0A/tags/list"])
@@ -323,7 +323,7 @@ def test_an_escaped_newline_in_the_path_still_meets_authentication(
         target,
         restricted.host.encode(),
     )
-    status, body = status_and_body(asyncio.run(exchange(restricted, head)))
+    status, body = status_and_body(asyncio.run(exchange_raw(restricted, head)))
     assert status == 401, body
     assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
 
@@ -337,7 +337,7 @@ def test_an_asterisk_form_target_gets_the_registry_style_400(
     head = b"OPTIONS * HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (
         restricted.host.encode()
     )
-    answer = asyncio.run(exchange(restricted, head))
+    answer = asyncio.run(exchange_raw(restricted, head))
     status, body = status_and_body(answer)
     assert status == 400, answer
     assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
