@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import bisect
 import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from proxy.catalog import UPSTREAM_PAGES, Listing, collect
-from tests.support import Proxy, Registry, call, push_image, wait_until
+from tests.harness import htpasswd as add_user
+from tests.support import Proxy, Registry, basic_auth, call, push_image, wait_until
 
 PASSWORDS = {"alice": "alice-secret", "mallory": "mallory-secret"}
 RULES = """
@@ -27,8 +26,7 @@ HIDDEN = [f"m/h{i:02}" for i in range(30)]
 
 
 def basic(user: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
+    return basic_auth(user, PASSWORDS[user])
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +35,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, P
     root = tmp_path_factory.mktemp("catalog")
     htpasswd = root / "htpasswd"
     for user, password in PASSWORDS.items():
-        create = [] if htpasswd.exists() else ["-c"]
-        subprocess.run(["htpasswd", "-bB", "-C", "4", *create, str(htpasswd), user, password],
-                       check=True, capture_output=True)  # fmt: skip
+        add_user(htpasswd, "-B", "-C", "4", user=user, password=password)
     registry = Registry(root / "registry")
     registry.start()
     for repo in VISIBLE + HIDDEN:

@@ -7,10 +7,8 @@ registry: whatever the proxy refuses must never reach it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import re
-import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -22,7 +20,8 @@ from yarl import URL
 from proxy.forward import upstream_url
 from proxy.paths import Action, classify
 from proxy.reading import go_media_type, target_problem
-from tests.support import Proxy, Registry, call, push_blob, push_image, wait_until
+from tests.harness import htpasswd as add_user
+from tests.support import Proxy, Registry, basic_auth, call, push_blob, push_image, wait_until
 from tests.test_adversarial import exchange_raw
 
 PASSWORDS = {"alice": "alice-secret", "mallory": "mallory-secret"}
@@ -35,7 +34,7 @@ access:
 
 
 def basic(user: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()
+    return basic_auth(user, PASSWORDS[user])["Authorization"]
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +43,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, P
     root = tmp_path_factory.mktemp("reading")
     htpasswd = root / "htpasswd"
     for user, password in PASSWORDS.items():
-        create = [] if htpasswd.exists() else ["-c"]
-        subprocess.run(["htpasswd", "-bB", "-C", "4", *create, str(htpasswd), user, password],
-                       check=True, capture_output=True)  # fmt: skip
+        add_user(htpasswd, "-B", "-C", "4", user=user, password=password)
     registry = Registry(root / "registry")
     registry.start()
     push_image(registry.url, "team-b/app")
