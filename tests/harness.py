@@ -27,11 +27,20 @@ HTPASSWD_BIN = shutil.which("htpasswd") or "/usr/bin/htpasswd"
 STARTUP_DEADLINE = 20.0
 
 
+# Ports already handed out: the kernel may offer a just-released port again, and a proxy given
+# the same port for `listen` and `admin_listen` refuses to start.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on now and no earlier call returned."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(
