@@ -377,10 +377,12 @@ def test_sighup_counts_config_reloads(
     wait_until(lambda: reloads("failure") == 1, "a failed reload")
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_certificate_expiry_is_exported(
-    registry: Registry, start_proxy: Callable[..., Proxy], tmp_path: Path
+    workers: str, registry: Registry, start_proxy: Callable[..., Proxy], tmp_path: Path
 ) -> None:
-    """Guards the expiry gauge: the served certificate's notAfter, as Unix time."""
+    """Guards the expiry gauge: the served certificate's notAfter, as Unix time; with workers
+    too, where a worker's own collector never reaches the supervisor's /metrics."""
     trustme = pytest.importorskip("trustme")
     from cryptography import x509
 
@@ -391,6 +393,7 @@ def test_certificate_expiry_is_exported(
         registry.url,
         PROXY_TLS_CERT=str(tmp_path / "cert.pem"),
         PROXY_TLS_KEY=str(tmp_path / "key.pem"),
+        PROXY_WORKERS=workers,
     )
     expected = x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).not_valid_after_utc
     _, _, body = call(proxy.admin_url + "/metrics")

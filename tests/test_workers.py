@@ -152,6 +152,12 @@ def test_metrics_sum_every_worker(proxy: Proxy, users: dict[str, str]) -> None:
     assert value(after, durations, action="ping") - value(before, durations, action="ping") == 80
     assert value(after, "registry_proxy_requests_in_flight", action="ping") == 0
     assert value(after, "registry_proxy_build_info", **build_labels(after)) == 1
+    # Pool gauges add up the workers' pools (each worker refreshes its own; the parent has none).
+    workers = len(served_after)
+    wait_until(
+        lambda: value(scrape(proxy), "registry_proxy_upstream_connections_limit") == 100 * workers,
+        "every worker's upstream pool limit in the sum",
+    )
     # process_* add up the parent and the workers: more than the parent has alone.
     assert proxy.process is not None
     assert value(after, "process_resident_memory_bytes") > rss_bytes(proxy.process.pid)
