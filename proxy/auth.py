@@ -158,11 +158,9 @@ class CredentialChecker:
         user: str,
         password: str,
         client: Hashable = "",
-        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> Outcome:
         """Check credentials; concurrent identical checks share one hash computation.
 
-        `on_outcome` hears the outcome as soon as it is known, before a failure's padding.
         Raises `Busy` when `client` already has its share of the pool.
         """
         stored = self._users.get(user)
@@ -171,8 +169,6 @@ class CredentialChecker:
         if expiry is not None:
             if expiry > self._clock():
                 self._cache.move_to_end(key)
-                if on_outcome is not None:
-                    on_outcome(Outcome.CACHED)
                 return Outcome.CACHED
             del self._cache[key]
 
@@ -191,8 +187,6 @@ class CredentialChecker:
             outcome = Outcome.VERIFIED
         else:
             outcome = Outcome.REJECTED
-        if on_outcome is not None:
-            on_outcome(outcome)
         if outcome is Outcome.REJECTED:
             await self._sleep(max(0.0, self._decoy_cost - spent))
         return outcome

@@ -90,25 +90,24 @@ class HtpasswdAuthenticator:
             return Identity.user(user, AuthOutcome.CACHED)
         try:
             # The failure is reserved before the hash runs: parallel guesses cannot overtake it.
-            admission = self._throttle.admit(exchange.client, user)
+            admission = await self._throttle.admit(exchange.client, user)
         except Throttled as refusal:
             await self._pace_refusal(exchange)
             return self._refuse(AuthOutcome.THROTTLED, refusal.retry_after)
-
-        def settle(outcome: Outcome) -> None:
-            (admission.succeeded if outcome.ok else admission.failed)()
-
         try:
-            outcome = await checker.check(user, password, client_key(exchange.client), settle)
+            outcome = await checker.check(user, password, client_key(exchange.client))
         except Busy:
-            admission.release()
+            await admission.release()
             await self._pace_refusal(exchange)
             return self._refuse(AuthOutcome.THROTTLED, BUSY_RETRY_AFTER)
-        finally:
+        except BaseException:
             # A check abandoned half-way (a cancelled handler) counts as a failure.
-            admission.failed()
+            await asyncio.shield(admission.failed())
+            raise
         if not outcome.ok:
+            await admission.failed()
             return self._refuse(AuthOutcome.BAD_CREDENTIALS)
+        await admission.succeeded()
         return Identity.user(user, _CHECKED[outcome])
 
     async def _pace_refusal(self, exchange: Exchange) -> None:

@@ -26,13 +26,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 from proxy.forwarded import client_key
-from proxy.throttle_store import MemoryStore, ThrottleStore
+from proxy.throttle_store import Entry, MemoryStore, ThrottleStore
 
-# ("pair", address, user), ("address", address), ("user", user) or ("known", user).
-Key = tuple[str | bytes, ...]
+# A key or a member of one in the store: plain text, the same in every process and host.
+Key = str
+Held = list[tuple[Key, str]]
 
 
 class Throttled(Exception):
@@ -43,37 +44,51 @@ class Throttled(Exception):
         self.retry_after = retry_after
 
 
-def _user_key(user: str) -> bytes:
+def _user_key(user: str) -> str:
     # Clients choose user names: keep fixed-size hashes, not the names.
-    return hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return hashlib.blake2b(user.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def pair_key(client: str, name: str) -> Key:
+    return f"pair:{name}:{client}"
+
+
+def address_key(client: str) -> Key:
+    return f"address:{client}"
+
+
+def user_key(name: str) -> Key:
+    return f"user:{name}"
+
+
+def known_key(name: str) -> Key:
+    return f"known:{name}"
 
 
 class Admission:
     """The reservations behind one password check; settle it once with its outcome."""
 
-    def __init__(
-        self, throttle: Throttle, client: str, user: bytes, held: list[tuple[Key, Hashable]]
-    ) -> None:
+    def __init__(self, throttle: Throttle, client: str, user: str, held: Held) -> None:
         self._throttle = throttle
         self._client = client
         self._user = user
         self._held = held
         self._settled = False
 
-    def succeeded(self) -> None:
+    async def succeeded(self) -> None:
         """A correct password: reservations back, the pair and the name at the address cleared."""
         if self._take():
-            self._throttle._succeeded(self._client, self._user, self._held)
+            await self._throttle._succeeded(self._client, self._user, self._held)
 
-    def failed(self) -> None:
+    async def failed(self) -> None:
         """A wrong password or unknown user: every reservation becomes a failure."""
         if self._take():
-            self._throttle._failed(self._held)
+            await self._throttle._failed(self._held)
 
-    def release(self) -> None:
+    async def release(self) -> None:
         """No password was checked after all: give the reservations back."""
         if self._take():
-            self._throttle._release(self._held)
+            await self._throttle._release(self._held)
 
     def _take(self) -> bool:
         settled, self._settled = self._settled, True
@@ -81,14 +96,18 @@ class Admission:
 
 
 class Throttle:
-    """The policy: which budgets a check needs, and what a success or failure does to them."""
+    """The policy: which budgets a check needs, and what a success or failure does to them.
+
+    Times are wall-clock seconds (`time.time`): a shared store compares times written by other
+    processes and hosts.
+    """
 
     def __init__(
         self,
         max_failures: int,
         window: float,
         block: float,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         *,
         max_failures_per_user: int | None = None,
         known_client_ttl: float = 7 * 86400,
@@ -105,57 +124,54 @@ class Throttle:
         self._block = block
         self._known_ttl = known_client_ttl
         self._clock = clock
-        self._store: ThrottleStore = store if store is not None else MemoryStore()
+        self.store: ThrottleStore = store if store is not None else MemoryStore()
 
-    def admit(self, address: str, user: str) -> Admission:
+    async def admit(self, address: str, user: str) -> Admission:
         """Reserve a failure from each budget for one check, or raise `Throttled`."""
         now = self._clock()
         client, name = client_key(address), _user_key(user)
-        waits = [
-            entry.blocked_until - now
-            for entry in (
-                self._store.get(("pair", client, name), self._window, now),
-                self._store.get(("address", client), self._window, now),
-            )
-            if entry.blocked_until is not None
+        token = secrets.token_hex(8)
+        wanted = [
+            (pair_key(client, name), token, self._max_failures),
+            (address_key(client), name, self._max_failures),
         ]
-        if waits:
-            raise Throttled(max(waits))
-        token = secrets.token_bytes(8)
-        wanted: list[tuple[Key, Hashable, int]] = [
-            (("pair", client, name), token, self._max_failures),
-            (("address", client), name, self._max_failures),
-        ]
-        if client not in self._store.get(("known", name), self._known_ttl, now).members:
-            wanted.append((("user", name), token, self._per_user))
-        held: list[tuple[Key, Hashable]] = []
+        known = await self.store.get(known_key(name), self._known_ttl, now)
+        if client not in known.members:
+            wanted.append((user_key(name), token, self._per_user))
+        held: Held = []
         for key, member, limit in wanted:
-            if not self._store.reserve(key, member, limit, self._window, now):
-                self._release(held)
-                raise Throttled(self._retry_after(key, now))
+            refused = await self.store.reserve(key, member, limit, self._window, now)
+            if refused is not None:
+                await self._release(held)
+                raise Throttled(self._retry_after(key, refused, now))
             held.append((key, member))
         return Admission(self, client, name, held)
 
-    def _retry_after(self, key: Key, now: float) -> float:
-        oldest = self._store.get(key, self._window, now).oldest()
+    def _retry_after(self, key: Key, entry: Entry, now: float) -> float:
+        if entry.blocked_until is not None:
+            return entry.blocked_until - now
+        oldest = entry.oldest()
         if oldest is None:
             # Full of checks still running: they end within seconds, most likely as failures.
-            return self._block if key[0] != "user" else self._window
+            return self._window if key.startswith("user:") else self._block
         return max(oldest + self._window - now, 1.0)
 
-    def _failed(self, held: list[tuple[Key, Hashable]]) -> None:
+    async def _failed(self, held: Held) -> None:
         now = self._clock()
         for key, member in held:
-            soft = key[0] == "user"
+            soft = key.startswith("user:")
             limit = self._per_user if soft else self._max_failures
-            self._store.commit(key, member, now, limit=limit, block=0 if soft else self._block)
+            block = 0 if soft else self._block
+            await self.store.commit(key, member, self._window, now, limit=limit, block=block)
 
-    def _succeeded(self, client: str, name: bytes, held: list[tuple[Key, Hashable]]) -> None:
-        self._release(held)
-        self._store.clear(("pair", client, name))
-        self._store.clear(("address", client), name)
-        self._store.commit(("known", name), client, self._clock())
+    async def _succeeded(self, client: str, name: str, held: Held) -> None:
+        await self._release(held)
+        now = self._clock()
+        await self.store.clear(pair_key(client, name), now)
+        await self.store.clear(address_key(client), now, name)
+        await self.store.commit(known_key(name), client, self._known_ttl, now)
 
-    def _release(self, held: list[tuple[Key, Hashable]]) -> None:
+    async def _release(self, held: Held) -> None:
+        now = self._clock()
         for key, member in held:
-            self._store.release(key, member)
+            await self.store.release(key, member, now)

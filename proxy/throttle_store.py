@@ -1,60 +1,96 @@
 """Where the throttle keeps its counts and blocks: a small interface, and the in-process store.
 
-A key holds members (one per failed check, or one per user name at an address) with the time
-each last failed, plus reservations not yet settled, and possibly a block. The policy in
-`proxy/throttle.py` only calls `get`, `reserve`, `commit`, `release` and `clear`, each with the
-time, so a store shared by worker processes (one Lua script per call on a Redis sorted set and
-hash) can replace `MemoryStore` without changing the policy.
+A key holds members: each has the time it last failed, or reservations (checks still running),
+or both; a key may also be blocked until some time. The policy in `proxy/throttle.py` only calls
+`get`, `reserve`, `commit`, `release` and `clear`, each with the time, and each call is atomic
+for its key, so stores shared by processes (proxy/throttle_host.py for the workers of one host,
+proxy/throttle_redis.py across hosts) keep the same rules as `MemoryStore`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+# A reservation older than this is dropped: its check was lost with a worker that died.
+RESERVATION_LEASE = 600.0
 
 
 @dataclass
 class Entry:
-    """One key's state: members (member -> last failure time, None while only reserved)."""
+    """One key's state: members' last failure times, reservations in flight, and the block."""
 
-    members: dict[Hashable, float | None] = field(default_factory=dict)
-    reserved: dict[Hashable, int] = field(default_factory=dict)
+    failed: dict[str, float] = field(default_factory=dict)
+    reserved: dict[str, int] = field(default_factory=dict)
     blocked_until: float | None = None
 
+    @property
+    def members(self) -> set[str]:
+        return set(self.failed) | set(self.reserved)
+
     def oldest(self) -> float | None:
-        """The earliest failure time among members, or None if every member is only reserved."""
-        times = [t for t in self.members.values() if t is not None]
-        return min(times) if times else None
+        """The earliest failure time, or None if every member is only reserved."""
+        return min(self.failed.values(), default=None)
 
 
 class ThrottleStore(Protocol):
     """Counts and blocks by key; every call is atomic for the key it names."""
 
-    def get(self, key: Hashable, window: float, now: float) -> Entry:
-        """The key's members failed within `window` (and reserved ones) and its block, if any."""
+    async def get(self, key: str, window: float, now: float) -> Entry:
+        """The key's failures within `window`, its reservations and its block, if any."""
         ...
 
-    def reserve(
-        self, key: Hashable, member: Hashable, limit: int, window: float, now: float
-    ) -> bool:
-        """Count `member` as pending unless that makes more than `limit` members; False if full."""
+    async def reserve(
+        self, key: str, member: str, limit: int, window: float, now: float
+    ) -> Entry | None:
+        """Reserve for `member`; None when done, the key's entry when it is blocked or a new
+        member would make more than `limit`."""
         ...
 
-    def commit(
-        self, key: Hashable, member: Hashable, now: float, *, limit: int = 0, block: float = 0
-    ) -> None:
+    async def commit(
+        self, key: str, member: str, window: float, now: float, *, limit: int = 0,
+        block: float = 0,
+    ) -> None:  # fmt: skip
         """The member failed at `now`; with `limit` members failed, block the key for `block`."""
         ...
 
-    def release(self, key: Hashable, member: Hashable) -> None:
-        """Give a reservation back; a member with no failure time and no reservation goes."""
+    async def release(self, key: str, member: str, now: float) -> None:
+        """Give one reservation of `member` back."""
         ...
 
-    def clear(self, key: Hashable, member: Hashable | None = None) -> None:
-        """Forget one member of the key, or the whole key with its block."""
+    async def clear(self, key: str, now: float, member: str | None = None) -> None:
+        """Forget one member's failure, or every failure of the key and its block."""
         ...
+
+
+@dataclass
+class MemoryEntry(Entry):
+    """An entry as `MemoryStore` keeps it: also when each member last reserved."""
+
+    reserved_at: dict[str, float] = field(default_factory=dict)
+
+    def expire(self, window: float, now: float) -> None:
+        """Drop what `now` has outlived: an ended block with its failures, failures older than
+        `window` and reservations past their lease."""
+        if self.blocked_until is not None and self.blocked_until <= now:
+            # The key starts afresh once its block ends.
+            self.blocked_until = None
+            self.failed.clear()
+        for member, at in list(self.failed.items()):
+            if at <= now - window:
+                del self.failed[member]
+        for member, at in list(self.reserved_at.items()):
+            if at <= now - RESERVATION_LEASE:
+                del self.reserved_at[member]
+                self.reserved.pop(member, None)
+
+    def snapshot(self) -> Entry:
+        return Entry(dict(self.failed), dict(self.reserved), self.blocked_until)
+
+    @property
+    def empty(self) -> bool:
+        return not self.failed and not self.reserved and self.blocked_until is None
 
 
 class MemoryStore:
@@ -68,89 +104,66 @@ class MemoryStore:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         self._max_keys = max_keys
-        self._entries: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._entries: OrderedDict[str, MemoryEntry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: Hashable, window: float, now: float) -> Entry:
+    async def get(self, key: str, window: float, now: float) -> Entry:
         entry = self._entries.get(key)
         if entry is None:
             return Entry()
-        self._expire(key, entry, window, now)
-        return Entry(dict(entry.members), dict(entry.reserved), entry.blocked_until)
+        entry.expire(window, now)
+        self._drop_if_empty(key, entry)
+        return entry.snapshot()
 
-    def reserve(
-        self, key: Hashable, member: Hashable, limit: int, window: float, now: float
-    ) -> bool:
-        entry = self._entries.get(key) or Entry()
-        self._expire(key, entry, window, now)
-        if member not in entry.members and len(entry.members) >= limit:
-            return False
-        entry.members.setdefault(member, None)
+    async def reserve(
+        self, key: str, member: str, limit: int, window: float, now: float
+    ) -> Entry | None:
+        entry = self._entries.get(key) or MemoryEntry()
+        entry.expire(window, now)
+        full = member not in entry.members and len(entry.members) >= limit
+        if entry.blocked_until is not None or full:
+            self._drop_if_empty(key, entry)
+            return entry.snapshot()
         entry.reserved[member] = entry.reserved.get(member, 0) + 1
+        entry.reserved_at[member] = now
         self._touch(key, entry)
-        return True
+        return None
 
-    def commit(
-        self, key: Hashable, member: Hashable, now: float, *, limit: int = 0, block: float = 0
-    ) -> None:
-        entry = self._entries.get(key) or Entry()
-        self._unreserve(entry, member)
-        entry.members[member] = now
-        failed = sum(1 for t in entry.members.values() if t is not None)
-        if block > 0 and limit and failed >= limit and entry.blocked_until is None:
+    async def commit(
+        self, key: str, member: str, window: float, now: float, *, limit: int = 0,
+        block: float = 0,
+    ) -> None:  # fmt: skip
+        entry = self._entries.get(key) or MemoryEntry()
+        _unreserve(entry, member)
+        entry.failed[member] = now
+        if block > 0 and limit and len(entry.failed) >= limit and entry.blocked_until is None:
             entry.blocked_until = now + block
         self._touch(key, entry)
 
-    def release(self, key: Hashable, member: Hashable) -> None:
+    async def release(self, key: str, member: str, now: float) -> None:
         entry = self._entries.get(key)
-        if entry is None:
-            return
-        self._unreserve(entry, member)
-        if entry.members.get(member, 0) is None and member not in entry.reserved:
-            del entry.members[member]
-        self._drop_if_empty(key, entry)
+        if entry is not None:
+            _unreserve(entry, member)
+            self._drop_if_empty(key, entry)
 
-    def clear(self, key: Hashable, member: Hashable | None = None) -> None:
+    async def clear(self, key: str, now: float, member: str | None = None) -> None:
         entry = self._entries.get(key)
         if entry is None:
             return
         if member is None:
-            entry.members = {m: None for m in entry.reserved}
+            entry.failed.clear()
             entry.blocked_until = None
-        elif member in entry.members:
-            if member in entry.reserved:
-                entry.members[member] = None
-            else:
-                del entry.members[member]
+        else:
+            entry.failed.pop(member, None)
         self._drop_if_empty(key, entry)
 
-    @staticmethod
-    def _unreserve(entry: Entry, member: Hashable) -> None:
-        count = entry.reserved.pop(member, 0) - 1
-        if count > 0:
-            entry.reserved[member] = count
-
-    def _expire(self, key: Hashable, entry: Entry, window: float, now: float) -> None:
-        if entry.blocked_until is not None and entry.blocked_until <= now:
-            # The key starts afresh once its block ends.
-            entry.blocked_until = None
-            entry.members = {m: None for m in entry.reserved}
-        stale = [
-            m
-            for m, t in entry.members.items()
-            if t is not None and t <= now - window and m not in entry.reserved
-        ]
-        for member in stale:
-            del entry.members[member]
-        self._drop_if_empty(key, entry)
-
-    def _drop_if_empty(self, key: Hashable, entry: Entry) -> None:
-        if not entry.members and entry.blocked_until is None:
+    def _drop_if_empty(self, key: str, entry: MemoryEntry) -> None:
+        if entry.empty:
             self._entries.pop(key, None)
 
-    def _touch(self, key: Hashable, entry: Entry) -> None:
+    def _touch(self, key: str, entry: MemoryEntry) -> None:
         self._entries[key] = entry
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_keys:
@@ -163,3 +176,11 @@ class MemoryStore:
             if not entry.reserved and entry.blocked_until is None
         )
         del self._entries[next(evictable, next(iter(self._entries)))]
+
+
+def _unreserve(entry: MemoryEntry, member: str) -> None:
+    count = entry.reserved.pop(member, 0) - 1
+    if count > 0:
+        entry.reserved[member] = count
+    else:
+        entry.reserved_at.pop(member, None)

@@ -25,261 +25,261 @@ def make(clock: Clock, max_failures: int = 3, **kwargs: object) -> Throttle:
     return Throttle(max_failures, window=60, block=300, clock=clock, **kwargs)  # type: ignore[arg-type]
 
 
-def fail(throttle: Throttle, address: str, user: str, times: int = 1) -> None:
+async def fail(throttle: Throttle, address: str, user: str, times: int = 1) -> None:
     for _ in range(times):
-        throttle.admit(address, user).failed()
+        await (await throttle.admit(address, user)).failed()
 
 
-def retry_after(throttle: Throttle, address: str, user: str) -> float | None:
+async def retry_after(throttle: Throttle, address: str, user: str) -> float | None:
     """Seconds the throttle asks to wait, or None when a check may run (given back at once)."""
     try:
-        throttle.admit(address, user).release()
+        await (await throttle.admit(address, user)).release()
     except Throttled as refusal:
         return refusal.retry_after
     return None
 
 
-def test_a_pair_is_blocked_after_max_failures(clock: Clock) -> None:
+async def test_a_pair_is_blocked_after_max_failures(clock: Clock) -> None:
     throttle = make(clock)
-    fail(throttle, "192.0.2.1", "alice", 2)
-    assert retry_after(throttle, "192.0.2.1", "alice") is None
-    fail(throttle, "192.0.2.1", "alice")
-    assert retry_after(throttle, "192.0.2.1", "alice") == 300
+    await fail(throttle, "192.0.2.1", "alice", 2)
+    assert await retry_after(throttle, "192.0.2.1", "alice") is None
+    await fail(throttle, "192.0.2.1", "alice")
+    assert await retry_after(throttle, "192.0.2.1", "alice") == 300
     clock.now += 100
-    assert retry_after(throttle, "192.0.2.1", "alice") == 200
+    assert await retry_after(throttle, "192.0.2.1", "alice") == 200
 
 
-def test_parallel_checks_take_the_budget_before_they_run(clock: Clock) -> None:
+async def test_parallel_checks_take_the_budget_before_they_run(clock: Clock) -> None:
     """Concurrency: 60 guesses in flight at once get only max_failures reservations."""
     throttle = make(clock, max_failures=5)
     admitted: list[Admission] = []
     refused = 0
     for _ in range(60):
         try:
-            admitted.append(throttle.admit("192.0.2.1", "alice"))
+            admitted.append(await throttle.admit("192.0.2.1", "alice"))
         except Throttled:
             refused += 1
     assert (len(admitted), refused) == (5, 55)
     for admission in admitted:
-        admission.failed()
-    assert retry_after(throttle, "192.0.2.1", "alice") == 300
+        await admission.failed()
+    assert await retry_after(throttle, "192.0.2.1", "alice") == 300
 
 
-def test_a_success_gives_its_reservation_back(clock: Clock) -> None:
+async def test_a_success_gives_its_reservation_back(clock: Clock) -> None:
     throttle = make(clock)
-    held = [throttle.admit("192.0.2.1", "alice") for _ in range(3)]
-    assert retry_after(throttle, "192.0.2.1", "alice") is not None
-    held[0].succeeded()
-    held[1].release()
-    assert retry_after(throttle, "192.0.2.1", "alice") is None
-    held[2].failed()
-    held[2].succeeded()  # settled already: no effect
-    fail(throttle, "192.0.2.1", "alice", 1)
-    assert retry_after(throttle, "192.0.2.1", "alice") is None
+    held = [await throttle.admit("192.0.2.1", "alice") for _ in range(3)]
+    assert await retry_after(throttle, "192.0.2.1", "alice") is not None
+    await held[0].succeeded()
+    await held[1].release()
+    assert await retry_after(throttle, "192.0.2.1", "alice") is None
+    await held[2].failed()
+    await held[2].succeeded()  # settled already: no effect
+    await fail(throttle, "192.0.2.1", "alice", 1)
+    assert await retry_after(throttle, "192.0.2.1", "alice") is None
 
 
-def test_success_clears_the_users_count_at_the_address(clock: Clock) -> None:
+async def test_success_clears_the_users_count_at_the_address(clock: Clock) -> None:
     """record_success must clear the user's failures there (issue 15: a suite let this through)."""
     throttle = make(clock)
-    fail(throttle, "192.0.2.1", "alice", 2)
-    throttle.admit("192.0.2.1", "alice").succeeded()
-    fail(throttle, "192.0.2.1", "alice", 2)
-    assert retry_after(throttle, "192.0.2.1", "alice") is None
+    await fail(throttle, "192.0.2.1", "alice", 2)
+    await (await throttle.admit("192.0.2.1", "alice")).succeeded()
+    await fail(throttle, "192.0.2.1", "alice", 2)
+    assert await retry_after(throttle, "192.0.2.1", "alice") is None
 
 
-def test_success_clears_the_pair_with_checks_in_flight(clock: Clock) -> None:
+async def test_success_clears_the_pair_with_checks_in_flight(clock: Clock) -> None:
     throttle = make(clock)
-    held = throttle.admit("192.0.2.1", "alice")  # the right password, still being checked
-    fail(throttle, "192.0.2.1", "alice", 2)
-    assert retry_after(throttle, "192.0.2.1", "alice") == 60
-    held.succeeded()
-    assert retry_after(throttle, "192.0.2.1", "alice") is None
+    held = await throttle.admit("192.0.2.1", "alice")  # the right password, still being checked
+    await fail(throttle, "192.0.2.1", "alice", 2)
+    assert await retry_after(throttle, "192.0.2.1", "alice") == 60
+    await held.succeeded()
+    assert await retry_after(throttle, "192.0.2.1", "alice") is None
 
 
-def test_success_clears_only_its_own_name_at_the_address(clock: Clock) -> None:
+async def test_success_clears_only_its_own_name_at_the_address(clock: Clock) -> None:
     """A client with one valid account cannot reset the address between guesses at others."""
     throttle = make(clock)
-    fail(throttle, "192.0.2.1", "alice")
-    fail(throttle, "192.0.2.1", "bob")
-    throttle.admit("192.0.2.1", "mallory").succeeded()
-    fail(throttle, "192.0.2.1", "carol")  # the third name with failures
-    assert retry_after(throttle, "192.0.2.1", "dave") == 300
+    await fail(throttle, "192.0.2.1", "alice")
+    await fail(throttle, "192.0.2.1", "bob")
+    await (await throttle.admit("192.0.2.1", "mallory")).succeeded()
+    await fail(throttle, "192.0.2.1", "carol")  # the third name with failures
+    assert await retry_after(throttle, "192.0.2.1", "dave") == 300
     # alice's success removes her name from the address's count (so it has two names left) ...
     clock.now += 400
-    fail(throttle, "192.0.2.1", "alice")
-    fail(throttle, "192.0.2.1", "bob")
-    throttle.admit("192.0.2.1", "alice").succeeded()
-    fail(throttle, "192.0.2.1", "carol")
-    assert retry_after(throttle, "192.0.2.1", "dave") is None
+    await fail(throttle, "192.0.2.1", "alice")
+    await fail(throttle, "192.0.2.1", "bob")
+    await (await throttle.admit("192.0.2.1", "alice")).succeeded()
+    await fail(throttle, "192.0.2.1", "carol")
+    assert await retry_after(throttle, "192.0.2.1", "dave") is None
     # ... and not bob's, whose failure still counts.
-    fail(throttle, "192.0.2.1", "erin")
-    assert retry_after(throttle, "192.0.2.1", "dave") == 300
+    await fail(throttle, "192.0.2.1", "erin")
+    assert await retry_after(throttle, "192.0.2.1", "dave") == 300
 
 
-def test_an_address_is_blocked_after_max_failures_names(clock: Clock) -> None:
+async def test_an_address_is_blocked_after_max_failures_names(clock: Clock) -> None:
     throttle = make(clock)
     for user in ("alice", "bob", "carol"):
-        fail(throttle, "192.0.2.1", user)
-    assert retry_after(throttle, "192.0.2.1", "dave") == 300
-    assert retry_after(throttle, "192.0.2.2", "alice") is None
+        await fail(throttle, "192.0.2.1", user)
+    assert await retry_after(throttle, "192.0.2.1", "dave") == 300
+    assert await retry_after(throttle, "192.0.2.2", "alice") is None
 
 
-def test_parallel_guesses_at_many_names_take_the_address_budget_first(clock: Clock) -> None:
+async def test_parallel_guesses_at_many_names_take_the_address_budget_first(clock: Clock) -> None:
     throttle = make(clock, max_failures=5)
     admitted = 0
     for n in range(60):
         try:
-            throttle.admit("192.0.2.1", f"user{n}")
+            await throttle.admit("192.0.2.1", f"user{n}")
             admitted += 1
         except Throttled:
             pass
     assert admitted == 5
 
 
-def test_one_colleague_mistyping_does_not_block_a_shared_address(clock: Clock) -> None:
+async def test_one_colleague_mistyping_does_not_block_a_shared_address(clock: Clock) -> None:
     """Shared addresses: the typist's pair is blocked; colleagues behind the same NAT are not."""
     throttle = make(clock)
-    fail(throttle, "198.51.100.1", "alice", 3)
-    assert retry_after(throttle, "198.51.100.1", "alice") == 300
+    await fail(throttle, "198.51.100.1", "alice", 3)
+    assert await retry_after(throttle, "198.51.100.1", "alice") == 300
     for colleague in ("bob", "carol", "dave"):
-        throttle.admit("198.51.100.1", colleague).succeeded()
-    fail(throttle, "198.51.100.1", "bob")  # a second typist counts as a second name
-    assert retry_after(throttle, "198.51.100.1", "carol") is None
+        await (await throttle.admit("198.51.100.1", colleague)).succeeded()
+    await fail(throttle, "198.51.100.1", "bob")  # a second typist counts as a second name
+    assert await retry_after(throttle, "198.51.100.1", "carol") is None
 
 
-def test_guessing_one_name_from_many_addresses_is_slowed_not_blocked(clock: Clock) -> None:
+async def test_guessing_one_name_from_many_addresses_is_slowed_not_blocked(clock: Clock) -> None:
     """No lockout by name: many addresses share a slow rate for the name, never a block."""
     throttle = make(clock, max_failures_per_user=6)
     for n in range(6):
-        fail(throttle, f"203.0.113.{n}", "alice")
+        await fail(throttle, f"203.0.113.{n}", "alice")
     # The rate is spent: a seventh address waits until the oldest failure leaves the window.
-    assert retry_after(throttle, "203.0.113.99", "alice") == 60
+    assert await retry_after(throttle, "203.0.113.99", "alice") == 60
     clock.now += 30
-    assert retry_after(throttle, "203.0.113.99", "alice") == 30
+    assert await retry_after(throttle, "203.0.113.99", "alice") == 30
     clock.now += 30
-    assert retry_after(throttle, "203.0.113.99", "alice") is None
+    assert await retry_after(throttle, "203.0.113.99", "alice") is None
     # Other names are untouched.
-    assert retry_after(throttle, "203.0.113.99", "bob") is None
+    assert await retry_after(throttle, "203.0.113.99", "bob") is None
 
 
-def test_the_owner_from_a_known_address_is_exempt_from_the_names_rate(clock: Clock) -> None:
+async def test_the_owner_from_a_known_address_is_exempt_from_the_names_rate(clock: Clock) -> None:
     throttle = make(clock, max_failures_per_user=6, known_client_ttl=3600)
-    throttle.admit("192.0.2.50", "alice").succeeded()
+    await (await throttle.admit("192.0.2.50", "alice")).succeeded()
     for n in range(6):
-        fail(throttle, f"203.0.113.{n}", "alice")
-    assert retry_after(throttle, "203.0.113.99", "alice") is not None
-    assert retry_after(throttle, "192.0.2.50", "alice") is None
+        await fail(throttle, f"203.0.113.{n}", "alice")
+    assert await retry_after(throttle, "203.0.113.99", "alice") is not None
+    assert await retry_after(throttle, "192.0.2.50", "alice") is None
     # The owner's own typos there still meet the pair's hard limit.
-    fail(throttle, "192.0.2.50", "alice", 3)
-    assert retry_after(throttle, "192.0.2.50", "alice") == 300
+    await fail(throttle, "192.0.2.50", "alice", 3)
+    assert await retry_after(throttle, "192.0.2.50", "alice") == 300
     # An address is known for known_client_ttl after its last success.
     clock.now += 3601
     for n in range(6):
-        fail(throttle, f"203.0.113.{n}", "alice")
-    assert retry_after(throttle, "192.0.2.50", "alice") is not None
+        await fail(throttle, f"203.0.113.{n}", "alice")
+    assert await retry_after(throttle, "192.0.2.50", "alice") is not None
 
 
-def test_one_guessing_address_leaves_the_owner_a_fresh_address(clock: Clock) -> None:
+async def test_one_guessing_address_leaves_the_owner_a_fresh_address(clock: Clock) -> None:
     throttle = make(clock)  # max_failures_per_user defaults to twice max_failures
-    fail(throttle, "203.0.113.1", "alice", 3)
-    assert retry_after(throttle, "203.0.113.1", "alice") == 300
-    throttle.admit("192.0.2.7", "alice").succeeded()
+    await fail(throttle, "203.0.113.1", "alice", 3)
+    assert await retry_after(throttle, "203.0.113.1", "alice") == 300
+    await (await throttle.admit("192.0.2.7", "alice")).succeeded()
 
 
-def test_block_expires_by_itself_and_the_count_starts_afresh(clock: Clock) -> None:
+async def test_block_expires_by_itself_and_the_count_starts_afresh(clock: Clock) -> None:
     throttle = make(clock)
-    fail(throttle, "192.0.2.1", "alice", 3)
+    await fail(throttle, "192.0.2.1", "alice", 3)
     clock.now += 299.5
-    assert retry_after(throttle, "192.0.2.1", "alice") == pytest.approx(0.5)
+    assert await retry_after(throttle, "192.0.2.1", "alice") == pytest.approx(0.5)
     clock.now += 0.5
-    assert retry_after(throttle, "192.0.2.1", "alice") is None
-    fail(throttle, "192.0.2.1", "alice", 2)
-    assert retry_after(throttle, "192.0.2.1", "alice") is None
+    assert await retry_after(throttle, "192.0.2.1", "alice") is None
+    await fail(throttle, "192.0.2.1", "alice", 2)
+    assert await retry_after(throttle, "192.0.2.1", "alice") is None
 
 
-def test_failures_during_a_block_do_not_extend_it(clock: Clock) -> None:
+async def test_failures_during_a_block_do_not_extend_it(clock: Clock) -> None:
     throttle = make(clock)
-    held = throttle.admit("192.0.2.1", "alice")  # a check already running
+    held = await throttle.admit("192.0.2.1", "alice")  # a check already running
     for user in ("bob", "carol", "alice"):
-        fail(throttle, "192.0.2.1", user)
-    assert retry_after(throttle, "192.0.2.1", "dave") == 300
+        await fail(throttle, "192.0.2.1", user)
+    assert await retry_after(throttle, "192.0.2.1", "dave") == 300
     clock.now += 200
-    held.failed()
-    assert retry_after(throttle, "192.0.2.1", "dave") == 100
+    await held.failed()
+    assert await retry_after(throttle, "192.0.2.1", "dave") == 100
 
 
-def test_the_window_slides(clock: Clock) -> None:
+async def test_the_window_slides(clock: Clock) -> None:
     throttle = make(clock)
-    fail(throttle, "192.0.2.1", "alice")
+    await fail(throttle, "192.0.2.1", "alice")
     clock.now += 40
-    fail(throttle, "192.0.2.1", "alice")
+    await fail(throttle, "192.0.2.1", "alice")
     clock.now += 30  # the first failure is now 70 s old: out of the window
-    fail(throttle, "192.0.2.1", "alice")
-    assert retry_after(throttle, "192.0.2.1", "alice") is None
+    await fail(throttle, "192.0.2.1", "alice")
+    assert await retry_after(throttle, "192.0.2.1", "alice") is None
     clock.now += 20  # the second is 50 s old: still in
-    fail(throttle, "192.0.2.1", "alice")
-    assert retry_after(throttle, "192.0.2.1", "alice") == 300
+    await fail(throttle, "192.0.2.1", "alice")
+    assert await retry_after(throttle, "192.0.2.1", "alice") == 300
 
 
-def test_slow_guessing_is_never_blocked(clock: Clock) -> None:
+async def test_slow_guessing_is_never_blocked(clock: Clock) -> None:
     throttle = make(clock)
     for _ in range(100):
-        fail(throttle, "192.0.2.1", "alice")
-        assert retry_after(throttle, "192.0.2.1", "alice") is None
+        await fail(throttle, "192.0.2.1", "alice")
+        assert await retry_after(throttle, "192.0.2.1", "alice") is None
         clock.now += 30.01
 
 
-def test_ipv6_counts_per_64(clock: Clock) -> None:
+async def test_ipv6_counts_per_64(clock: Clock) -> None:
     throttle = make(clock)
     for n in range(1, 4):
-        fail(throttle, f"2001:db8:1:2::{n:x}", f"user{n}")
-    assert retry_after(throttle, "2001:db8:1:2:ffff:ffff:ffff:ffff", "other") == 300
-    assert retry_after(throttle, "2001:db8:1:3::1", "other") is None
+        await fail(throttle, f"2001:db8:1:2::{n:x}", f"user{n}")
+    assert await retry_after(throttle, "2001:db8:1:2:ffff:ffff:ffff:ffff", "other") == 300
+    assert await retry_after(throttle, "2001:db8:1:3::1", "other") is None
 
 
-def test_ipv4_mapped_addresses_count_as_ipv4(clock: Clock) -> None:
+async def test_ipv4_mapped_addresses_count_as_ipv4(clock: Clock) -> None:
     throttle = make(clock)
     for n in range(3):
-        fail(throttle, "::ffff:192.0.2.1" if n % 2 else "192.0.2.1", f"user{n}")
-    assert retry_after(throttle, "192.0.2.1", "other") == 300
-    assert retry_after(throttle, "::ffff:192.0.2.1", "other") == 300
+        await fail(throttle, "::ffff:192.0.2.1" if n % 2 else "192.0.2.1", f"user{n}")
+    assert await retry_after(throttle, "192.0.2.1", "other") == 300
+    assert await retry_after(throttle, "::ffff:192.0.2.1", "other") == 300
 
 
-def test_addresses_that_are_not_ip_addresses_are_keys_as_they_are(clock: Clock) -> None:
+async def test_addresses_that_are_not_ip_addresses_are_keys_as_they_are(clock: Clock) -> None:
     throttle = make(clock, max_failures=1)
-    fail(throttle, "unix-socket", "alice")
-    assert retry_after(throttle, "unix-socket", "bob") == 300
-    assert retry_after(throttle, "fe80::1%eth0", "bob") is None
+    await fail(throttle, "unix-socket", "alice")
+    assert await retry_after(throttle, "unix-socket", "bob") == 300
+    assert await retry_after(throttle, "fe80::1%eth0", "bob") is None
 
 
-def test_memory_is_bounded(clock: Clock) -> None:
+async def test_memory_is_bounded(clock: Clock) -> None:
     store = MemoryStore(max_keys=50)
     throttle = make(clock, store=store)
     for n in range(10_000):
-        fail(throttle, f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", "x" * 4000 + str(n))
+        await fail(throttle, f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", "x" * 4000 + str(n))
         assert len(store) <= 50
         clock.now += 0.001
     assert len(store) == 50
 
 
-def test_blocked_keys_outlive_a_flood_of_unblocked_ones(clock: Clock) -> None:
+async def test_blocked_keys_outlive_a_flood_of_unblocked_ones(clock: Clock) -> None:
     store = MemoryStore(max_keys=10)
     throttle = make(clock, store=store)
-    fail(throttle, "192.0.2.1", "alice", 3)
+    await fail(throttle, "192.0.2.1", "alice", 3)
     for n in range(1000):
-        fail(throttle, f"10.0.{n >> 8}.{n & 255}", f"user{n}")
-    assert retry_after(throttle, "192.0.2.1", "alice") == 300
+        await fail(throttle, f"10.0.{n >> 8}.{n & 255}", f"user{n}")
+    assert await retry_after(throttle, "192.0.2.1", "alice") == 300
 
 
-def test_stale_keys_are_forgotten(clock: Clock) -> None:
+async def test_stale_keys_are_forgotten(clock: Clock) -> None:
     store = MemoryStore()
     throttle = make(clock, store=store)
     for n in range(20):
-        fail(throttle, f"10.0.0.{n}", f"user{n}")
+        await fail(throttle, f"10.0.0.{n}", f"user{n}")
     assert len(store) == 60  # pair, address and name for each
     clock.now += 61
     for n in range(20):
-        assert retry_after(throttle, f"10.0.0.{n}", f"user{n}") is None
+        assert await retry_after(throttle, f"10.0.0.{n}", f"user{n}") is None
     assert len(store) == 0
 
 
