@@ -27,6 +27,7 @@ from proxy.paths import Action
 from proxy.pool import UpstreamSlots
 from proxy.refusal import Refusal
 from proxy.reload import CredentialReloader
+from proxy.shared_state import FallbackStore, build_store
 from proxy.tag_guard import TagGuard
 from proxy.throttle import Throttle
 
@@ -72,6 +73,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ProxyState)
 CHECKER = web.AppKey("checker", CredentialChecker)
 THROTTLE = web.AppKey("throttle", Throttle)
+SHARED_STORES = web.AppKey("shared_stores", list[FallbackStore])
 PACER = web.AppKey("pacer", RefusalPacer)
 ACCESS = web.AppKey("access", AccessControl)
 RELOADER = web.AppKey("reloader", CredentialReloader)
@@ -204,6 +206,7 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(_probe_upstream_forever(app)),
         asyncio.create_task(app[RELOADER].watch()),
+        *(asyncio.create_task(store.watch()) for store in app[SHARED_STORES]),
     ]
     try:
         yield
@@ -213,6 +216,8 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for store in app[SHARED_STORES]:
+            await store.close()
         app[CHECKER].close()
 
 
@@ -224,8 +229,10 @@ async def _unrouted(request: web.Request, handler: Handler) -> web.StreamRespons
     return await handler(request)
 
 
-def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
-    """The public application."""
+def create_app(
+    config: Config, users: Mapping[str, str], host_store: str | None = None
+) -> web.Application:
+    """The public application; a worker passes its supervisor's throttle store socket."""
     app = web.Application(
         handler_args={
             # Digests are over the bytes as sent: never inflate request bodies.
@@ -253,12 +260,14 @@ def create_app(config: Config, users: Mapping[str, str]) -> web.Application:
     app[METRICS] = metrics
     app[STATE] = ProxyState()
     app[CHECKER] = checker
+    store, app[SHARED_STORES] = build_store(config.shared_state, host_store, metrics.store_state)
     app[THROTTLE] = Throttle(
         config.auth_max_failures,
         config.auth_failure_window,
         config.auth_block,
         max_failures_per_user=config.auth_max_failures_per_user,
         known_client_ttl=config.auth_known_client_ttl,
+        store=store,
     )
     app[PACER] = RefusalPacer()
     app[ACCESS] = access = AccessControl(config.access, config.read_only, config.immutable_tags)

@@ -211,6 +211,20 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=r,
         )
+        self.throttle_store_up = Gauge(
+            f"{PREFIX}_throttle_store_up",
+            "1 while the shared store the throttle counts in answers (store: redis for "
+            "shared_state, host for the workers' supervisor), 0 while counting locally instead.",
+            ["store"],
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.throttle_store_failures = Counter(
+            f"{PREFIX}_throttle_store_failures",
+            "Times a shared throttle store stopped answering and the throttle fell back.",
+            ["store"],
+            registry=r,
+        )
         self.connections_refused = Counter(
             f"{PREFIX}_connections_refused",
             "Client connections answered 503 at once because max_connections were open.",
@@ -263,6 +277,12 @@ class Metrics:
             self.proxy_protocol_rejected.labels(reason)
         for reason in Refusal:
             self.refusals.labels(reason)
+
+    def store_state(self, store: str, up: bool) -> None:
+        """A shared throttle store started or stopped answering."""
+        self.throttle_store_up.labels(store).set(1 if up else 0)
+        if not up:
+            self.throttle_store_failures.labels(store).inc()
 
     def observe_pool(self, connector: aiohttp.BaseConnector | None) -> None:
         """Read the upstream pool's use (aiohttp keeps the count in a private set)."""

@@ -48,14 +48,16 @@ def run(
     *,
     listener: socket.socket | None = None,
     on_serving: OnServing | None = None,
+    host_store: str | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds.
 
-    A worker (proxy/workers.py) passes the supervisor's `listener` and serves no admin routes.
+    A worker (proxy/workers.py) passes the supervisor's `listener` and throttle store socket,
+    and serves no admin routes.
     """
     require_c_parser()
     certificates = CertificateReloader(config.tls) if config.tls.enabled else None
-    asyncio.run(_serve(config, users, certificates, config_path, listener, on_serving))
+    asyncio.run(_serve(config, users, certificates, config_path, listener, on_serving, host_store))
 
 
 def _reload_access(app: web.Application, config_path: Path | None) -> None:
@@ -105,8 +107,9 @@ async def _serve(
     config_path: Path | None,
     listener: socket.socket | None = None,
     on_serving: OnServing | None = None,
+    host_store: str | None = None,
 ) -> None:
-    app = create_app(config, users)
+    app = create_app(config, users, host_store)
     if certificates is not None:
         certificates.report_to(app[METRICS])
     runner = web.AppRunner(

@@ -61,8 +61,9 @@ def user_key(name: str) -> Key:
     return f"user:{name}"
 
 
-def known_key(name: str) -> Key:
-    return f"known:{name}"
+def known_key(client: str, name: str) -> Key:
+    # One key per address, not one per name holding every address: entries stay small.
+    return f"known:{name}:{client}"
 
 
 class Admission:
@@ -135,8 +136,8 @@ class Throttle:
             (pair_key(client, name), token, self._max_failures),
             (address_key(client), name, self._max_failures),
         ]
-        known = await self.store.get(known_key(name), self._known_ttl, now)
-        if client not in known.members:
+        known = await self.store.get(known_key(client, name), self._known_ttl, now)
+        if not known.failed:
             wanted.append((user_key(name), token, self._per_user))
         held: Held = []
         for key, member, limit in wanted:
@@ -169,7 +170,8 @@ class Throttle:
         now = self._clock()
         await self.store.clear(pair_key(client, name), now)
         await self.store.clear(address_key(client), now, name)
-        await self.store.commit(known_key(name), client, self._known_ttl, now)
+        # The time of the last success, kept as a failure time is: for known_client_ttl.
+        await self.store.commit(known_key(client, name), "success", self._known_ttl, now)
 
     async def _release(self, held: Held) -> None:
         now = self._clock()

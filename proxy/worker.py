@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--status-fd", type=int, required=True)
+    parser.add_argument("--throttle-socket", default=None)
     parser.add_argument("--config", default=None)
     args = parser.parse_args(argv)
     config_path = Path(args.config) if args.config else None
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(fileno=args.listen_fd)
     reporter = StatusReporter(args.status_fd)
     try:
-        run(config, users, config_path, listener=listener, on_serving=reporter.start)
+        run(config, users, config_path, listener=listener, on_serving=reporter.start,
+            host_store=args.throttle_socket)  # fmt: skip
     except ConfigError as exc:
         print(f"registry-proxy: worker {args.index}: {exc}", file=sys.stderr)
         return EXIT_CONFIG

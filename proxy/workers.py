@@ -11,7 +11,9 @@ than each worker binding its own with SO_REUSEPORT, because:
 - SO_REUSEPORT lets any other process of the same user bind the port and take a share.
 The parent owns the admin listener: /metrics sums the workers' prometheus_client
 multiprocess files in a private temp dir (removed on exit), /readyz is ready only while
-every worker is. Password-guessing counts are still per worker (proxy/throttle.py).
+every worker is. The parent also keeps the password-guessing counts for every worker
+(proxy/throttle_host.py), on a Unix socket in the same directory, so N failures from one
+address block after N in all, whichever workers take its connections.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from prometheus_client import multiprocess
 from proxy.config import Address, Config, ConfigError
 from proxy.metrics import PREFIX, CertificateExpiry, ProcessesCollector, multiprocess_exposition
 from proxy.reload import certificate_expiry
+from proxy.throttle_host import HostStoreServer
 from proxy.worker import EXIT_CONFIG
 
 log = logging.getLogger("registry_proxy.workers")
@@ -48,6 +51,8 @@ STABLE_AFTER = 10.0
 # Beyond shutdown_timeout (and the cancel grace), how long a stopping worker gets before SIGKILL.
 KILL_GRACE = 10.0
 BACKLOG = 1024
+# In the private temp dir with the metrics files (prometheus_client reads only *.db there).
+THROTTLE_SOCKET = "throttle.sock"
 
 
 def bind_listener(address: Address) -> socket.socket:
@@ -118,6 +123,7 @@ class Supervisor:
         self._config_path = config_path
         self._listener = listener
         self._metrics_dir = metrics_dir
+        self._store = HostStoreServer(os.path.join(metrics_dir, THROTTLE_SOCKET))
         self._slots = [Slot(index) for index in range(1, config.workers + 1)]
         self._stopping = asyncio.Event()
         self._exit_status = 0
@@ -127,6 +133,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        await self._store.start()
         admin: web.AppRunner | None = None
         if self._config.admin_listen is not None:
             admin = web.AppRunner(self._admin_app(), access_log=None)
@@ -142,6 +149,7 @@ class Supervisor:
         finally:
             if admin is not None:
                 await admin.cleanup()
+            await self._store.close()
         log.info("all workers stopped")
         return self._exit_status
 
@@ -218,7 +226,8 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         fd = self._listener.fileno()
         args = [sys.executable, "-m", "proxy.worker", "--index", str(slot.index),
-                "--listen-fd", str(fd), "--status-fd", str(write_fd)]  # fmt: skip
+                "--listen-fd", str(fd), "--status-fd", str(write_fd),
+                "--throttle-socket", self._store.path]  # fmt: skip
         if self._config_path is not None:
             args += ["--config", str(self._config_path)]
         try:

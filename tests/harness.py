@@ -24,6 +24,7 @@ REGISTRY_BIN = (
     os.environ.get("REGISTRY_BIN") or shutil.which("docker-registry") or "/usr/bin/docker-registry"
 )
 HTPASSWD_BIN = shutil.which("htpasswd") or "/usr/bin/htpasswd"
+REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 STARTUP_DEADLINE = 20.0
 
 
@@ -216,6 +217,53 @@ http:
                 value = line.split(marker, 1)[1].split(" ", 1)[0]
                 uris.append(value.strip('"'))
         return uris
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on a loopback port, without persistence: `kill` and `start` again
+    give an empty database on the same port, as a restarted Redis without a volume does."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        args = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.root)]  # fmt: skip
+        self.process = Process(args, self.root / "redis.log")
+        self.process.start()
+        process = self.process
+
+        def answers() -> bool:
+            process.check_alive()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    return sock.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        wait_until(answers, "redis-server to answer PING")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, with everything it held."""
+        assert self.process is not None and self.process.popen is not None
+        self.process.popen.kill()
+        self.process.popen.wait(10)
 
     def stop(self) -> None:
         if self.process is not None:

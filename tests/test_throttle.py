@@ -1,11 +1,22 @@
-"""The password-guessing throttle and its store, driven by an injected clock."""
+"""The password-guessing throttle, driven by an injected clock, on each of its stores: this
+process's memory, the supervisor's over its Unix socket, and a real redis-server."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
+import redis.asyncio
 
 from proxy.throttle import Admission, Throttle, Throttled
-from proxy.throttle_store import MemoryStore
+from proxy.throttle_host import HostStoreClient, HostStoreServer
+from proxy.throttle_redis import RedisStore
+from proxy.throttle_store import RESERVATION_LEASE, MemoryStore, ThrottleStore
+from tests.harness import RedisServer
 
 
 class Clock:
@@ -21,8 +32,47 @@ def clock() -> Clock:
     return Clock()
 
 
-def make(clock: Clock, max_failures: int = 3, **kwargs: object) -> Throttle:
-    return Throttle(max_failures, window=60, block=300, clock=clock, **kwargs)  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "host", "redis"])
+async def store(
+    request: pytest.FixtureRequest, redis_server: RedisServer
+) -> AsyncIterator[ThrottleStore]:
+    """Each test runs on every store: the rules must not depend on where the counts are."""
+    if request.param == "memory":
+        yield MemoryStore()
+    elif request.param == "host":
+        # A short path: Unix socket paths are limited to 107 bytes.
+        directory = tempfile.mkdtemp(prefix="throttle.")
+        server = HostStoreServer(str(Path(directory) / "store.sock"))
+        await server.start()
+        client = HostStoreClient(server.path)
+        yield client
+        await client.close()
+        await server.close()
+        shutil.rmtree(directory)
+    else:
+        admin = redis.asyncio.Redis.from_url(redis_server.url)
+        await admin.flushdb()
+        await admin.aclose()
+        redis_store = RedisStore(redis_server.url)
+        yield redis_store
+        await redis_store.close()
+
+
+@pytest.fixture
+def make(store: ThrottleStore) -> Callable[..., Throttle]:
+    def make(clock: Clock, max_failures: int = 3, **kwargs: Any) -> Throttle:
+        kwargs.setdefault("store", store)
+        return Throttle(max_failures, window=60, block=300, clock=clock, **kwargs)
+
+    return make
 
 
 async def fail(throttle: Throttle, address: str, user: str, times: int = 1) -> None:
@@ -39,7 +89,9 @@ async def retry_after(throttle: Throttle, address: str, user: str) -> float | No
     return None
 
 
-async def test_a_pair_is_blocked_after_max_failures(clock: Clock) -> None:
+async def test_a_pair_is_blocked_after_max_failures(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock)
     await fail(throttle, "192.0.2.1", "alice", 2)
     assert await retry_after(throttle, "192.0.2.1", "alice") is None
@@ -49,7 +101,9 @@ async def test_a_pair_is_blocked_after_max_failures(clock: Clock) -> None:
     assert await retry_after(throttle, "192.0.2.1", "alice") == 200
 
 
-async def test_parallel_checks_take_the_budget_before_they_run(clock: Clock) -> None:
+async def test_parallel_checks_take_the_budget_before_they_run(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     """Concurrency: 60 guesses in flight at once get only max_failures reservations."""
     throttle = make(clock, max_failures=5)
     admitted: list[Admission] = []
@@ -65,7 +119,9 @@ async def test_parallel_checks_take_the_budget_before_they_run(clock: Clock) -> 
     assert await retry_after(throttle, "192.0.2.1", "alice") == 300
 
 
-async def test_a_success_gives_its_reservation_back(clock: Clock) -> None:
+async def test_a_success_gives_its_reservation_back(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock)
     held = [await throttle.admit("192.0.2.1", "alice") for _ in range(3)]
     assert await retry_after(throttle, "192.0.2.1", "alice") is not None
@@ -78,7 +134,9 @@ async def test_a_success_gives_its_reservation_back(clock: Clock) -> None:
     assert await retry_after(throttle, "192.0.2.1", "alice") is None
 
 
-async def test_success_clears_the_users_count_at_the_address(clock: Clock) -> None:
+async def test_success_clears_the_users_count_at_the_address(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     """record_success must clear the user's failures there (issue 15: a suite let this through)."""
     throttle = make(clock)
     await fail(throttle, "192.0.2.1", "alice", 2)
@@ -87,7 +145,9 @@ async def test_success_clears_the_users_count_at_the_address(clock: Clock) -> No
     assert await retry_after(throttle, "192.0.2.1", "alice") is None
 
 
-async def test_success_clears_the_pair_with_checks_in_flight(clock: Clock) -> None:
+async def test_success_clears_the_pair_with_checks_in_flight(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock)
     held = await throttle.admit("192.0.2.1", "alice")  # the right password, still being checked
     await fail(throttle, "192.0.2.1", "alice", 2)
@@ -96,7 +156,9 @@ async def test_success_clears_the_pair_with_checks_in_flight(clock: Clock) -> No
     assert await retry_after(throttle, "192.0.2.1", "alice") is None
 
 
-async def test_success_clears_only_its_own_name_at_the_address(clock: Clock) -> None:
+async def test_success_clears_only_its_own_name_at_the_address(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     """A client with one valid account cannot reset the address between guesses at others."""
     throttle = make(clock)
     await fail(throttle, "192.0.2.1", "alice")
@@ -116,7 +178,9 @@ async def test_success_clears_only_its_own_name_at_the_address(clock: Clock) -> 
     assert await retry_after(throttle, "192.0.2.1", "dave") == 300
 
 
-async def test_an_address_is_blocked_after_max_failures_names(clock: Clock) -> None:
+async def test_an_address_is_blocked_after_max_failures_names(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock)
     for user in ("alice", "bob", "carol"):
         await fail(throttle, "192.0.2.1", user)
@@ -124,7 +188,9 @@ async def test_an_address_is_blocked_after_max_failures_names(clock: Clock) -> N
     assert await retry_after(throttle, "192.0.2.2", "alice") is None
 
 
-async def test_parallel_guesses_at_many_names_take_the_address_budget_first(clock: Clock) -> None:
+async def test_parallel_guesses_at_many_names_take_the_address_budget_first(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock, max_failures=5)
     admitted = 0
     for n in range(60):
@@ -136,7 +202,9 @@ async def test_parallel_guesses_at_many_names_take_the_address_budget_first(cloc
     assert admitted == 5
 
 
-async def test_one_colleague_mistyping_does_not_block_a_shared_address(clock: Clock) -> None:
+async def test_one_colleague_mistyping_does_not_block_a_shared_address(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     """Shared addresses: the typist's pair is blocked; colleagues behind the same NAT are not."""
     throttle = make(clock)
     await fail(throttle, "198.51.100.1", "alice", 3)
@@ -147,7 +215,9 @@ async def test_one_colleague_mistyping_does_not_block_a_shared_address(clock: Cl
     assert await retry_after(throttle, "198.51.100.1", "carol") is None
 
 
-async def test_guessing_one_name_from_many_addresses_is_slowed_not_blocked(clock: Clock) -> None:
+async def test_guessing_one_name_from_many_addresses_is_slowed_not_blocked(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     """No lockout by name: many addresses share a slow rate for the name, never a block."""
     throttle = make(clock, max_failures_per_user=6)
     for n in range(6):
@@ -162,7 +232,9 @@ async def test_guessing_one_name_from_many_addresses_is_slowed_not_blocked(clock
     assert await retry_after(throttle, "203.0.113.99", "bob") is None
 
 
-async def test_the_owner_from_a_known_address_is_exempt_from_the_names_rate(clock: Clock) -> None:
+async def test_the_owner_from_a_known_address_is_exempt_from_the_names_rate(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock, max_failures_per_user=6, known_client_ttl=3600)
     await (await throttle.admit("192.0.2.50", "alice")).succeeded()
     for n in range(6):
@@ -179,14 +251,18 @@ async def test_the_owner_from_a_known_address_is_exempt_from_the_names_rate(cloc
     assert await retry_after(throttle, "192.0.2.50", "alice") is not None
 
 
-async def test_one_guessing_address_leaves_the_owner_a_fresh_address(clock: Clock) -> None:
+async def test_one_guessing_address_leaves_the_owner_a_fresh_address(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock)  # max_failures_per_user defaults to twice max_failures
     await fail(throttle, "203.0.113.1", "alice", 3)
     assert await retry_after(throttle, "203.0.113.1", "alice") == 300
     await (await throttle.admit("192.0.2.7", "alice")).succeeded()
 
 
-async def test_block_expires_by_itself_and_the_count_starts_afresh(clock: Clock) -> None:
+async def test_block_expires_by_itself_and_the_count_starts_afresh(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock)
     await fail(throttle, "192.0.2.1", "alice", 3)
     clock.now += 299.5
@@ -197,7 +273,9 @@ async def test_block_expires_by_itself_and_the_count_starts_afresh(clock: Clock)
     assert await retry_after(throttle, "192.0.2.1", "alice") is None
 
 
-async def test_failures_during_a_block_do_not_extend_it(clock: Clock) -> None:
+async def test_failures_during_a_block_do_not_extend_it(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock)
     held = await throttle.admit("192.0.2.1", "alice")  # a check already running
     for user in ("bob", "carol", "alice"):
@@ -208,7 +286,7 @@ async def test_failures_during_a_block_do_not_extend_it(clock: Clock) -> None:
     assert await retry_after(throttle, "192.0.2.1", "dave") == 100
 
 
-async def test_the_window_slides(clock: Clock) -> None:
+async def test_the_window_slides(clock: Clock, make: Callable[..., Throttle]) -> None:
     throttle = make(clock)
     await fail(throttle, "192.0.2.1", "alice")
     clock.now += 40
@@ -221,7 +299,7 @@ async def test_the_window_slides(clock: Clock) -> None:
     assert await retry_after(throttle, "192.0.2.1", "alice") == 300
 
 
-async def test_slow_guessing_is_never_blocked(clock: Clock) -> None:
+async def test_slow_guessing_is_never_blocked(clock: Clock, make: Callable[..., Throttle]) -> None:
     throttle = make(clock)
     for _ in range(100):
         await fail(throttle, "192.0.2.1", "alice")
@@ -229,7 +307,7 @@ async def test_slow_guessing_is_never_blocked(clock: Clock) -> None:
         clock.now += 30.01
 
 
-async def test_ipv6_counts_per_64(clock: Clock) -> None:
+async def test_ipv6_counts_per_64(clock: Clock, make: Callable[..., Throttle]) -> None:
     throttle = make(clock)
     for n in range(1, 4):
         await fail(throttle, f"2001:db8:1:2::{n:x}", f"user{n}")
@@ -237,7 +315,9 @@ async def test_ipv6_counts_per_64(clock: Clock) -> None:
     assert await retry_after(throttle, "2001:db8:1:3::1", "other") is None
 
 
-async def test_ipv4_mapped_addresses_count_as_ipv4(clock: Clock) -> None:
+async def test_ipv4_mapped_addresses_count_as_ipv4(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock)
     for n in range(3):
         await fail(throttle, "::ffff:192.0.2.1" if n % 2 else "192.0.2.1", f"user{n}")
@@ -245,7 +325,9 @@ async def test_ipv4_mapped_addresses_count_as_ipv4(clock: Clock) -> None:
     assert await retry_after(throttle, "::ffff:192.0.2.1", "other") == 300
 
 
-async def test_addresses_that_are_not_ip_addresses_are_keys_as_they_are(clock: Clock) -> None:
+async def test_addresses_that_are_not_ip_addresses_are_keys_as_they_are(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
     throttle = make(clock, max_failures=1)
     await fail(throttle, "unix-socket", "alice")
     assert await retry_after(throttle, "unix-socket", "bob") == 300
@@ -254,7 +336,7 @@ async def test_addresses_that_are_not_ip_addresses_are_keys_as_they_are(clock: C
 
 async def test_memory_is_bounded(clock: Clock) -> None:
     store = MemoryStore(max_keys=50)
-    throttle = make(clock, store=store)
+    throttle = Throttle(3, window=60, block=300, clock=clock, store=store)
     for n in range(10_000):
         await fail(throttle, f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", "x" * 4000 + str(n))
         assert len(store) <= 50
@@ -264,7 +346,7 @@ async def test_memory_is_bounded(clock: Clock) -> None:
 
 async def test_blocked_keys_outlive_a_flood_of_unblocked_ones(clock: Clock) -> None:
     store = MemoryStore(max_keys=10)
-    throttle = make(clock, store=store)
+    throttle = Throttle(3, window=60, block=300, clock=clock, store=store)
     await fail(throttle, "192.0.2.1", "alice", 3)
     for n in range(1000):
         await fail(throttle, f"10.0.{n >> 8}.{n & 255}", f"user{n}")
@@ -273,7 +355,7 @@ async def test_blocked_keys_outlive_a_flood_of_unblocked_ones(clock: Clock) -> N
 
 async def test_stale_keys_are_forgotten(clock: Clock) -> None:
     store = MemoryStore()
-    throttle = make(clock, store=store)
+    throttle = Throttle(3, window=60, block=300, clock=clock, store=store)
     for n in range(20):
         await fail(throttle, f"10.0.0.{n}", f"user{n}")
     assert len(store) == 60  # pair, address and name for each
@@ -281,6 +363,42 @@ async def test_stale_keys_are_forgotten(clock: Clock) -> None:
     for n in range(20):
         assert await retry_after(throttle, f"10.0.0.{n}", f"user{n}") is None
     assert len(store) == 0
+
+
+async def test_a_reservation_lost_with_its_worker_lapses_after_the_lease(
+    clock: Clock, make: Callable[..., Throttle]
+) -> None:
+    """A worker that dies mid-check never settles its reservations: they must not hold the
+    pair's budget for ever in a store that outlives the worker."""
+    throttle = make(clock)
+    for _ in range(3):
+        await throttle.admit("192.0.2.1", "alice")  # never settled
+    assert await retry_after(throttle, "192.0.2.1", "alice") is not None
+    clock.now += RESERVATION_LEASE + 1
+    assert await retry_after(throttle, "192.0.2.1", "alice") is None
+
+
+async def test_redis_forgets_keys_when_their_failures_and_blocks_end(
+    clock: Clock, redis_server: RedisServer
+) -> None:
+    """Redis keeps nothing longer than the rules need: each key's TTL follows its contents."""
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    await admin.flushdb()
+    store = RedisStore(redis_server.url)
+    throttle = Throttle(3, window=60, block=300, clock=clock, store=store)
+    try:
+        await fail(throttle, "192.0.2.1", "alice", 2)
+        ttls = {key: await admin.pttl(key) for key in await admin.keys("*")}
+        assert len(ttls) == 3 and all(55_000 < ttl <= 60_000 for ttl in ttls.values()), ttls
+        await fail(throttle, "192.0.2.1", "alice")
+        pair = next(key for key in ttls if b":pair:" in key)
+        assert 295_000 < await admin.pttl(pair) <= 300_000  # blocked: kept for the block
+        await (await throttle.admit("192.0.2.2", "bob")).succeeded()
+        known = [key for key in await admin.keys("*") if b":known:" in key]
+        assert len(known) == 1 and await admin.pttl(known[0]) > 7 * 86400_000 - 5_000
+    finally:
+        await store.close()
+        await admin.aclose()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,146 @@
+"""Which store the throttle counts in: Redis (`shared_state`), the host's (workers), its own.
+
+A shared store that does not answer never stops a password check: the process counts in the
+next store down (Redis, then the supervisor's, then its own memory) until a ping every
+`PROBE_INTERVAL` finds it back, and says so in the log and in `throttle_store_up`. The counts
+made meanwhile stay where they were made: guessers get at most one extra budget per process
+for the outage, and nobody is locked out by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from proxy.throttle_host import HostStoreClient, StoreUnavailable
+from proxy.throttle_store import Entry, MemoryStore, ThrottleStore
+
+log = logging.getLogger("registry_proxy.throttle")
+
+PROBE_INTERVAL = 1.0
+
+
+class SharedStore(ThrottleStore, Protocol):
+    """A store in another process: it has a name for logs and metrics, answers pings, closes."""
+
+    name: str
+
+    async def ping(self) -> None:
+        """Return once the store answers; raise `StoreUnavailable` if it does not."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class FallbackStore:
+    """`ThrottleStore` on `shared` while it answers, on `local` while it does not."""
+
+    def __init__(
+        self,
+        shared: SharedStore,
+        local: ThrottleStore,
+        on_state: Callable[[str, bool], None] = lambda name, up: None,
+    ) -> None:
+        self.shared = shared
+        self.local = local
+        self._on_state = on_state
+        self.up = True
+        on_state(shared.name, True)
+
+    async def get(self, key: str, window: float, now: float) -> Entry:
+        if self.up:
+            try:
+                return await self.shared.get(key, window, now)
+            except StoreUnavailable as exc:
+                self._went_down(exc)
+        return await self.local.get(key, window, now)
+
+    async def reserve(
+        self, key: str, member: str, limit: int, window: float, now: float
+    ) -> Entry | None:
+        if self.up:
+            try:
+                return await self.shared.reserve(key, member, limit, window, now)
+            except StoreUnavailable as exc:
+                self._went_down(exc)
+        return await self.local.reserve(key, member, limit, window, now)
+
+    async def commit(
+        self, key: str, member: str, window: float, now: float, *, limit: int = 0,
+        block: float = 0,
+    ) -> None:  # fmt: skip
+        if self.up:
+            try:
+                await self.shared.commit(key, member, window, now, limit=limit, block=block)
+                return
+            except StoreUnavailable as exc:
+                self._went_down(exc)
+        await self.local.commit(key, member, window, now, limit=limit, block=block)
+
+    async def release(self, key: str, member: str, now: float) -> None:
+        if self.up:
+            try:
+                await self.shared.release(key, member, now)
+                return
+            except StoreUnavailable as exc:
+                self._went_down(exc)
+        await self.local.release(key, member, now)
+
+    async def clear(self, key: str, now: float, member: str | None = None) -> None:
+        if self.up:
+            try:
+                await self.shared.clear(key, now, member)
+                return
+            except StoreUnavailable as exc:
+                self._went_down(exc)
+        await self.local.clear(key, now, member)
+
+    async def watch(self) -> None:
+        """Ping the shared store forever; note when it stops or starts answering."""
+        while True:
+            try:
+                await self.shared.ping()
+            except StoreUnavailable as exc:
+                self._went_down(exc)
+            else:
+                if not self.up:
+                    self.up = True
+                    log.warning("throttle: the %s store answers again: counting there",
+                                self.shared.name)  # fmt: skip
+                    self._on_state(self.shared.name, True)
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    async def close(self) -> None:
+        """Close the shared store's connections (not the local store's: it has its own)."""
+        await self.shared.close()
+
+    def _went_down(self, exc: StoreUnavailable) -> None:
+        if self.up:
+            self.up = False
+            log.error(
+                "throttle: counting password failures in this process until the %s store "
+                "answers again: %s", self.shared.name, exc,
+            )  # fmt: skip
+            self._on_state(self.shared.name, False)
+
+
+def build_store(
+    redis_url: str | None,
+    host_socket: str | None,
+    on_state: Callable[[str, bool], None] = lambda name, up: None,
+) -> tuple[ThrottleStore, list[FallbackStore]]:
+    """The store chain for this process, and the fallbacks whose `watch` must run."""
+    store: ThrottleStore = MemoryStore()
+    chain: list[FallbackStore] = []
+    if host_socket is not None:
+        store = FallbackStore(HostStoreClient(host_socket), store, on_state)
+        chain.append(store)
+    if redis_url is not None:
+        # Imported here: a proxy without shared_state never loads the Redis client.
+        from proxy.throttle_redis import RedisStore
+
+        store = FallbackStore(RedisStore(redis_url), store, on_state)
+        chain.append(store)
+    return store, chain

@@ -1,0 +1,187 @@
+"""The throttle's store shared by the workers of one host: kept by the supervisor, asked over
+a Unix socket in its private temp dir.
+
+One JSON array per line each way. A worker keeps one connection and sends its calls without
+waiting for earlier answers; the supervisor answers each connection's calls in order, one at a
+time against one `MemoryStore`, so every call is atomic for its key as the interface asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from typing import Any
+
+from proxy.throttle_store import Entry, MemoryStore
+
+log = logging.getLogger("registry_proxy.throttle")
+
+# Longest line either side sends: a call, or an entry (a few members: far below this).
+MAX_LINE = 64 * 1024
+# A supervisor that does not answer within this is taken for gone (its loop does nothing slow).
+CALL_TIMEOUT = 1.0
+
+
+class StoreUnavailable(Exception):
+    """The shared store did not answer: the caller falls back to its own."""
+
+
+def _entry(value: Any) -> Entry | None:
+    if value is None:
+        return None
+    failed, reserved, blocked_until = value
+    return Entry(dict(failed), dict(reserved), blocked_until)
+
+
+def _value(entry: Entry | None) -> list[Any] | None:
+    if entry is None:
+        return None
+    return [entry.failed, entry.reserved, entry.blocked_until]
+
+
+class HostStoreServer:
+    """The supervisor's side: one `MemoryStore` for every worker's connection."""
+
+    def __init__(self, path: str, store: MemoryStore | None = None) -> None:
+        self.path = path
+        self._store = store if store is not None else MemoryStore()
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_LINE)
+
+    async def close(self) -> None:
+        """Stop listening and close every worker's connection."""
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._connections):
+                writer.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(writer)
+        try:
+            async for line in reader:
+                writer.write(json.dumps(await self._call(json.loads(line))).encode() + b"\n")
+                await writer.drain()
+        except (ValueError, TypeError, KeyError, ConnectionError) as exc:
+            # Only a worker of ours connects here; a garbled call ends its connection only.
+            log.error("throttle store: dropping a worker's connection: %s", exc)
+        finally:
+            self._connections.discard(writer)
+            writer.close()
+
+    async def _call(self, call: list[Any]) -> Any:
+        op, *args = call
+        store = self._store
+        if op == "get":
+            return _value(await store.get(*args))
+        if op == "reserve":
+            return _value(await store.reserve(*args))
+        if op == "commit":
+            key, member, window, now, limit, block = args
+            await store.commit(key, member, window, now, limit=limit, block=block)
+        elif op == "release":
+            await store.release(*args)
+        elif op == "clear":
+            await store.clear(*args)
+        elif op != "ping":
+            raise KeyError(f"unknown call {op!r}")
+        return None
+
+
+class HostStoreClient:
+    """A worker's side: `ThrottleStore` calls sent to the supervisor, answers read in order."""
+
+    name = "host"
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._connecting = asyncio.Lock()
+
+    async def get(self, key: str, window: float, now: float) -> Entry:
+        return _entry(await self._call("get", key, window, now)) or Entry()
+
+    async def reserve(
+        self, key: str, member: str, limit: int, window: float, now: float
+    ) -> Entry | None:
+        return _entry(await self._call("reserve", key, member, limit, window, now))
+
+    async def commit(
+        self, key: str, member: str, window: float, now: float, *, limit: int = 0,
+        block: float = 0,
+    ) -> None:  # fmt: skip
+        await self._call("commit", key, member, window, now, limit, block)
+
+    async def release(self, key: str, member: str, now: float) -> None:
+        await self._call("release", key, member, now)
+
+    async def clear(self, key: str, now: float, member: str | None = None) -> None:
+        await self._call("clear", key, now, member)
+
+    async def ping(self) -> None:
+        await self._call("ping")
+
+    async def close(self) -> None:
+        self._disconnect(StoreUnavailable("closed"))
+        if self._reader_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+
+    async def _call(self, *call: Any) -> Any:
+        writer = await self._connect()
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting.append(answer)
+        writer.write(json.dumps(call).encode() + b"\n")
+        try:
+            return await asyncio.wait_for(asyncio.shield(answer), CALL_TIMEOUT)
+        except TimeoutError:
+            self._disconnect(StoreUnavailable("the supervisor's store did not answer"))
+            raise StoreUnavailable("the supervisor's store did not answer") from None
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self._writer is None:
+                try:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_unix_connection(self._path, limit=MAX_LINE), CALL_TIMEOUT
+                    )
+                except (OSError, TimeoutError) as exc:
+                    raise StoreUnavailable(f"cannot reach the supervisor's store: {exc}") from None
+                # Each connection has its own queue: a late answer cannot reach another's call.
+                self._writer, self._waiting = writer, deque()
+                self._reader_task = asyncio.create_task(self._read_answers(reader, self._waiting))
+            return self._writer
+
+    async def _read_answers(
+        self, reader: asyncio.StreamReader, waiting: deque[asyncio.Future[Any]]
+    ) -> None:
+        failure = StoreUnavailable("the supervisor's store closed the connection")
+        try:
+            async for line in reader:
+                answer = waiting.popleft()
+                if not answer.done():
+                    answer.set_result(json.loads(line))
+        except (ValueError, IndexError, ConnectionError) as exc:
+            failure = StoreUnavailable(f"the supervisor's store answered badly: {exc}")
+        if waiting is self._waiting:
+            self._disconnect(failure)
+
+    def _disconnect(self, failure: StoreUnavailable) -> None:
+        """Fail every call still waiting; the next call connects again."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._reader_task is not None and self._reader_task is not asyncio.current_task():
+            self._reader_task.cancel()
+        while self._waiting:
+            answer = self._waiting.popleft()
+            if not answer.done():
+                answer.set_exception(failure)
