@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from yarl import URL
@@ -91,6 +92,8 @@ class Config:
     auth_known_client_ttl: float
     auth_max_pending_per_client: int
     fast_blob_relay: bool = True
+    # redis://HOST:PORT/DB: the throttle's counts shared by every proxy naming it (or None).
+    shared_state: str | None = None
 
 
 # Value parsers: each takes what YAML or the environment gave, or raises ValueError("expected ...").
@@ -220,6 +223,43 @@ def _bool(value: object) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def redacted(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _shared_state(value: object) -> str | None:
+    """Empty, or a Redis URL: redis:// (rediss:// for TLS), a host, an optional port and DB."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    expected = f"expected redis://HOST:PORT/DB (or rediss://), got {redacted(text)!r}"
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(expected) from None
+    database = parts.path.removeprefix("/")
+    if (
+        parts.scheme not in ("redis", "rediss")
+        or not parts.hostname
+        or port == 0
+        or (database and not (database.isascii() and database.isdigit()))
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(expected)
+    return text
+
+
 def _raw(value: object) -> object:
     """Kept as given; validated together with related keys (`groups` with `access`)."""
     return value
@@ -269,6 +309,7 @@ SETTINGS: dict[str, _Setting] = {
     "access": _Setting(_raw, None, structured=True),
     "immutable_tags": _Setting(_raw, None, structured=True),
     "fast_blob_relay": _Setting(_bool, True),
+    "shared_state": _Setting(_shared_state, None),
     "tls.cert": _Setting(_optional_path, None),
     "tls.key": _Setting(_optional_path, None),
 }
@@ -488,6 +529,7 @@ def describe(config: Config) -> dict[str, object]:
         "access": config.access_given["access"] or [],
         "immutable_tags": config.access_given.get("immutable_tags") or [],
         "fast_blob_relay": config.fast_blob_relay,
+        "shared_state": redacted(config.shared_state) if config.shared_state else "",
         "tls": {
             "cert": str(config.tls.cert) if config.tls.cert else None,
             "key": str(config.tls.key) if config.tls.key else None,

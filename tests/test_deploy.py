@@ -27,6 +27,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from proxy.config import load_config
 from tests.support import (
     REGISTRY_BINARY,
     Process,
@@ -295,11 +296,11 @@ PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
 
 @cache
-def stack(*overrides: Path) -> dict[str, Any]:
+def stack(*overrides: Path, base: Path = STACK) -> dict[str, Any]:
     """`docker stack config`: the stack (with override files on top) after the CLI's own
     validation and interpolation."""
     env = {k: v for k, v in os.environ.items() if k != "PROXY_IMAGE"}
-    files = [arg for path in (STACK, *overrides) for arg in ("-c", str(path))]
+    files = [arg for path in (base, *overrides) for arg in ("-c", str(path))]
     result = subprocess.run(
         ["docker", "stack", "config", *files],
         capture_output=True,
@@ -571,6 +572,24 @@ def test_entrypoint_serves_from_the_documented_config_path(
 
 def test_stack_config_validates() -> None:
     assert set(stack()["services"]) == {"registry", "proxy", "prometheus", "grafana"}
+
+
+def test_the_commented_redis_service_works_once_uncommented(tmp_path: Path) -> None:
+    """The optional shared store: uncommenting its lines gives a valid stack in which the
+    proxy names the redis service, on a network they share, and publishes nothing more."""
+    text = STACK.read_text()
+    block = re.compile(r"^  # redis:\n(?:  #.*\n)+", re.MULTILINE)
+    assert block.search(text), "no commented redis service in the stack"
+    text = block.sub(lambda found: re.sub(r"^  # ?", "  ", found.group(0), flags=re.M), text)
+    text = text.replace("# PROXY_SHARED_STATE:", "PROXY_SHARED_STATE:")
+    uncommented = tmp_path / "stack.yml"
+    uncommented.write_text(text)
+    services = stack(base=uncommented)["services"]
+    url = services["proxy"]["environment"]["PROXY_SHARED_STATE"]
+    assert url == "redis://redis:6379/0"
+    assert load_config(None, {"PROXY_SHARED_STATE": url, "PROXY_HTPASSWD": "x"}).shared_state
+    assert set(services["redis"]["networks"]) & set(services["proxy"]["networks"])
+    assert "ports" not in services["redis"]
 
 
 def published_ports(services: dict[str, Any]) -> dict[str, tuple[int, int, str | None]]:

@@ -1,9 +1,9 @@
 """`workers: N`: worker processes behind one port, the supervising parent, summed metrics.
 
 Some tests of other modules run here again against a proxy with workers: the client tests
-(docker login, skopeo, podman) against `workers: auto`, and operations, TLS and PROXY protocol
-tests through `start_proxy`, which starts two workers in this module. The password-guessing
-throttle is still per worker, so its tests are not among them.
+(docker login, skopeo, podman) against `workers: auto`, and operations, TLS, PROXY protocol and
+password-guessing throttle tests through `start_proxy`, which starts two workers in this module
+(the workers share one throttle: tests/test_shared_throttle.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,16 @@ from tests.test_operations import (  # noqa: F401
     value,
 )
 from tests.test_proxy_protocol import (  # noqa: F401
+    edges,
+    test_haproxy_tcp_mode_tells_clients_apart,
     test_many_connections_at_once_each_keep_their_own_client,
+)
+from tests.test_throttle_proxy import (  # noqa: F401
+    costly_htpasswd,
+    test_concurrency_parallel_guesses_run_no_more_checks_than_the_budget,
+    test_no_lockout_by_name_from_many_addresses_slows_guesses_not_the_owner,
+    test_no_lockout_by_name_the_owner_logs_in_from_another_address,
+    test_shared_address_one_colleague_mistyping_does_not_lock_out_the_others,
 )
 
 WORKERS = 2

@@ -1,0 +1,153 @@
+"""The throttle's store on Redis (`shared_state: redis://HOST:PORT/DB`), shared by every proxy
+task that names the same database.
+
+Each key is one Redis string holding the entry as JSON, read and written by one Lua script, so
+every call is atomic for its key on the server, whatever other proxies do at the same moment; the
+script applies the same rules as `MemoryStore` (proxy/throttle_store.py) and gives each key a
+TTL, so Redis forgets an entry when `MemoryStore` would. Times come from the proxies' clocks
+(wall-clock seconds): keep them in step (NTP), as TLS already needs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.config import redacted
+from proxy.throttle_host import StoreUnavailable
+from proxy.throttle_store import RESERVATION_LEASE, Entry
+
+PREFIX = "registry-proxy:throttle:"
+# Past these, a call fails and the throttle uses the local store until Redis answers again.
+SOCKET_TIMEOUT = 0.5
+POOL_TIMEOUT = 2.0
+MAX_CONNECTIONS = 32
+
+_SCRIPT = """
+local op, now, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local member, lease = ARGV[4], tonumber(ARGV[5])
+local raw = redis.call('GET', KEYS[1])
+local e = raw and cjson.decode(raw) or {f = {}, r = {}, a = {}}
+if e.b == cjson.null then e.b = nil end
+-- release and clear are not told the window: the entry keeps the last one it was given.
+if window > 0 then e.w = window else window = e.w or 0 end
+
+local function size(t) local n = 0 for _ in pairs(t) do n = n + 1 end return n end
+local function members()
+  local n = size(e.r)
+  for m in pairs(e.f) do if e.r[m] == nil then n = n + 1 end end
+  return n
+end
+local function answer() return cjson.encode({e.f, e.r, e.b or cjson.null}) end
+local function unreserve()
+  local count = (e.r[member] or 0) - 1
+  if count > 0 then e.r[member] = count else e.r[member] = nil; e.a[member] = nil end
+end
+local function save()
+  if next(e.f) == nil and next(e.r) == nil and e.b == nil then
+    redis.call('DEL', KEYS[1])
+    return
+  end
+  local keep = 0
+  for _, t in pairs(e.f) do keep = math.max(keep, t + window - now) end
+  for _, t in pairs(e.a) do keep = math.max(keep, t + lease - now) end
+  if e.b then keep = math.max(keep, e.b - now) end
+  redis.call('SET', KEYS[1], cjson.encode(e), 'PX', math.max(1, math.ceil(keep * 1000)))
+end
+
+-- Drop what `now` has outlived, as MemoryEntry.expire does.
+if e.b and e.b <= now then e.b = nil; e.f = {} end
+for m, t in pairs(e.f) do if t <= now - window then e.f[m] = nil end end
+for m, t in pairs(e.a) do
+  if t <= now - lease then e.a[m] = nil; e.r[m] = nil end
+end
+
+if op == 'get' then
+  return answer()
+elseif op == 'reserve' then
+  local limit = tonumber(ARGV[6])
+  local new = e.f[member] == nil and e.r[member] == nil
+  if e.b or (new and members() >= limit) then save(); return answer() end
+  e.r[member] = (e.r[member] or 0) + 1
+  e.a[member] = now
+elseif op == 'commit' then
+  local limit, block = tonumber(ARGV[6]), tonumber(ARGV[7])
+  unreserve()
+  e.f[member] = now
+  if block > 0 and limit > 0 and e.b == nil and size(e.f) >= limit then e.b = now + block end
+elseif op == 'release' then
+  unreserve()
+elseif op == 'clear' then
+  if member == '' then e.f = {}; e.b = nil else e.f[member] = nil end
+end
+save()
+return false
+"""
+
+
+class RedisStore:
+    """`ThrottleStore` on one Redis database; any failure to answer is `StoreUnavailable`."""
+
+    name = "redis"
+
+    def __init__(self, url: str) -> None:
+        self.url = redacted(url)
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            # One retry, on a fresh connection: after a Redis restart every pooled connection
+            # is stale once. No more: the throttle falls back rather than hold password checks.
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._redis = Redis(connection_pool=pool)
+        self._script = self._redis.register_script(_SCRIPT)
+
+    async def get(self, key: str, window: float, now: float) -> Entry:
+        return await self._run("get", key, now, window) or Entry()
+
+    async def reserve(
+        self, key: str, member: str, limit: int, window: float, now: float
+    ) -> Entry | None:
+        return await self._run("reserve", key, now, window, member, limit)
+
+    async def commit(
+        self, key: str, member: str, window: float, now: float, *, limit: int = 0,
+        block: float = 0,
+    ) -> None:  # fmt: skip
+        await self._run("commit", key, now, window, member, limit, block)
+
+    async def release(self, key: str, member: str, now: float) -> None:
+        await self._run("release", key, now, 0, member)
+
+    async def clear(self, key: str, now: float, member: str | None = None) -> None:
+        await self._run("clear", key, now, 0, member or "")
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis at {self.url}: {exc}") from None
+
+    async def close(self) -> None:
+        await self._redis.aclose(close_connection_pool=True)
+
+    async def _run(
+        self, op: str, key: str, now: float, window: float, member: str = "", *rest: Any
+    ) -> Entry | None:
+        args = [op, repr(now), repr(window), member, repr(RESERVATION_LEASE), *map(repr, rest)]
+        try:
+            raw = await self._script(keys=[PREFIX + key], args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis at {self.url}: {exc}") from None
+        if not raw:
+            return None
+        failed, reserved, blocked_until = json.loads(raw)
+        return Entry(dict(failed), dict(reserved), blocked_until)
