@@ -141,6 +141,8 @@ def build_store(
         # Imported here: a proxy without shared_state never loads the Redis client.
         from proxy.throttle_redis import RedisStore
 
-        store = FallbackStore(RedisStore(redis_url), store, on_state)
+        redis_store = RedisStore(redis_url)
+        log.info("password-guessing counts shared in Redis at %s", redis_store.url)
+        store = FallbackStore(redis_store, store, on_state)
         chain.append(store)
     return store, chain

@@ -422,7 +422,7 @@ def test_constraints_pin_every_runtime_dependency() -> None:
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
-            name, version = line.split("==")
+            name, version = line.partition(";")[0].split("==")
             pins[canonicalize_name(name)] = version.strip()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for dependency in project["dependencies"]:

@@ -90,6 +90,7 @@ async def test_proxies_naming_one_redis_share_the_count(
     assert await guess(second, "alice-password") == 429
     assert await guess(first, "alice-password", "127.0.0.3") == 200
     assert store_up(first) == store_up(second) == 1
+    assert f"password-guessing counts shared in Redis at {redis_server.url}" in first.log()
 
 
 async def test_redis_killed_and_restarted_mid_run(
@@ -130,6 +131,15 @@ async def test_redis_killed_and_restarted_mid_run(
     statuses = [await guess(p, f"after{n}", "127.0.0.4")
                 for n, p in enumerate([proxy, other, proxy, other])]  # fmt: skip
     assert statuses == [401, 401, 401, 429]
+
+
+def test_check_config_prints_the_redis_url_without_its_password(htpasswd_file: Path) -> None:
+    env = {**os.environ, "PROXY_HTPASSWD": str(htpasswd_file),
+           "PROXY_SHARED_STATE": "redis://:s3cret@redis:6379/2"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "proxy", "check-config"], env=env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0, done
+    assert "redis://:***@redis:6379/2" in done.stdout and "s3cret" not in done.stdout
 
 
 def test_shared_state_must_be_a_redis_url(htpasswd_file: Path) -> None:
