@@ -71,7 +71,7 @@ class LimitedTCPSite(web.TCPSite):
     With `proxy_protocol_from` (the trusted balancers), every connection must start with a
     PROXY header from one of them; the limits then apply once the header is read, to the client
     it names. With `sock` (a worker's inherited listening socket) it serves that instead of
-    binding.
+    binding, and takes one queued connection per wakeup, leaving the rest to its siblings.
     """
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
@@ -108,9 +108,16 @@ class LimitedTCPSite(web.TCPSite):
             )
             factory, ssl_context = self._proxy_listener, None
         if self._sock is not None:
+            # asyncio accepts up to `backlog` connections per wakeup, so the worker that woke
+            # first would take every queued one while its siblings, woken too, find none: one
+            # at a time, as nginx does by default (`multi_accept off`), spreads them.
             self._server = await asyncio.get_running_loop().create_server(
-                factory, sock=self._sock, ssl=ssl_context, backlog=self._backlog
+                factory, sock=self._sock, ssl=ssl_context, backlog=1
             )
+            # create_server called listen(1) on the shared socket: give its queue back its
+            # length (for the one loop pass in between, connections beyond 2 queued are dropped
+            # and retried by the client's TCP).
+            self._sock.listen(self._backlog)
             return
         self._server = await asyncio.get_running_loop().create_server(
             factory,
