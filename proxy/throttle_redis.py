@@ -16,6 +16,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.config import redacted
@@ -105,7 +106,9 @@ class RedisStore:
             socket_connect_timeout=SOCKET_TIMEOUT,
             # One retry, on a fresh connection: after a Redis restart every pooled connection
             # is stale once. No more: the throttle falls back rather than hold password checks.
-            retry=Retry(NoBackoff(), 1),
+            # Never after a timeout: the script may have run, and reserve or release run twice
+            # leave a reservation behind or give back another check's.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._redis = Redis(connection_pool=pool)
         self._script = self._redis.register_script(_SCRIPT)

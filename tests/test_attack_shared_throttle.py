@@ -4,12 +4,31 @@ fix: against a real redis-server, with a relay in front of it where a reply must
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
+
+from proxy import throttle_redis
+from proxy.throttle_host import StoreUnavailable
+from proxy.throttle_redis import PREFIX, RedisStore
+from tests.harness import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.mark.parametrize("password", ["s3/cret", "s3#cret", "s3?cret"])
@@ -26,3 +45,62 @@ def test_a_bad_redis_url_is_refused_without_echoing_its_password(
     assert "shared_state: expected redis://HOST:PORT/DB" in done.stderr
     assert "redis://:***@redis:6379/0" in done.stderr
     assert "s3" not in done.stderr + done.stdout
+
+
+@asynccontextmanager
+async def relay(port: int, hold: asyncio.Event) -> AsyncIterator[int]:
+    """A TCP relay to Redis on `port`: while `hold` is set, the next reply is kept back for good
+    (its connection stays open), as from a Redis that ran the command but answers late."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if not up and hold.is_set():
+                    hold.clear()
+                    await asyncio.Event().wait()  # this reply never comes
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", port)
+        for task in (pipe(client_r, redis_w, True), pipe(redis_r, client_w, False)):
+            tasks.add(asyncio.create_task(task))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_late_reply_does_not_run_the_script_twice(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that timed out was retried on a fresh connection, so Redis ran its script twice:
+    one check held two reservations, and the one its settlement left behind counted for the
+    10-minute lease (a `failed` or `release` retried the same way gives back a reservation of
+    another check of the same name in flight)."""
+    monkeypatch.setattr(throttle_redis, "SOCKET_TIMEOUT", 0.1)
+    hold = asyncio.Event()
+    direct = Redis(port=redis_server.port)
+    async with relay(redis_server.port, hold) as port:
+        store = RedisStore(f"redis://127.0.0.1:{port}/0")
+        try:
+            await store.release("warm-up", "m", time.time())  # the script is loaded
+            hold.set()
+            # Late: the throttle counts this check locally instead.
+            with contextlib.suppress(StoreUnavailable):
+                await store.reserve("address:192.0.2.1", "alice", 5, 300, time.time())
+            raw = await direct.get(PREFIX + "address:192.0.2.1")
+            assert raw is not None and b'"r":{"alice":1}' in raw, raw
+        finally:
+            await store.close()
+            await direct.aclose()
