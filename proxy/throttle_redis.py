@@ -10,6 +10,7 @@ TTL, so Redis forgets an entry when `MemoryStore` would. Times come from the pro
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -100,7 +101,8 @@ class RedisStore:
         self.url = redacted(url)
         pool = BlockingConnectionPool.from_url(
             url,
-            max_connections=MAX_CONNECTIONS,
+            # The calls' connections, and one for the ping.
+            max_connections=MAX_CONNECTIONS + 1,
             timeout=POOL_TIMEOUT,
             socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT,
@@ -112,6 +114,11 @@ class RedisStore:
         )
         self._redis = Redis(connection_pool=pool)
         self._script = self._redis.register_script(_SCRIPT)
+        # Calls queue here for a connection: a queue of checks under load is no outage (the
+        # pool's wait timing out was taken for one). Once a call has failed, those queued fail
+        # at once rather than each wait out its timeout, until a ping answers.
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._failure: str | None = None
 
     async def get(self, key: str, window: float, now: float) -> Entry:
         return await self._run("get", key, now, window) or Entry()
@@ -138,6 +145,7 @@ class RedisStore:
             await self._redis.ping()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis at {self.url}: {exc}") from None
+        self._failure = None
 
     async def close(self) -> None:
         await self._redis.aclose(close_connection_pool=True)
@@ -146,10 +154,14 @@ class RedisStore:
         self, op: str, key: str, now: float, window: float, member: str = "", *rest: Any
     ) -> Entry | None:
         args = [op, repr(now), repr(window), member, repr(RESERVATION_LEASE), *map(repr, rest)]
-        try:
-            raw = await self._script(keys=[PREFIX + key], args=args)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis at {self.url}: {exc}") from None
+        async with self._slots:
+            if self._failure is not None:
+                raise StoreUnavailable(self._failure)
+            try:
+                raw = await self._script(keys=[PREFIX + key], args=args)
+            except (RedisError, OSError) as exc:
+                self._failure = f"Redis at {self.url}: {exc}"
+                raise StoreUnavailable(self._failure) from None
         if not raw:
             return None
         failed, reserved, blocked_until = json.loads(raw)

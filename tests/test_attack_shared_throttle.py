@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,8 +19,11 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy import throttle_redis
+from proxy.shared_state import FallbackStore
+from proxy.throttle import Throttle
 from proxy.throttle_host import StoreUnavailable
 from proxy.throttle_redis import PREFIX, RedisStore
+from proxy.throttle_store import MemoryStore
 from tests.harness import RedisServer
 
 
@@ -104,3 +108,62 @@ async def test_a_late_reply_does_not_run_the_script_twice(
         finally:
             await store.close()
             await direct.aclose()
+
+
+def few_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two connections to Redis, and 50 ms to wait for one: a queue forms at once."""
+    monkeypatch.setattr(throttle_redis, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(throttle_redis, "POOL_TIMEOUT", 0.05)
+
+
+async def fail_concurrently(throttle: Throttle, count: int) -> None:
+    async def guess(n: int) -> None:
+        admission = await throttle.admit(f"198.51.{n // 256}.{n % 256}", f"user{n}")
+        await admission.failed()
+
+    await asyncio.gather(*(guess(n) for n in range(count)))
+
+
+async def test_many_checks_at_once_queue_for_redis_instead_of_falling_back(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks waiting for one of the pool's connections were taken for Redis not answering:
+    a flood of wrong passwords (about 1000 a second from 5 addresses, against one proxy with
+    the default 32 connections) switched the process to counting locally again and again,
+    with a fresh budget there for every guesser, while Redis answered every call at once."""
+    few_connections(monkeypatch)
+    states: list[tuple[str, bool]] = []
+    local = MemoryStore()
+    store = FallbackStore(RedisStore(redis_server.url), local, lambda *s: states.append(s))
+    try:
+        await fail_concurrently(Throttle(5, 300, 300, store=store), 300)
+        assert states == [("redis", True)] and len(local) == 0
+        direct = Redis(port=redis_server.port)
+        assert len(await direct.keys(PREFIX + "address:*")) == 300
+        await direct.aclose()
+    finally:
+        await store.close()
+
+
+async def test_checks_queued_for_redis_fall_back_at_once_when_it_stops_answering(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a call has timed out, the checks queued behind it count locally without waiting
+    their turn to time out too (300 checks through 2 connections would take a minute)."""
+    few_connections(monkeypatch)
+    monkeypatch.setattr(throttle_redis, "SOCKET_TIMEOUT", 0.1)
+    states: list[tuple[str, bool]] = []
+    local = MemoryStore()
+    store = FallbackStore(RedisStore(redis_server.url), local, lambda *s: states.append(s))
+    try:
+        await store.shared.ping()  # connected
+        redis_server.signal(signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(5):
+                await fail_concurrently(Throttle(5, 300, 300, store=store), 300)
+        finally:
+            redis_server.signal(signal.SIGCONT)
+        assert states == [("redis", True), ("redis", False)]
+        assert len(local) >= 3 * 299  # pair and address of each, users' names
+    finally:
+        await store.close()
