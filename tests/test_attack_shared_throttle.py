@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,8 +22,8 @@ from redis.asyncio import Redis
 
 from proxy import throttle_redis
 from proxy.shared_state import FallbackStore
-from proxy.throttle import Throttle
-from proxy.throttle_host import StoreUnavailable
+from proxy.throttle import Throttle, Throttled
+from proxy.throttle_host import HostStoreClient, HostStoreServer, StoreUnavailable
 from proxy.throttle_redis import PREFIX, RedisStore
 from proxy.throttle_store import MemoryStore
 from tests.harness import RedisServer
@@ -167,3 +169,33 @@ async def test_checks_queued_for_redis_fall_back_at_once_when_it_stops_answering
         assert len(local) >= 3 * 299  # pair and address of each, users' names
     finally:
         await store.close()
+
+
+@pytest.fixture
+def socket_path() -> Iterator[str]:
+    directory = tempfile.mkdtemp(prefix="store.")  # short: Unix socket paths are limited
+    yield str(Path(directory) / "store.sock")
+    shutil.rmtree(directory)
+
+
+async def test_a_refusal_of_a_key_with_many_members_reaches_the_worker(socket_path: str) -> None:
+    """A refused reserve answers the key's whole entry; past ~1,200 names (an office NAT's
+    `auth_max_failures: 2000`) the line was over the worker's 64 KiB read limit, the worker
+    dropped the connection and counted locally: the refusal became a fresh local budget."""
+    names = 2000
+    server_store = MemoryStore()
+    now = time.time()
+    for n in range(names):
+        name = f"{n:032x}"  # as the throttle's hashed names
+        await server_store.commit("address:192.0.2.1", name, 300, now, limit=10**6)
+    server = HostStoreServer(socket_path, server_store)
+    await server.start()
+    states: list[tuple[str, bool]] = []
+    store = FallbackStore(HostStoreClient(socket_path), MemoryStore(), lambda *s: states.append(s))
+    try:
+        with pytest.raises(Throttled):
+            await Throttle(names, 300, 300, store=store).admit("192.0.2.1", "mallory")
+        assert states == [("host", True)]
+    finally:
+        await store.close()
+        await server.close()
