@@ -199,3 +199,37 @@ async def test_a_refusal_of_a_key_with_many_members_reaches_the_worker(socket_pa
     finally:
         await store.close()
         await server.close()
+
+
+async def test_refused_guesses_evict_nothing_from_a_full_store(
+    socket_path: str,
+) -> None:
+    """The supervisor's store keeps at most `max_keys` keys. Each guess with a fresh name from
+    a blocked address reserved its pair (a new key, evicting the least recently used) before
+    the address refused it, and so did each guess at a name whose rate is spent: a paced 429
+    each, no hash, so one address could flush the store. Flushed: alice's known address, so
+    she got 429 there while guesses from elsewhere spent her name's rate (and the guessers'
+    own half-spent budgets went with it)."""
+    server_store = MemoryStore(max_keys=27)
+    server = HostStoreServer(socket_path, server_store)
+    await server.start()
+    store = HostStoreClient(socket_path)
+    throttle = Throttle(10, 300, 300, store=store, max_failures_per_user=2)
+    try:
+        await (await throttle.admit("192.0.2.1", "alice")).succeeded()  # known there: 1 key
+        for guesser in ("192.0.2.3", "192.0.2.4"):  # her name's rate spent: 5 keys
+            await (await throttle.admit(guesser, "alice")).failed()
+        for n in range(10):  # 192.0.2.2 blocked for 10 names: 21 keys
+            await (await throttle.admit("192.0.2.2", f"name{n}")).failed()
+        assert len(server_store) == 27
+        for n in range(10, 40):
+            with pytest.raises(Throttled):
+                await throttle.admit("192.0.2.2", f"name{n}")
+        for _ in range(30):  # the same from an address guessing her spent name
+            with pytest.raises(Throttled):
+                await throttle.admit("192.0.2.5", "alice")
+        assert len(server_store) == 27
+        await (await throttle.admit("192.0.2.1", "alice")).succeeded()
+    finally:
+        await store.close()
+        await server.close()
