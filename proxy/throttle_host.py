@@ -19,8 +19,11 @@ from proxy.throttle_store import Entry, MemoryStore
 
 log = logging.getLogger("registry_proxy.throttle")
 
-# Longest line either side sends: a call, or an entry (a few members: far below this).
+# Longest call a worker sends (a key, a member and numbers: far below this).
 MAX_LINE = 64 * 1024
+# Longest answer the supervisor sends: a refused key's whole entry, about 60 bytes a member, so
+# up to the limits' members (auth_max_failures names for an address: thousands behind a NAT).
+MAX_ANSWER = 16 * 1024 * 1024
 # A supervisor that does not answer within this is taken for gone (its loop does nothing slow).
 CALL_TIMEOUT = 1.0
 
@@ -151,7 +154,7 @@ class HostStoreClient:
             if self._writer is None:
                 try:
                     reader, writer = await asyncio.wait_for(
-                        asyncio.open_unix_connection(self._path, limit=MAX_LINE), CALL_TIMEOUT
+                        asyncio.open_unix_connection(self._path, limit=MAX_ANSWER), CALL_TIMEOUT
                     )
                 except (OSError, TimeoutError) as exc:
                     raise StoreUnavailable(f"cannot reach the supervisor's store: {exc}") from None

@@ -10,12 +10,14 @@ TTL, so Redis forgets an entry when `MemoryStore` would. Times come from the pro
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.config import redacted
@@ -99,16 +101,24 @@ class RedisStore:
         self.url = redacted(url)
         pool = BlockingConnectionPool.from_url(
             url,
-            max_connections=MAX_CONNECTIONS,
+            # The calls' connections, and one for the ping.
+            max_connections=MAX_CONNECTIONS + 1,
             timeout=POOL_TIMEOUT,
             socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT,
             # One retry, on a fresh connection: after a Redis restart every pooled connection
             # is stale once. No more: the throttle falls back rather than hold password checks.
-            retry=Retry(NoBackoff(), 1),
+            # Never after a timeout: the script may have run, and reserve or release run twice
+            # leave a reservation behind or give back another check's.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._redis = Redis(connection_pool=pool)
         self._script = self._redis.register_script(_SCRIPT)
+        # Calls queue here for a connection: a queue of checks under load is no outage (the
+        # pool's wait timing out was taken for one). Once a call has failed, those queued fail
+        # at once rather than each wait out its timeout, until a ping answers.
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._failure: str | None = None
 
     async def get(self, key: str, window: float, now: float) -> Entry:
         return await self._run("get", key, now, window) or Entry()
@@ -135,6 +145,7 @@ class RedisStore:
             await self._redis.ping()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis at {self.url}: {exc}") from None
+        self._failure = None
 
     async def close(self) -> None:
         await self._redis.aclose(close_connection_pool=True)
@@ -143,10 +154,14 @@ class RedisStore:
         self, op: str, key: str, now: float, window: float, member: str = "", *rest: Any
     ) -> Entry | None:
         args = [op, repr(now), repr(window), member, repr(RESERVATION_LEASE), *map(repr, rest)]
-        try:
-            raw = await self._script(keys=[PREFIX + key], args=args)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis at {self.url}: {exc}") from None
+        async with self._slots:
+            if self._failure is not None:
+                raise StoreUnavailable(self._failure)
+            try:
+                raw = await self._script(keys=[PREFIX + key], args=args)
+            except (RedisError, OSError) as exc:
+                self._failure = f"Redis at {self.url}: {exc}"
+                raise StoreUnavailable(self._failure) from None
         if not raw:
             return None
         failed, reserved, blocked_until = json.loads(raw)

@@ -97,7 +97,8 @@ class MemoryStore:
     """`ThrottleStore` in this process's memory, bounded to `max_keys` keys.
 
     When full, the key touched least recently goes first; keys with reservations in flight
-    and blocked keys go only once no other key is left.
+    and blocked keys go only once no other key is left. Keys made by a reservation are over
+    the bound until their failure is committed: only then is another key evicted for them.
     """
 
     def __init__(self, max_keys: int = 30000) -> None:
@@ -128,7 +129,9 @@ class MemoryStore:
             return entry.snapshot()
         entry.reserved[member] = entry.reserved.get(member, 0) + 1
         entry.reserved_at[member] = now
-        self._touch(key, entry)
+        # No eviction for a reservation: most are given back at once (another budget refused),
+        # and one guess each could flush the store. A failure makes room when it is committed.
+        self._touch(key, entry, evict=False)
         return None
 
     async def commit(
@@ -163,10 +166,10 @@ class MemoryStore:
         if entry.empty:
             self._entries.pop(key, None)
 
-    def _touch(self, key: str, entry: MemoryEntry) -> None:
+    def _touch(self, key: str, entry: MemoryEntry, *, evict: bool = True) -> None:
         self._entries[key] = entry
         self._entries.move_to_end(key)
-        while len(self._entries) > self._max_keys:
+        while evict and len(self._entries) > self._max_keys:
             self._evict_one()
 
     def _evict_one(self) -> None:
