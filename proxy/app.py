@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -230,7 +231,7 @@ async def _unrouted(request: web.Request, handler: Handler) -> web.StreamRespons
 
 
 def create_app(
-    config: Config, users: Mapping[str, str], host_store: str | None = None
+    config: Config, users: Mapping[str, str], host_store: socket.socket | None = None
 ) -> web.Application:
     """The public application; a worker passes its supervisor's throttle store socket."""
     app = web.Application(

@@ -48,7 +48,7 @@ def run(
     *,
     listener: socket.socket | None = None,
     on_serving: OnServing | None = None,
-    host_store: str | None = None,
+    host_store: socket.socket | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain for up to `shutdown_timeout` seconds.
 
@@ -107,7 +107,7 @@ async def _serve(
     config_path: Path | None,
     listener: socket.socket | None = None,
     on_serving: OnServing | None = None,
-    host_store: str | None = None,
+    host_store: socket.socket | None = None,
 ) -> None:
     app = create_app(config, users, host_store)
     if certificates is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import Protocol
 
@@ -128,7 +129,7 @@ class FallbackStore:
 
 def build_store(
     redis_url: str | None,
-    host_socket: str | None,
+    host_socket: socket.socket | None,
     on_state: Callable[[str, bool], None] = lambda name, up: None,
 ) -> tuple[ThrottleStore, list[FallbackStore]]:
     """The store chain for this process, and the fallbacks whose `watch` must run."""

@@ -1,9 +1,11 @@
 """The throttle's store shared by the workers of one host: kept by the supervisor, asked over
-a Unix socket in its private temp dir.
+a socket pair made for each worker it starts (the worker inherits its end: no path, no name
+anyone else could connect to).
 
-One JSON array per line each way. A worker keeps one connection and sends its calls without
-waiting for earlier answers; the supervisor answers each connection's calls in order, one at a
-time against one `MemoryStore`, so every call is atomic for its key as the interface asks.
+One JSON array per line each way. A worker sends its calls without waiting for earlier answers;
+the supervisor answers each connection's calls in order, one at a time against one
+`MemoryStore`, so every call is atomic for its key as the interface asks. The connection lasts
+as long as the worker: once it is gone (the supervisor with it), the worker counts on its own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections import deque
 from typing import Any
 
@@ -48,22 +51,31 @@ def _value(entry: Entry | None) -> list[Any] | None:
 class HostStoreServer:
     """The supervisor's side: one `MemoryStore` for every worker's connection."""
 
-    def __init__(self, path: str, store: MemoryStore | None = None) -> None:
-        self.path = path
+    def __init__(self, store: MemoryStore | None = None) -> None:
         self._store = store if store is not None else MemoryStore()
-        self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self._serving: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_LINE)
+    def connect(self) -> socket.socket:
+        """A connection for one worker: its end is returned, to hand over; this end is served."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        task = asyncio.create_task(self._serve_socket(ours))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+        return theirs
 
     async def close(self) -> None:
-        """Stop listening and close every worker's connection."""
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._connections):
-                writer.close()
-            await self._server.wait_closed()
+        """Close every worker's connection."""
+        for writer in list(self._connections):
+            writer.close()
+        for task in list(self._serving):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _serve_socket(self, sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE)
+        await self._serve(reader, writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
@@ -102,8 +114,8 @@ class HostStoreClient:
 
     name = "host"
 
-    def __init__(self, path: str) -> None:
-        self._path = path
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: deque[asyncio.Future[Any]] = deque()
@@ -133,6 +145,9 @@ class HostStoreClient:
         await self._call("ping")
 
     async def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         self._disconnect(StoreUnavailable("closed"))
         if self._reader_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -146,39 +161,40 @@ class HostStoreClient:
         try:
             return await asyncio.wait_for(asyncio.shield(answer), CALL_TIMEOUT)
         except TimeoutError:
-            self._disconnect(StoreUnavailable("the supervisor's store did not answer"))
-            raise StoreUnavailable("the supervisor's store did not answer") from None
+            # The answer stays queued in its place and is dropped when it comes: the next
+            # answers still reach their calls, and a ping finds the store back.
+            raise StoreUnavailable(
+                f"the supervisor's store did not answer within {CALL_TIMEOUT:g}s"
+            ) from None
 
     async def _connect(self) -> asyncio.StreamWriter:
         async with self._connecting:
             if self._writer is None:
+                if self._sock is None:
+                    raise StoreUnavailable("the connection to the supervisor's store is closed")
+                sock, self._sock = self._sock, None
                 try:
-                    reader, writer = await asyncio.wait_for(
-                        asyncio.open_unix_connection(self._path, limit=MAX_ANSWER), CALL_TIMEOUT
-                    )
-                except (OSError, TimeoutError) as exc:
+                    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_ANSWER)
+                except OSError as exc:
+                    sock.close()
                     raise StoreUnavailable(f"cannot reach the supervisor's store: {exc}") from None
-                # Each connection has its own queue: a late answer cannot reach another's call.
-                self._writer, self._waiting = writer, deque()
-                self._reader_task = asyncio.create_task(self._read_answers(reader, self._waiting))
+                self._writer = writer
+                self._reader_task = asyncio.create_task(self._read_answers(reader))
             return self._writer
 
-    async def _read_answers(
-        self, reader: asyncio.StreamReader, waiting: deque[asyncio.Future[Any]]
-    ) -> None:
+    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         failure = StoreUnavailable("the supervisor's store closed the connection")
         try:
             async for line in reader:
-                answer = waiting.popleft()
+                answer = self._waiting.popleft()
                 if not answer.done():
                     answer.set_result(json.loads(line))
         except (ValueError, IndexError, ConnectionError) as exc:
             failure = StoreUnavailable(f"the supervisor's store answered badly: {exc}")
-        if waiting is self._waiting:
-            self._disconnect(failure)
+        self._disconnect(failure)
 
     def _disconnect(self, failure: StoreUnavailable) -> None:
-        """Fail every call still waiting; the next call connects again."""
+        """Fail every call still waiting; later calls fail at once (the worker counts alone)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--status-fd", type=int, required=True)
-    parser.add_argument("--throttle-socket", default=None)
+    parser.add_argument("--throttle-fd", type=int, default=None)
     parser.add_argument("--config", default=None)
     args = parser.parse_args(argv)
     config_path = Path(args.config) if args.config else None
@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     _tag_log_lines(args.index)
     listener = socket.socket(fileno=args.listen_fd)
     reporter = StatusReporter(args.status_fd)
+    store = socket.socket(fileno=args.throttle_fd) if args.throttle_fd is not None else None
     try:
         run(config, users, config_path, listener=listener, on_serving=reporter.start,
-            host_store=args.throttle_socket)  # fmt: skip
+            host_store=store)  # fmt: skip
     except ConfigError as exc:
         print(f"registry-proxy: worker {args.index}: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -12,8 +12,8 @@ than each worker binding its own with SO_REUSEPORT, because:
 The parent owns the admin listener: /metrics sums the workers' prometheus_client
 multiprocess files in a private temp dir (removed on exit), /readyz is ready only while
 every worker is. The parent also keeps the password-guessing counts for every worker
-(proxy/throttle_host.py), on a Unix socket in the same directory, so N failures from one
-address block after N in all, whichever workers take its connections.
+(proxy/throttle_host.py), asked over a socket pair each worker inherits, so N failures from
+one address block after N in all, whichever workers take its connections.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ STABLE_AFTER = 10.0
 # Beyond shutdown_timeout (and the cancel grace), how long a stopping worker gets before SIGKILL.
 KILL_GRACE = 10.0
 BACKLOG = 1024
-# In the private temp dir with the metrics files (prometheus_client reads only *.db there).
-THROTTLE_SOCKET = "throttle.sock"
 
 
 def bind_listener(address: Address) -> socket.socket:
@@ -123,7 +121,7 @@ class Supervisor:
         self._config_path = config_path
         self._listener = listener
         self._metrics_dir = metrics_dir
-        self._store = HostStoreServer(os.path.join(metrics_dir, THROTTLE_SOCKET))
+        self._store = HostStoreServer()
         self._slots = [Slot(index) for index in range(1, config.workers + 1)]
         self._stopping = asyncio.Event()
         self._exit_status = 0
@@ -133,7 +131,6 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        await self._store.start()
         admin: web.AppRunner | None = None
         if self._config.admin_listen is not None:
             admin = web.AppRunner(self._admin_app(), access_log=None)
@@ -225,20 +222,23 @@ class Supervisor:
         """Start a worker, follow its status lines until it exits; its pid and exit status."""
         read_fd, write_fd = os.pipe()
         fd = self._listener.fileno()
+        # A connection to the throttle's store for this worker only: it dies with the worker.
+        store = self._store.connect()
         args = [sys.executable, "-m", "proxy.worker", "--index", str(slot.index),
                 "--listen-fd", str(fd), "--status-fd", str(write_fd),
-                "--throttle-socket", self._store.path]  # fmt: skip
+                "--throttle-fd", str(store.fileno())]  # fmt: skip
         if self._config_path is not None:
             args += ["--config", str(self._config_path)]
         try:
             process = await asyncio.create_subprocess_exec(
                 *args,
                 stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(self._listener.fileno(), write_fd),
+                pass_fds=(self._listener.fileno(), write_fd, store.fileno()),
                 env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir},
             )
         finally:
             os.close(write_fd)
+            store.close()
         slot.process, slot.started, slot.ready = process, False, False
         log.info("worker %d started: pid %d", slot.index, process.pid)
         if self._stopping.is_set():

@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -171,14 +169,7 @@ async def test_checks_queued_for_redis_fall_back_at_once_when_it_stops_answering
         await store.close()
 
 
-@pytest.fixture
-def socket_path() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="store.")  # short: Unix socket paths are limited
-    yield str(Path(directory) / "store.sock")
-    shutil.rmtree(directory)
-
-
-async def test_a_refusal_of_a_key_with_many_members_reaches_the_worker(socket_path: str) -> None:
+async def test_a_refusal_of_a_key_with_many_members_reaches_the_worker() -> None:
     """A refused reserve answers the key's whole entry; past ~1,200 names (an office NAT's
     `auth_max_failures: 2000`) the line was over the worker's 64 KiB read limit, the worker
     dropped the connection and counted locally: the refusal became a fresh local budget."""
@@ -188,10 +179,11 @@ async def test_a_refusal_of_a_key_with_many_members_reaches_the_worker(socket_pa
     for n in range(names):
         name = f"{n:032x}"  # as the throttle's hashed names
         await server_store.commit("address:192.0.2.1", name, 300, now, limit=10**6)
-    server = HostStoreServer(socket_path, server_store)
-    await server.start()
+    server = HostStoreServer(server_store)
     states: list[tuple[str, bool]] = []
-    store = FallbackStore(HostStoreClient(socket_path), MemoryStore(), lambda *s: states.append(s))
+    store = FallbackStore(
+        HostStoreClient(server.connect()), MemoryStore(), lambda *s: states.append(s)
+    )
     try:
         with pytest.raises(Throttled):
             await Throttle(names, 300, 300, store=store).admit("192.0.2.1", "mallory")
@@ -201,9 +193,7 @@ async def test_a_refusal_of_a_key_with_many_members_reaches_the_worker(socket_pa
         await server.close()
 
 
-async def test_refused_guesses_evict_nothing_from_a_full_store(
-    socket_path: str,
-) -> None:
+async def test_refused_guesses_evict_nothing_from_a_full_store() -> None:
     """The supervisor's store keeps at most `max_keys` keys. Each guess with a fresh name from
     a blocked address reserved its pair (a new key, evicting the least recently used) before
     the address refused it, and so did each guess at a name whose rate is spent: a paced 429
@@ -211,9 +201,8 @@ async def test_refused_guesses_evict_nothing_from_a_full_store(
     she got 429 there while guesses from elsewhere spent her name's rate (and the guessers'
     own half-spent budgets went with it)."""
     server_store = MemoryStore(max_keys=27)
-    server = HostStoreServer(socket_path, server_store)
-    await server.start()
-    store = HostStoreClient(socket_path)
+    server = HostStoreServer(server_store)
+    store = HostStoreClient(server.connect())
     throttle = Throttle(10, 300, 300, store=store, max_failures_per_user=2)
     try:
         await (await throttle.admit("192.0.2.1", "alice")).succeeded()  # known there: 1 key

@@ -3,10 +3,7 @@ process's memory, the supervisor's over its Unix socket, and a real redis-server
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,15 +45,11 @@ async def store(
     if request.param == "memory":
         yield MemoryStore()
     elif request.param == "host":
-        # A short path: Unix socket paths are limited to 107 bytes.
-        directory = tempfile.mkdtemp(prefix="throttle.")
-        server = HostStoreServer(str(Path(directory) / "store.sock"))
-        await server.start()
-        client = HostStoreClient(server.path)
+        server = HostStoreServer()
+        client = HostStoreClient(server.connect())
         yield client
         await client.close()
         await server.close()
-        shutil.rmtree(directory)
     else:
         admin = redis.asyncio.Redis.from_url(redis_server.url)
         await admin.flushdb()
