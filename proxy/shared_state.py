@@ -2,9 +2,13 @@
 
 A shared store that does not answer never stops a password check: the process counts in the
 next store down (Redis, then the supervisor's, then its own memory) until a ping every
-`PROBE_INTERVAL` finds it back, and says so in the log and in `throttle_store_up`. The counts
-made meanwhile stay where they were made: guessers get at most one extra budget per process
-for the outage, and nobody is locked out by it.
+`PROBE_INTERVAL` finds it back, and says so in the log and in `throttle_store_up`.
+
+Failures and successes (`commit`, `clear`) are written to the local store too, while the shared
+one answers: so an outage starts from what this process saw, not from nothing. Above all the
+addresses where users logged in through it stay known, and guesses at a name during the outage
+cannot spend its rate for its owner there. Guessers get at most one extra budget per process
+for the outage, minus what this process saw them use.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class SharedStore(ThrottleStore, Protocol):
 
 
 class FallbackStore:
-    """`ThrottleStore` on `shared` while it answers, on `local` while it does not."""
+    """`ThrottleStore` on `shared` while it answers, on `local` while it does not; `local` also
+    keeps this process's failures and successes meanwhile."""
 
     def __init__(
         self,
@@ -75,7 +80,6 @@ class FallbackStore:
         if self.up:
             try:
                 await self.shared.commit(key, member, window, now, limit=limit, block=block)
-                return
             except StoreUnavailable as exc:
                 self._went_down(exc)
         await self.local.commit(key, member, window, now, limit=limit, block=block)
@@ -93,7 +97,6 @@ class FallbackStore:
         if self.up:
             try:
                 await self.shared.clear(key, now, member)
-                return
             except StoreUnavailable as exc:
                 self._went_down(exc)
         await self.local.clear(key, now, member)
