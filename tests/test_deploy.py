@@ -574,6 +574,13 @@ def test_stack_config_validates() -> None:
     assert set(stack()["services"]) == {"registry", "proxy", "prometheus", "grafana"}
 
 
+def test_an_edge_task_uses_the_nodes_cores() -> None:
+    """One task per edge node (host mode): one process would use one core of it (issue 12)."""
+    environment = service("proxy")["environment"]
+    assert environment["PROXY_WORKERS"] == "auto"
+    assert load_config(None, {**environment, "PROXY_HTPASSWD": "x"}).workers >= 1
+
+
 def test_the_commented_redis_service_works_once_uncommented(tmp_path: Path) -> None:
     """The optional shared store: uncommenting its lines gives a valid stack in which the
     proxy names the redis service, on a network they share, and publishes nothing more."""
