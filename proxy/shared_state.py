@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from proxy.throttle_host import HostStoreClient, StoreUnavailable
 from proxy.throttle_store import Entry, MemoryStore, ThrottleStore
@@ -25,6 +25,8 @@ from proxy.throttle_store import Entry, MemoryStore, ThrottleStore
 log = logging.getLogger("registry_proxy.throttle")
 
 PROBE_INTERVAL = 1.0
+
+T = TypeVar("T")
 
 
 class SharedStore(ThrottleStore, Protocol):
@@ -56,50 +58,42 @@ class FallbackStore:
         on_state(shared.name, True)
 
     async def get(self, key: str, window: float, now: float) -> Entry:
-        if self.up:
-            try:
-                return await self.shared.get(key, window, now)
-            except StoreUnavailable as exc:
-                self._went_down(exc)
-        return await self.local.get(key, window, now)
+        return await self._call(lambda store: store.get(key, window, now))
 
     async def reserve(
         self, key: str, member: str, limit: int, window: float, now: float
     ) -> Entry | None:
-        if self.up:
-            try:
-                return await self.shared.reserve(key, member, limit, window, now)
-            except StoreUnavailable as exc:
-                self._went_down(exc)
-        return await self.local.reserve(key, member, limit, window, now)
+        return await self._call(lambda store: store.reserve(key, member, limit, window, now))
 
     async def commit(
         self, key: str, member: str, window: float, now: float, *, limit: int = 0,
         block: float = 0,
     ) -> None:  # fmt: skip
-        if self.up:
-            try:
-                await self.shared.commit(key, member, window, now, limit=limit, block=block)
-            except StoreUnavailable as exc:
-                self._went_down(exc)
-        await self.local.commit(key, member, window, now, limit=limit, block=block)
+        await self._call(
+            lambda store: store.commit(key, member, window, now, limit=limit, block=block),
+            mirror=True,
+        )
 
     async def release(self, key: str, member: str, now: float) -> None:
-        if self.up:
-            try:
-                await self.shared.release(key, member, now)
-                return
-            except StoreUnavailable as exc:
-                self._went_down(exc)
-        await self.local.release(key, member, now)
+        await self._call(lambda store: store.release(key, member, now))
 
     async def clear(self, key: str, now: float, member: str | None = None) -> None:
+        await self._call(lambda store: store.clear(key, now, member), mirror=True)
+
+    async def _call(
+        self, call: Callable[[ThrottleStore], Awaitable[T]], *, mirror: bool = False
+    ) -> T:
+        """`call` on the shared store while it answers, else on the local one; with `mirror`
+        on the local one as well."""
         if self.up:
             try:
-                await self.shared.clear(key, now, member)
+                answer = await call(self.shared)
             except StoreUnavailable as exc:
                 self._went_down(exc)
-        await self.local.clear(key, now, member)
+            else:
+                if not mirror:
+                    return answer
+        return await call(self.local)
 
     async def watch(self) -> None:
         """Ping the shared store forever; note when it stops or starts answering."""
