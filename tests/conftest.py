@@ -1,4 +1,4 @@
-"""Fixtures: the real registry, an htpasswd file written by apache2-utils, and the proxy."""
+"""Fixtures: the real registry, an htpasswd file written by apache2-utils, the proxy, Redis."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness import RedisServer
 from tests.support import Proxy, Registry, htpasswd
 
 FIGURES = pytest.StashKey[list[str]]()
@@ -81,6 +82,15 @@ def start_proxy(htpasswd_file: Path, tmp_path: Path) -> Iterator[Callable[..., P
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of the test's own: tests kill, stop and restart it."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,14 +25,6 @@ from proxy.throttle_host import HostStoreClient, HostStoreServer, StoreUnavailab
 from proxy.throttle_redis import PREFIX, RedisStore
 from proxy.throttle_store import MemoryStore
 from tests.harness import RedisServer
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("password", ["s3/cret", "s3#cret", "s3?cret"])

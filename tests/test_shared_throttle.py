@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from proxy.shared_state import PROBE_INTERVAL
 from tests.harness import RedisServer
 from tests.support import Proxy, Registry, call, wait_until
@@ -62,14 +60,6 @@ async def test_workers_share_the_count_n_failures_block_after_n_in_all(
             assert await guess(proxy, "alice-password") == 429  # the pair is blocked
     with only_worker(proxy, 2):
         assert await guess(proxy, "alice-password", "127.0.0.3") == 200  # elsewhere: not
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def store_up(proxy: Proxy) -> float:

@@ -31,6 +31,7 @@ def clock() -> Clock:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """conftest's, one for the module: nothing here stops it, each test flushes it."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server

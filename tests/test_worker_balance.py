@@ -8,7 +8,6 @@ from the kernel (`ss`: Recv-Q and Send-Q of the listening socket): no timing is 
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import subprocess
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from aiohttp import web
 from proxy.limits import LimitedTCPSite
 from proxy.workers import BACKLOG
 from tests.support import Proxy, Registry, wait_until
+from tests.test_workers import serving
 
 QUEUED = 8
 
@@ -97,6 +97,5 @@ def test_workers_leave_the_shared_queue_its_length(
 ) -> None:
     """Guards the listen() after each worker's start: the queue stays BACKLOG long, not 1."""
     proxy = start_proxy(registry.url, PROXY_WORKERS="2")
-    wait_until(lambda: len(re.findall(r"worker \d+ \(pid \d+\) serves", proxy.log())) == 2,
-               "both workers to serve")  # fmt: skip
+    wait_until(lambda: serving(proxy) == 2, "both workers to serve")
     assert accept_queue(proxy.port)[1] == BACKLOG
