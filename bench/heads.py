@@ -8,7 +8,7 @@ import time
 from bench.client import BenchError, status_kib
 from tests.harness import unread_bytes
 
-# The proxy's cap (proxy/connection.py HEAD_LIMIT); the heads stay just below it.
+# The proxy's cap (proxy/edge/connection.py HEAD_LIMIT); the heads stay just below it.
 HEAD_LIMIT = 32 * 1024
 # Source addresses the connections come from (loopback), under max_connections_per_client.
 SOURCES = 10

@@ -12,25 +12,28 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import catalog, errors
-from proxy.access import AccessPolicy
-from proxy.auth import CredentialChecker
-from proxy.authn import AnonymousAuthenticator, Authenticators, HtpasswdAuthenticator
-from proxy.blob_relay import BlobRelay
+from proxy import errors
+from proxy.access import catalog
+from proxy.access.rules import AccessPolicy
+from proxy.access.tag_guard import TagGuard
+from proxy.auth.anonymous import AnonymousAuthenticator
+from proxy.auth.backend import Authenticators
+from proxy.auth.credentials import CredentialChecker
+from proxy.auth.htpasswd import HtpasswdAuthenticator
+from proxy.auth.pacing import RefusalPacer
 from proxy.config import Config
-from proxy.connection import drop_server_banner
+from proxy.edge.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
-from proxy.forward import Forwarder, create_session
 from proxy.gate import AccessControl, Gate
 from proxy.metrics import Metrics
-from proxy.pacing import RefusalPacer
 from proxy.paths import Action
-from proxy.pool import UpstreamSlots
 from proxy.refusal import Refusal
+from proxy.relay.blob import BlobRelay
+from proxy.relay.forward import Forwarder, create_session
+from proxy.relay.slots import UpstreamSlots
 from proxy.reload import CredentialReloader
-from proxy.shared_state import FallbackStore, build_store
-from proxy.tag_guard import TagGuard
-from proxy.throttle import Throttle
+from proxy.throttle.fallback import FallbackStore, build_store
+from proxy.throttle.policy import Throttle
 
 log = logging.getLogger("registry_proxy")
 

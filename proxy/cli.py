@@ -11,10 +11,8 @@ from pathlib import Path
 import yaml
 
 from proxy import __version__
-from proxy.config import CONFIG_ENV, ConfigError, describe, load_config
-from proxy.htpasswd import HtpasswdError
-from proxy.log import count, setup_logging
-from proxy.passwd import (
+from proxy.auth.htpasswd_file import HtpasswdError
+from proxy.auth.passwd import (
     DEFAULT_COST,
     MAX_COST,
     MIN_COST,
@@ -26,6 +24,8 @@ from proxy.passwd import (
     remove_user,
     set_password,
 )
+from proxy.config import CONFIG_ENV, ConfigError, describe, load_config
+from proxy.log import count, setup_logging
 from proxy.preflight import check_startable, startup_warnings
 
 # Exit status for configuration that cannot be used (the process never starts serving).

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import yaml
 from yarl import URL
 
-from proxy.access import AccessPolicy, parse_access
-from proxy.immutable import ImmutableTags, parse_immutable_tags
+from proxy.access.immutable import ImmutableTags, parse_immutable_tags
+from proxy.access.rules import AccessPolicy, parse_access
 
 ENV_PREFIX = "PROXY_"
 CONFIG_ENV = "PROXY_CONFIG"

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proxy.config import Network
-from proxy.forwarded import MalformedHop, canonical_address, forwarded_client, hops, is_trusted
+from proxy.edge.forwarded import MalformedHop, canonical_address, forwarded_client, hops, is_trusted
+from proxy.edge.proxy_protocol import NAMED_NOBODY
 from proxy.identity import AuthOutcome, Identity
 from proxy.paths import Target, classify
-from proxy.proxy_protocol import NAMED_NOBODY
 from proxy.refusal import Refusal
 
 # Request key holding the Exchange.

@@ -8,16 +8,16 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from proxy import errors, reading
-from proxy.access import AccessPolicy, RequestContext, authorize
-from proxy.authn import Authenticators
+from proxy.access.immutable import ImmutableTags
+from proxy.access.rules import AccessPolicy, RequestContext, authorize
+from proxy.access.tag_guard import TagGuard
+from proxy.auth.backend import Authenticators
 from proxy.exchange import Exchange
 from proxy.identity import AuthFailure, AuthOutcome, Identity
-from proxy.immutable import ImmutableTags
 from proxy.log import escape
 from proxy.metrics import Metrics
 from proxy.paths import Action
 from proxy.refusal import Refusal
-from proxy.tag_guard import TagGuard
 
 log = logging.getLogger("registry_proxy")
 

@@ -15,10 +15,10 @@ import time
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from proxy.access import parse_query
 from proxy.exchange import EXCHANGE_KEY, Exchange
 from proxy.metrics import Metrics, code_label, method_label, status_class
 from proxy.paths import Action, Target
+from proxy.reading import parse_query
 from proxy.refusal import Refusal
 
 access_log = logging.getLogger("registry_proxy.access")

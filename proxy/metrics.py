@@ -20,8 +20,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.edge.proxy_protocol import REJECT_REASONS
 from proxy.identity import AuthOutcome
-from proxy.proxy_protocol import REJECT_REASONS
 from proxy.refusal import Refusal
 
 PREFIX = "registry_proxy"

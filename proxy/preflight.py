@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from proxy.app import warn_about_unknown_users
+from proxy.auth.htpasswd_file import HtpasswdError, HtpasswdUnreadableError, load_htpasswd
 from proxy.config import Address, Config, ConfigError, source_of
-from proxy.htpasswd import HtpasswdError, HtpasswdUnreadableError, load_htpasswd
-from proxy.limits import c_parser_in_use
-from proxy.tls import server_context
+from proxy.edge.listen import c_parser_in_use
+from proxy.edge.tls import server_context
 
 log = logging.getLogger("registry_proxy")
 

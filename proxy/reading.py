@@ -10,7 +10,7 @@ without credentials still gets its 401). Decisions (README, Security model, has 
   it in the path or query, yarl drops it), and so is any byte outside RFC 3986 (llhttp already
   refuses controls, space and non-ASCII). A bad `%` escape is refused (Go: 400 in the path, the
   pair skipped in the query); `;` in the query too (Go >= 1.17 skips the pair, older Go split).
-- Read alike, so passed: `+` as a space and the first of repeated keys (`access.parse_query`),
+- Read alike, so passed: `+` as a space and the first of repeated keys (`parse_query` below),
   percent-escapes in the path, `%2F` included, decoded before routing (`paths.classify`); `//`
   and a trailing `/`, which the registry's router answers with a 301 and nothing else.
 - Content-Type of POST/PUT/PATCH: Go's `mime.ParseMediaType` lower-cases with Unicode rules
@@ -26,13 +26,18 @@ without credentials still gets its 401). Decisions (README, Security model, has 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from urllib.parse import quote
 
 from aiohttp import web
 
 # RFC 3986 unreserved, sub-delims, ':' '@' '/' '?' and '%' (checked separately).
 _TARGET = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ATOI = re.compile(r"[+-]?[0-9]+")
+# The registry rejects larger `n` (its `catalog.maxentries` defaults to 1000), and a filtered
+# catalog page is buffered whole.
+CATALOG_MAX_N = 1000
 # What Go's FormValue reads a body as (net/http parsePostForm, ParseMultipartForm).
 _FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 # RFC 2045 token characters, as Go's mime.isTokenChar.
@@ -99,3 +104,97 @@ def go_media_type(value: str) -> str | None:
     """The media type Go's mime.ParseMediaType reads from an ASCII value (parameters aside)."""
     media_type = value.partition(";")[0].lower().strip(_GO_SPACE)
     return media_type if _MEDIA_TYPE.fullmatch(media_type) else None
+
+
+# Query strings, read the way the registry (Go's net/url) reads them.
+
+
+def _go_unescape(text: str) -> str | None:
+    """url.QueryUnescape: None where Go reports an error (and skips the pair)."""
+    if _BAD_PERCENT.search(text):
+        return None
+    data = bytearray()
+    i = 0
+    raw = text.encode("utf-8", "surrogateescape")
+    while i < len(raw):
+        byte = raw[i]
+        if byte == 0x25:  # %
+            data.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+            continue
+        data.append(0x20 if byte == 0x2B else byte)  # + is a space
+        i += 1
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _pairs(raw_query: str) -> list[tuple[str, tuple[str, str] | None]]:
+    """Each `&`-separated pair raw, with its decoded (key, value), or None if Go skips it."""
+    pairs: list[tuple[str, tuple[str, str] | None]] = []
+    for pair in raw_query.split("&") if raw_query else []:
+        decoded: tuple[str, str] | None = None
+        if pair and ";" not in pair:
+            raw_key, _, raw_value = pair.partition("=")
+            key, value = _go_unescape(raw_key), _go_unescape(raw_value)
+            if key is not None and value is not None:
+                decoded = (key, value)
+        pairs.append((pair, decoded))
+    return pairs
+
+
+def parse_query(raw_query: str) -> dict[str, str]:
+    """The query as the registry sees it: the first value of every key."""
+    query: dict[str, str] = {}
+    for _, decoded in _pairs(raw_query):
+        if decoded is not None:
+            query.setdefault(*decoded)
+    return query
+
+
+def _edit_query(raw_query: str, edit: Callable[[str, str, str], str | None]) -> str:
+    """Apply `edit(raw, key, value)` to every pair the registry reads; None drops the pair.
+
+    Pairs containing `;` are dropped (Go ignores them; Go before 1.17 split on them instead).
+    Everything else stays byte for byte.
+    """
+    out: list[str] = []
+    for raw, decoded in _pairs(raw_query):
+        if decoded is None:
+            if ";" not in raw:
+                out.append(raw)
+            continue
+        edited = edit(raw, *decoded)
+        if edited is not None:
+            out.append(edited)
+    return "&".join(out)
+
+
+def strip_mount(raw_query: str) -> str:
+    """The query without `mount` and `from`: the registry then starts a normal upload."""
+    return _edit_query(raw_query, lambda raw, key, _: None if key in ("mount", "from") else raw)
+
+
+# The catalog.
+
+
+def _above_cap(value: str) -> bool:
+    if not _ATOI.fullmatch(value) or value.startswith("-"):
+        return False
+    digits = value.lstrip("+").lstrip("0")
+    # Length first: int() refuses very long digit strings.
+    return len(digits) > len(str(CATALOG_MAX_N)) or int(digits or "0") > CATALOG_MAX_N
+
+
+def cap_catalog_query(raw_query: str, *, last: str | None = None) -> str:
+    """Clamp every `n` to CATALOG_MAX_N (and replace `last` if given); other pairs unchanged."""
+
+    def edit(raw: str, key: str, value: str) -> str | None:
+        if key == "n" and _above_cap(value):
+            return f"n={CATALOG_MAX_N}"
+        if key == "last" and last is not None:
+            return None
+        return raw
+
+    query = _edit_query(raw_query, edit)
+    if last is not None:
+        query = "&".join(part for part in (query, f"last={quote(last, safe='')}") if part)
+    return query

@@ -11,12 +11,12 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from proxy.auth import CredentialChecker, decoy_hash, measure_check
+from proxy.auth.credentials import CredentialChecker, decoy_hash, measure_check
+from proxy.auth.htpasswd_file import HtpasswdError, load_htpasswd
 from proxy.config import ConfigError, TLSConfig
-from proxy.htpasswd import HtpasswdError, load_htpasswd
+from proxy.edge.tls import server_context
 from proxy.log import count
 from proxy.metrics import Metrics
-from proxy.tls import server_context
 
 log = logging.getLogger("registry_proxy.reload")
 

@@ -24,9 +24,9 @@ from proxy.app import (
     create_app,
     warn_about_unknown_users,
 )
-from proxy.client_slots import ClientSlots
 from proxy.config import Address, Config, ConfigError, load_config, restart_only_changes
-from proxy.limits import LimitedTCPSite
+from proxy.edge.client_slots import ClientSlots
+from proxy.edge.listen import LimitedTCPSite
 from proxy.log import access_log, access_logger_class, count
 from proxy.preflight import require_c_parser
 from proxy.reload import CertificateReloader

@@ -20,8 +20,8 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.app import METRICS, STATE
+from proxy.auth.htpasswd_file import HtpasswdError, load_htpasswd
 from proxy.config import ConfigError, load_config
-from proxy.htpasswd import HtpasswdError, load_htpasswd
 from proxy.log import EscapingFormatter, setup_logging
 from proxy.server import run
 

@@ -12,7 +12,7 @@ than each worker binding its own with SO_REUSEPORT, because:
 The parent owns the admin listener: /metrics sums the workers' prometheus_client
 multiprocess files in a private temp dir (removed on exit), /readyz is ready only while
 every worker is. The parent also keeps the password-guessing counts for every worker
-(proxy/throttle_host.py), asked over a socket pair each worker inherits, so N failures from
+(proxy/throttle/supervisor.py), asked over a socket pair each worker inherits, so N failures from
 one address block after N in all, whichever workers take its connections.
 """
 
@@ -36,7 +36,7 @@ from prometheus_client import multiprocess
 from proxy.config import Address, Config, ConfigError
 from proxy.metrics import PREFIX, CertificateExpiry, ProcessesCollector, multiprocess_exposition
 from proxy.reload import certificate_expiry
-from proxy.throttle_host import HostStoreServer
+from proxy.throttle.supervisor import HostStoreServer
 from proxy.worker import EXIT_CONFIG
 
 log = logging.getLogger("registry_proxy.workers")

@@ -10,21 +10,18 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.access import (
-    CATALOG_MAX_N,
+from proxy.access.rules import (
     AccessPolicy,
     Decision,
     RequestContext,
     Right,
     authorize,
-    cap_catalog_query,
     mount_source,
     parse_access,
-    parse_query,
     required_rights,
-    strip_mount,
 )
 from proxy.paths import Action, Target, classify
+from proxy.reading import CATALOG_MAX_N, cap_catalog_query, parse_query, strip_mount
 
 
 def authorize_as(

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.auth import parse_basic
+from proxy.auth.credentials import parse_basic
 from tests.support import (
     Proxy,
     Registry,

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from proxy import throttle_redis
-from proxy.shared_state import FallbackStore
-from proxy.throttle import Throttle, Throttled
-from proxy.throttle_host import HostStoreClient, HostStoreServer, StoreUnavailable
-from proxy.throttle_redis import PREFIX, RedisStore
-from proxy.throttle_store import MemoryStore
+from proxy.throttle import redis as redis_store
+from proxy.throttle.fallback import FallbackStore
+from proxy.throttle.policy import Throttle, Throttled
+from proxy.throttle.redis import PREFIX, RedisStore
+from proxy.throttle.store import MemoryStore, StoreUnavailable
+from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 from tests.harness import RedisServer
 
 
@@ -84,7 +84,7 @@ async def test_a_late_reply_does_not_run_the_script_twice(
     one check held two reservations, and the one its settlement left behind counted for the
     10-minute lease (a `failed` or `release` retried the same way gives back a reservation of
     another check of the same name in flight)."""
-    monkeypatch.setattr(throttle_redis, "SOCKET_TIMEOUT", 0.1)
+    monkeypatch.setattr(redis_store, "SOCKET_TIMEOUT", 0.1)
     hold = asyncio.Event()
     direct = Redis(port=redis_server.port)
     async with relay(redis_server.port, hold) as port:
@@ -104,8 +104,8 @@ async def test_a_late_reply_does_not_run_the_script_twice(
 
 def few_connections(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two connections to Redis, and 50 ms to wait for one: a queue forms at once."""
-    monkeypatch.setattr(throttle_redis, "MAX_CONNECTIONS", 2)
-    monkeypatch.setattr(throttle_redis, "POOL_TIMEOUT", 0.05)
+    monkeypatch.setattr(redis_store, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(redis_store, "POOL_TIMEOUT", 0.05)
 
 
 async def fail_concurrently(throttle: Throttle, count: int) -> None:
@@ -143,7 +143,7 @@ async def test_checks_queued_for_redis_fall_back_at_once_when_it_stops_answering
     """Once a call has timed out, the checks queued behind it count locally without waiting
     their turn to time out too (300 checks through 2 connections would take a minute)."""
     few_connections(monkeypatch)
-    monkeypatch.setattr(throttle_redis, "SOCKET_TIMEOUT", 0.1)
+    monkeypatch.setattr(redis_store, "SOCKET_TIMEOUT", 0.1)
     states: list[tuple[str, bool]] = []
     local = MemoryStore()
     store = FallbackStore(RedisStore(redis_server.url), local, lambda *s: states.append(s))

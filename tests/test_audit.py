@@ -21,12 +21,12 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.forward import upstream_request_headers
+from proxy.edge.proxy_protocol import REJECT_REASONS
 from proxy.log import EscapingFormatter, bounded, escape
 from proxy.metrics import AUTH_OUTCOMES, CODES, METHODS, RELOAD_RESULTS, UPSTREAM_ERROR_KINDS
 from proxy.paths import Action
-from proxy.proxy_protocol import REJECT_REASONS
 from proxy.refusal import Refusal
+from proxy.relay.headers import upstream_request_headers
 from tests.support import (
     Proxy,
     Registry,

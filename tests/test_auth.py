@@ -12,8 +12,8 @@ import bcrypt as bcrypt_module
 import pytest
 from passlib.hash import bcrypt
 
-from proxy import auth
-from proxy.auth import CredentialChecker, Outcome, parse_basic
+from proxy.auth import credentials
+from proxy.auth.credentials import CredentialChecker, Outcome, parse_basic
 
 BCRYPT_PW = "correct horse"
 BCRYPT_HASH = bcrypt.using(rounds=4).hash(BCRYPT_PW)
@@ -94,8 +94,8 @@ class CountingVerify:
 
 @pytest.fixture
 def counting(monkeypatch: pytest.MonkeyPatch) -> CountingVerify:
-    counter = CountingVerify(auth.verify_password)
-    monkeypatch.setattr(auth, "verify_password", counter)
+    counter = CountingVerify(credentials.verify_password)
+    monkeypatch.setattr(credentials, "verify_password", counter)
     return counter
 
 
@@ -170,7 +170,7 @@ async def test_unknown_user_is_checked_against_a_decoy_of_the_same_cost(
 async def test_unknown_user_never_authenticates_even_with_the_decoy_password(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(auth, "verify_password", lambda password, stored: True)
+    monkeypatch.setattr(credentials, "verify_password", lambda password, stored: True)
     check = checker()
     assert await check.check("mallory", "anything") is Outcome.REJECTED
     check.close()
@@ -191,9 +191,9 @@ def test_passwords_longer_than_bcrypt_reads_never_match(bcrypt_backend: str) -> 
     4.x accepts the 72-byte prefix followed by anything."""
     long_password = "x" * 72
     stored = bcrypt.using(rounds=4, truncate_error=False).hash(long_password)
-    assert auth.verify_password(long_password, stored)
-    assert not auth.verify_password(long_password + "extra", stored)
-    assert not auth.verify_password("y" * 8192, stored)
+    assert credentials.verify_password(long_password, stored)
+    assert not credentials.verify_password(long_password + "extra", stored)
+    assert not credentials.verify_password("y" * 8192, stored)
 
 
 # --- Timing: every failed check lasts as long as the decoy's.
@@ -229,13 +229,13 @@ async def test_failed_checks_are_padded_to_the_decoys_cost_without_computing(
     users = {"alice": cheap, "bob": str(apr_md5_crypt.hash("pw")), "carol": ldap_sha1.hash("pw")}
     costs = {cheap: 0.02, users["bob"]: 0.001, users["carol"]: 0.0001, "decoy": 0.3}
     clock = FakeTime()
-    real_verify = auth.verify_password
+    real_verify = credentials.verify_password
 
     def verify(password: str, stored: str) -> bool:
         clock.spend(costs[stored])
         return stored != "decoy" and real_verify(password, stored)
 
-    monkeypatch.setattr(auth, "verify_password", verify)
+    monkeypatch.setattr(credentials, "verify_password", verify)
     check = CredentialChecker(
         users, cache_ttl=60, cache_size=10, workers=1, timer=clock.timer, sleep=clock.sleep
     )
@@ -262,7 +262,7 @@ async def test_the_decoy_cost_follows_checks_against_the_decoy(
         clock.spend(0.5)  # the machine got slower than when the decoy was measured
         return False
 
-    monkeypatch.setattr(auth, "verify_password", verify)
+    monkeypatch.setattr(credentials, "verify_password", verify)
     check = CredentialChecker(
         {"alice": BCRYPT_HASH}, cache_ttl=60, cache_size=10, workers=1, timer=clock.timer
     )
@@ -284,7 +284,7 @@ def test_the_decoy_cost_is_measured_when_users_are_loaded() -> None:
 
 async def test_a_client_past_its_share_of_the_pool_is_busy(counting: CountingVerify) -> None:
     """Fairness: a client's own queue is capped; other clients still get a check."""
-    from proxy.hashpool import Busy
+    from proxy.auth.hashpool import Busy
 
     check = CredentialChecker(
         {"alice": BCRYPT_HASH}, cache_ttl=60, cache_size=10, workers=1, max_pending_per_client=2

@@ -1,4 +1,4 @@
-"""The blob fast path (proxy/blob_relay.py): what it sends, when it gives way, what it counts.
+"""The blob fast path (proxy/relay/blob.py): what it sends, when it gives way, what it counts.
 
 Each behaviour is checked on both relays (`fast_blob_relay` true and false), against the real
 registry where it can produce the case and a fake upstream where a fault must be injected.

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.catalog import UPSTREAM_PAGES, Listing, collect
+from proxy.access.catalog import UPSTREAM_PAGES, Listing, collect
 from tests.harness import htpasswd as add_user
 from tests.support import Proxy, Registry, basic_auth, call, push_image, wait_until
 

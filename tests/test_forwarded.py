@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.forwarded import MalformedHop, canonical_address, forwarded_client, hops
+from proxy.edge.forwarded import MalformedHop, canonical_address, forwarded_client, hops
 from tests import support
 from tests.edge_servers import Edge, start_haproxy, start_nginx
 from tests.support import Proxy, Registry, wait_until

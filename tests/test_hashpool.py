@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 
-from proxy.hashpool import Busy, FairPool
+from proxy.auth.hashpool import Busy, FairPool
 from tests.support import eventually
 
 

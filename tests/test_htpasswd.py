@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import verify_password
-from proxy.htpasswd import HtpasswdError, load_htpasswd
+from proxy.auth.credentials import verify_password
+from proxy.auth.htpasswd_file import HtpasswdError, load_htpasswd
 from tests.support import htpasswd
 
 

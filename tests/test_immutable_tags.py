@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.immutable import parse_immutable_tags
+from proxy.access.immutable import parse_immutable_tags
 from tests.support import (
     Proxy,
     Registry,

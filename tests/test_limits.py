@@ -17,10 +17,10 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from proxy.client_slots import ClientSlots
-from proxy.connection import HEAD_LIMIT
-from proxy.forwarded import client_key
-from proxy.pool import UpstreamSlots
+from proxy.edge.client_slots import ClientSlots
+from proxy.edge.connection import HEAD_LIMIT
+from proxy.edge.forwarded import client_key
+from proxy.relay.slots import UpstreamSlots
 from tests.harness import unread_bytes
 from tests.support import Proxy, Registry, eventually, http_status, push_blob
 from tests.test_adversarial import counting_upstream, exchange_raw, gauge, rss, token

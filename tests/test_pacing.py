@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.pacing import RefusalPacer
+from proxy.auth.pacing import RefusalPacer
 
 
 class Clock:

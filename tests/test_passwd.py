@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from passlib.hash import bcrypt
 
-from proxy import passwd
-from proxy.auth import verify_password
+from proxy.auth import passwd
+from proxy.auth.credentials import verify_password
+from proxy.auth.htpasswd_file import HtpasswdError, load_htpasswd
 from proxy.cli import main
-from proxy.htpasswd import HtpasswdError, load_htpasswd
 from tests.support import htpasswd as apache_htpasswd
 
 REGISTRY_PROXY = Path(sys.executable).parent / "registry-proxy"

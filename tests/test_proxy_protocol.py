@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from proxy.proxy_protocol import (
+from proxy.edge.proxy_protocol import (
     V2_SIGNATURE,
     ProxyHeader,
     ProxyProtocolError,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.access import RequestContext, Right, parse_access
+from proxy.access.rules import RequestContext, Right, parse_access
 from proxy.identity import ANONYMOUS
 from tests.support import (
     Proxy,

@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy.forward import upstream_url
 from proxy.paths import Action, classify
 from proxy.reading import go_media_type, target_problem
+from proxy.relay.headers import upstream_url
 from tests.harness import htpasswd as add_user
 from tests.support import Proxy, Registry, basic_auth, call, push_blob, push_image, wait_until
 from tests.test_adversarial import exchange_raw

@@ -7,11 +7,11 @@ import socket
 
 import pytest
 
-from proxy import throttle_host
-from proxy.shared_state import FallbackStore, build_store
-from proxy.throttle import Throttle, Throttled
-from proxy.throttle_host import HostStoreClient, HostStoreServer, StoreUnavailable
-from proxy.throttle_store import Entry, MemoryStore
+from proxy.throttle import supervisor
+from proxy.throttle.fallback import FallbackStore, build_store
+from proxy.throttle.policy import Throttle, Throttled
+from proxy.throttle.store import Entry, MemoryStore, StoreUnavailable
+from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 
 
 async def test_the_host_store_going_away_falls_back_to_counting_alone() -> None:
@@ -42,7 +42,7 @@ async def test_a_late_answer_keeps_the_next_answers_in_their_places(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A call that timed out leaves its answer to come: the calls after it still get theirs."""
-    monkeypatch.setattr(throttle_host, "CALL_TIMEOUT", 0.05)
+    monkeypatch.setattr(supervisor, "CALL_TIMEOUT", 0.05)
     server = HostStoreServer()
     client = HostStoreClient(server.connect())
     try:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from proxy.shared_state import PROBE_INTERVAL
+from proxy.throttle.fallback import PROBE_INTERVAL
 from tests.harness import RedisServer
 from tests.support import Proxy, Registry, call, wait_until
 from tests.support import basic_auth as basic

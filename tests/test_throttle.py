@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from proxy.throttle import Admission, Throttle, Throttled
-from proxy.throttle_host import HostStoreClient, HostStoreServer
-from proxy.throttle_redis import RedisStore
-from proxy.throttle_store import RESERVATION_LEASE, MemoryStore, ThrottleStore
+from proxy.throttle.policy import Admission, Throttle, Throttled
+from proxy.throttle.redis import RedisStore
+from proxy.throttle.store import RESERVATION_LEASE, MemoryStore, ThrottleStore
+from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 from tests.harness import RedisServer
 
 

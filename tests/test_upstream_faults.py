@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy.forward import create_session
+from proxy.relay.forward import create_session
 from tests.support import Proxy, basic_auth, fake_upstream, free_port
 
 

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 
 from aiohttp import web
 
-from proxy.limits import LimitedTCPSite
+from proxy.edge.listen import LimitedTCPSite
 from proxy.workers import BACKLOG
 from tests.support import Proxy, Registry, wait_until
 from tests.test_workers import serving

@@ -29,7 +29,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from proxy.access import glob_pattern, strings
+from proxy.access.rules import glob_pattern, strings
 
 _ENTRY_KEYS = ("repositories", "tags")
 _TAG_GLOB = re.compile(r"[\w*][\w.*-]{0,127}", re.ASCII)

@@ -22,7 +22,7 @@ from aiohttp.web_protocol import _ErrInfo
 from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.client_slots import ClientSlots
+from proxy.edge.client_slots import ClientSlots
 
 # A whole request head (request line and header fields). Docker's heads are a few KiB; this
 # leaves room for the longest line (8 KiB) and field (16 KiB) aiohttp accepts, and keeps 1,000

@@ -1,6 +1,6 @@
 """Enforcing `immutable_tags`: ask the registry what a tag points to before a write may change it.
 
-See proxy/immutable.py for what is checked, what it costs and the race that remains.
+See proxy/access/immutable.py for what is checked, what it costs and the race that remains.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from proxy.access.immutable import ImmutableTags
 from proxy.exchange import Exchange
-from proxy.forward import upstream_url
-from proxy.immutable import ImmutableTags
 from proxy.paths import Action
+from proxy.relay.headers import upstream_url
 
 log = logging.getLogger("registry_proxy.immutable")
 

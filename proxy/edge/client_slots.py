@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Sequence
 
 from proxy.config import Network
-from proxy.forwarded import client_key
+from proxy.edge.forwarded import client_key
 
 
 class ClientSlots:

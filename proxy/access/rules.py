@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from urllib.parse import quote
 
 from proxy.identity import ANONYMOUS_GROUP, Identity
 from proxy.paths import Action, Target, classify, is_repository
+from proxy.reading import cap_catalog_query, parse_query, strip_mount
 
 
 class Right(StrEnum):
@@ -65,9 +65,6 @@ class Right(StrEnum):
 
 REPOSITORY_RIGHTS = frozenset({Right.PULL, Right.PUSH, Right.DELETE})
 ANY_USER = "*"
-# The registry rejects larger `n` (its `catalog.maxentries` defaults to 1000), and a filtered
-# catalog page is buffered whole.
-CATALOG_MAX_N = 1000
 # distribution's NameTotalLengthMax: the registry refuses longer names, and the bound keeps glob
 # backtracking cheap on names a client makes up.
 REPOSITORY_MAX_LENGTH = 255
@@ -80,8 +77,6 @@ _GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PATTERN_CHARS = re.compile(r"[a-z0-9._/*-]+")
 _WILDCARDS = re.compile(r"(\*\*|\*)")
 # Go's strconv.Atoi, which reads the registry's `n`.
-_ATOI = re.compile(r"[+-]?[0-9]+")
-_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 @dataclass(frozen=True)
@@ -334,7 +329,7 @@ def _strings(where: str, value: object) -> list[str]:
 
 
 def _check_user(where: str, user: str) -> None:
-    # What proxy.auth.parse_basic can return; any other name could never match.
+    # What proxy.auth.credentials.parse_basic can return; any other name could never match.
     if not user or ":" in user or not user.isprintable():
         raise ValueError(f"{where}: {user!r} is not a possible user name")
 
@@ -359,7 +354,7 @@ def _glob(where: str, pattern: str) -> re.Pattern[str]:
     return re.compile(regex)
 
 
-# For other rule kinds that take repository globs and string lists (proxy/immutable.py).
+# For other rule kinds that take repository globs and string lists (proxy/access/immutable.py).
 def glob_pattern(where: str, pattern: str) -> re.Pattern[str]:
     """A repository glob, as `repositories` in `access` reads it."""
     return _glob(where, pattern)
@@ -441,97 +436,3 @@ def authorize(policy: AccessPolicy, context: RequestContext) -> Decision:
     ):
         raw_query = strip_mount(raw_query)
     return Decision(True, raw_query)
-
-
-# Query strings, read the way the registry (Go's net/url) reads them.
-
-
-def _go_unescape(text: str) -> str | None:
-    """url.QueryUnescape: None where Go reports an error (and skips the pair)."""
-    if _PERCENT.search(text):
-        return None
-    data = bytearray()
-    i = 0
-    raw = text.encode("utf-8", "surrogateescape")
-    while i < len(raw):
-        byte = raw[i]
-        if byte == 0x25:  # %
-            data.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-            continue
-        data.append(0x20 if byte == 0x2B else byte)  # + is a space
-        i += 1
-    return data.decode("utf-8", "surrogateescape")
-
-
-def _pairs(raw_query: str) -> list[tuple[str, tuple[str, str] | None]]:
-    """Each `&`-separated pair raw, with its decoded (key, value), or None if Go skips it."""
-    pairs: list[tuple[str, tuple[str, str] | None]] = []
-    for pair in raw_query.split("&") if raw_query else []:
-        decoded: tuple[str, str] | None = None
-        if pair and ";" not in pair:
-            raw_key, _, raw_value = pair.partition("=")
-            key, value = _go_unescape(raw_key), _go_unescape(raw_value)
-            if key is not None and value is not None:
-                decoded = (key, value)
-        pairs.append((pair, decoded))
-    return pairs
-
-
-def parse_query(raw_query: str) -> dict[str, str]:
-    """The query as the registry sees it: the first value of every key."""
-    query: dict[str, str] = {}
-    for _, decoded in _pairs(raw_query):
-        if decoded is not None:
-            query.setdefault(*decoded)
-    return query
-
-
-def _edit_query(raw_query: str, edit: Callable[[str, str, str], str | None]) -> str:
-    """Apply `edit(raw, key, value)` to every pair the registry reads; None drops the pair.
-
-    Pairs containing `;` are dropped (Go ignores them; Go before 1.17 split on them instead).
-    Everything else stays byte for byte.
-    """
-    out: list[str] = []
-    for raw, decoded in _pairs(raw_query):
-        if decoded is None:
-            if ";" not in raw:
-                out.append(raw)
-            continue
-        edited = edit(raw, *decoded)
-        if edited is not None:
-            out.append(edited)
-    return "&".join(out)
-
-
-def strip_mount(raw_query: str) -> str:
-    """The query without `mount` and `from`: the registry then starts a normal upload."""
-    return _edit_query(raw_query, lambda raw, key, _: None if key in ("mount", "from") else raw)
-
-
-# The catalog.
-
-
-def _above_cap(value: str) -> bool:
-    if not _ATOI.fullmatch(value) or value.startswith("-"):
-        return False
-    digits = value.lstrip("+").lstrip("0")
-    # Length first: int() refuses very long digit strings.
-    return len(digits) > len(str(CATALOG_MAX_N)) or int(digits or "0") > CATALOG_MAX_N
-
-
-def cap_catalog_query(raw_query: str, *, last: str | None = None) -> str:
-    """Clamp every `n` to CATALOG_MAX_N (and replace `last` if given); other pairs unchanged."""
-
-    def edit(raw: str, key: str, value: str) -> str | None:
-        if key == "n" and _above_cap(value):
-            return f"n={CATALOG_MAX_N}"
-        if key == "last" and last is not None:
-            return None
-        return raw
-
-    query = _edit_query(raw_query, edit)
-    if last is not None:
-        query = "&".join(part for part in (query, f"last={quote(last, safe='')}") if part)
-    return query

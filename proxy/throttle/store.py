@@ -1,10 +1,10 @@
 """Where the throttle keeps its counts and blocks: a small interface, and the in-process store.
 
 A key holds members: each has the time it last failed, or reservations (checks still running),
-or both; a key may also be blocked until some time. The policy in `proxy/throttle.py` only calls
-`get`, `reserve`, `commit`, `release` and `clear`, each with the time, and each call is atomic
-for its key, so stores shared by processes (proxy/throttle_host.py for the workers of one host,
-proxy/throttle_redis.py across hosts) keep the same rules as `MemoryStore`.
+or both; a key may also be blocked until some time. The policy (`policy.py`) only calls `get`,
+`reserve`, `commit`, `release` and `clear`, each with the time, and each call is atomic for its
+key, so stores shared by processes (`supervisor.py` for the workers of one host, `redis.py`
+across hosts) keep the same rules as `MemoryStore`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from typing import Protocol
 
 # A reservation older than this is dropped: its check was lost with a worker that died.
 RESERVATION_LEASE = 600.0
+
+
+class StoreUnavailable(Exception):
+    """A shared store did not answer: the caller falls back to its own."""
 
 
 @dataclass

@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping
 
 from passlib.hash import apr_md5_crypt, bcrypt
 
-from proxy.hashpool import FairPool
-from proxy.htpasswd import HASHES
+from proxy.auth.hashpool import FairPool
+from proxy.auth.htpasswd_file import HASHES
 
 # bcrypt looks at 72 bytes only; a longer password that shares them would pass.
 _BCRYPT_MAX_BYTES = 72

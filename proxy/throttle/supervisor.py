@@ -18,7 +18,7 @@ import socket
 from collections import deque
 from typing import Any
 
-from proxy.throttle_store import Entry, MemoryStore
+from proxy.throttle.store import Entry, MemoryStore, StoreUnavailable
 
 log = logging.getLogger("registry_proxy.throttle")
 
@@ -29,10 +29,6 @@ MAX_LINE = 64 * 1024
 MAX_ANSWER = 16 * 1024 * 1024
 # A supervisor that does not answer within this is taken for gone (its loop does nothing slow).
 CALL_TIMEOUT = 1.0
-
-
-class StoreUnavailable(Exception):
-    """The shared store did not answer: the caller falls back to its own."""
 
 
 def _entry(value: Any) -> Entry | None:

@@ -17,14 +17,9 @@ from yarl import URL
 
 from proxy import errors
 from proxy.exchange import Exchange
-from proxy.forward import (
-    abort_client,
-    record_time_to_headers,
-    relayed_headers,
-    request_target,
-    upstream_request_headers,
-)
 from proxy.metrics import Metrics
+from proxy.relay.forward import abort_client, record_time_to_headers, request_target
+from proxy.relay.headers import relayed_headers, upstream_request_headers
 
 log = logging.getLogger("registry_proxy.blob_relay")
 

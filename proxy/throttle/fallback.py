@@ -19,8 +19,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from proxy.throttle_host import HostStoreClient, StoreUnavailable
-from proxy.throttle_store import Entry, MemoryStore, ThrottleStore
+from proxy.throttle.store import Entry, MemoryStore, StoreUnavailable, ThrottleStore
+from proxy.throttle.supervisor import HostStoreClient
 
 log = logging.getLogger("registry_proxy.throttle")
 
@@ -137,7 +137,7 @@ def build_store(
         chain.append(store)
     if redis_url is not None:
         # Imported here: a proxy without shared_state never loads the Redis client.
-        from proxy.throttle_redis import RedisStore
+        from proxy.throttle.redis import RedisStore
 
         redis_store = RedisStore(redis_url)
         log.info("password-guessing counts shared in Redis at %s", redis_store.url)

@@ -1,7 +1,7 @@
 """Editing the htpasswd file like apache2-utils `htpasswd -B`, rewriting it atomically.
 
-Lines are matched to users the way `proxy.htpasswd.load_htpasswd` reads them; every line that is
-not the edited user's (comments, blank lines, other users, even lines that would not load) is
+Lines are matched to users the way `htpasswd_file.load_htpasswd` reads them; every line that
+is not the edited user's (comments, blank lines, other users, even lines that would not load) is
 written back byte for byte and in its place.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from passlib.hash import bcrypt
 
-from proxy.auth import verify_password
-from proxy.htpasswd import load_htpasswd
+from proxy.auth.credentials import verify_password
+from proxy.auth.htpasswd_file import load_htpasswd
 
 DEFAULT_COST = 10
 # The bcrypt costs `htpasswd -C` accepts.

@@ -3,7 +3,7 @@ task that names the same database.
 
 Each key is one Redis string holding the entry as JSON, read and written by one Lua script, so
 every call is atomic for its key on the server, whatever other proxies do at the same moment; the
-script applies the same rules as `MemoryStore` (proxy/throttle_store.py) and gives each key a
+script applies the same rules as `MemoryStore` (proxy/throttle/store.py) and gives each key a
 TTL, so Redis forgets an entry when `MemoryStore` would. Times come from the proxies' clocks
 (wall-clock seconds): keep them in step (NTP), as TLS already needs.
 """
@@ -21,8 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.config import redacted
-from proxy.throttle_host import StoreUnavailable
-from proxy.throttle_store import RESERVATION_LEASE, Entry
+from proxy.throttle.store import RESERVATION_LEASE, Entry, StoreUnavailable
 
 PREFIX = "registry-proxy:throttle:"
 # Past these, a call fails and the throttle uses the local store until Redis answers again.

@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import http_parser, web
 
-from proxy.client_slots import ClientSlots
 from proxy.config import Network
-from proxy.connection import ProxyRequestHandler
+from proxy.edge.client_slots import ClientSlots
+from proxy.edge.connection import ProxyRequestHandler
+from proxy.edge.proxy_protocol import ProxyProtocolListener
 from proxy.errors import unavailable_bytes
-from proxy.proxy_protocol import ProxyProtocolListener
 
 
 def c_parser_in_use() -> bool:

@@ -22,9 +22,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.access import CATALOG_MAX_N, AccessPolicy, RequestContext, parse_query
+from proxy.access.rules import AccessPolicy, RequestContext
 from proxy.exchange import Exchange
-from proxy.forward import Fetched, Forwarder
+from proxy.reading import CATALOG_MAX_N, parse_query
+from proxy.relay.forward import Fetched, Forwarder
 
 log = logging.getLogger("registry_proxy.catalog")
 

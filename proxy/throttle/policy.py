@@ -28,8 +28,8 @@ import secrets
 import time
 from collections.abc import Callable
 
-from proxy.forwarded import client_key
-from proxy.throttle_store import Entry, MemoryStore, ThrottleStore
+from proxy.edge.forwarded import client_key
+from proxy.throttle.store import Entry, MemoryStore, ThrottleStore
 
 # A key or a member of one in the store: plain text, the same in every process and host.
 Key = str

@@ -1,0 +1,15 @@
+"""The edge: listening sockets and client connections, before any request is read.
+
+`listen.py` binds the public listener and caps connections (in all and per client);
+`proxy_protocol.py` reads the balancer's PROXY header; `tls.py` builds the server context;
+`connection.py` is aiohttp's request handler with the deadlines and answers it lacks;
+`forwarded.py` names the real client behind trusted proxies; `client_slots.py` counts
+connections per client. This is the only package that touches aiohttp internals.
+"""
+
+from proxy.edge.client_slots import ClientSlots
+from proxy.edge.forwarded import client_key
+from proxy.edge.listen import LimitedTCPSite, c_parser_in_use
+from proxy.edge.tls import server_context
+
+__all__ = ["ClientSlots", "LimitedTCPSite", "c_parser_in_use", "client_key", "server_context"]

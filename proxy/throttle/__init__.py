@@ -1,0 +1,11 @@
+"""The password-guessing throttle: its policy, and the stores that keep its counts.
+
+`policy.py` takes a failure budget before each hash; `store.py` is the store interface and the
+in-process store; `supervisor.py` shares one store among the workers of a host; `redis.py`
+shares one across proxy tasks; `fallback.py` chains them, falling back while one is away.
+"""
+
+from proxy.throttle.fallback import FallbackStore, build_store
+from proxy.throttle.policy import Throttle, Throttled
+
+__all__ = ["FallbackStore", "Throttle", "Throttled", "build_store"]
