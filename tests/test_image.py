@@ -748,7 +748,7 @@ def test_image_holds_no_compilers_caches_sources_tests_or_secrets(
                 found["compilers"].append(path)
             if name in repository_files:
                 found["sources or tests"].append(path)
-            if name in ("app.py", "forward.py") and path.rsplit("/", 1)[0] + "/" != package:
+            if name in ("app.py", "forward.py") and not path.startswith(package):
                 found["sources or tests"].append(path)
             if name.split(".")[0] == "htpasswd" and not name.endswith((".py", ".pyc")):
                 found["htpasswd or keys"].append(path)
@@ -758,6 +758,14 @@ def test_image_holds_no_compilers_caches_sources_tests_or_secrets(
                 found["htpasswd or keys"].append(path)
     assert found == {what: [] for what in found}
     assert Path(str(image_root) + package, "app.py").is_file(), "the walk saw the package"
+
+
+def test_image_installs_every_module_of_the_package(image_root: Path) -> None:
+    """Guards pyproject's package list: a subpackage left out passes every editable test only."""
+    site_package = image_root / "opt/registry-proxy/lib/python3.11/site-packages/proxy"
+    installed = {str(path.relative_to(site_package)) for path in site_package.rglob("*.py")}
+    sources = {str(path.relative_to(ROOT / "proxy")) for path in (ROOT / "proxy").rglob("*.py")}
+    assert sorted(sources - installed) == []
 
 
 def test_image_installs_the_pinned_dependencies(image_root: Path) -> None:
