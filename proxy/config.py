@@ -1,4 +1,9 @@
-"""Typed configuration: defaults, then the YAML file, then `PROXY_*` environment variables."""
+"""Typed configuration: defaults, then the YAML file, then `PROXY_*` environment variables.
+
+Each setting is declared once, as a field of `Config` (or of a section such as `TLSConfig`) whose
+`Setting` says how to parse it, its default, how check-config shows it and whether SIGHUP applies
+it; the key list, the environment names, `describe` and the reload comparison all derive from it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ import difflib
 import ipaddress
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from functools import cached_property, reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -38,62 +44,6 @@ class Address:
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """Certificate and key for serving HTTPS on `listen`; both unset means plain HTTP."""
-
-    cert: Path | None = None
-    key: Path | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.cert is not None
-
-
-@dataclass(frozen=True)
-class Config:
-    """Everything the proxy needs to run, validated once at start."""
-
-    htpasswd: Path
-    listen: Address
-    upstream: URL
-    realm: str
-    admin_listen: Address | None
-    connect_timeout: float
-    read_timeout: float
-    keepalive_timeout: float
-    body_timeout: float
-    max_connections: int
-    workers: int
-    shutdown_timeout: float
-    upstream_connections: int
-    auth_cache_ttl: float
-    auth_cache_size: int
-    auth_workers: int
-    log_level: str
-    access_log: str
-    trusted_proxies: tuple[Network, ...]
-    proxy_protocol: bool
-    upstream_probe_interval: float
-    read_only: bool
-    auth_max_failures: int
-    auth_failure_window: float
-    auth_block: float
-    access: AccessPolicy
-    immutable_tags: ImmutableTags
-    # `groups` and `access` as given (YAML values), so check-config can print the rules in effect.
-    access_given: dict[str, object]
-    tls: TLSConfig
-    max_connections_per_client: int
-    upstream_connections_per_user: int
-    auth_max_failures_per_user: int
-    auth_known_client_ttl: float
-    auth_max_pending_per_client: int
-    fast_blob_relay: bool = True
-    # redis://HOST:PORT/DB: the throttle's counts shared by every proxy naming it (or None).
-    shared_state: str | None = None
 
 
 # Value parsers: each takes what YAML or the environment gave, or raises ValueError("expected ...").
@@ -262,55 +212,202 @@ def _raw(value: object) -> object:
     return value
 
 
+# How check-config shows a parsed value: plain YAML, in the form a user would write it.
+
+
+def _as_is(value: object) -> object:
+    return value
+
+
+def _text(value: object) -> str:
+    return str(value)
+
+
+def _text_or_empty(value: object) -> str:
+    return str(value) if value else ""
+
+
+def _text_or_none(value: object) -> str | None:
+    return str(value) if value else None
+
+
+def _texts(values: Iterable[object]) -> list[str]:
+    return [str(value) for value in values]
+
+
+def _list_or_empty(value: object) -> object:
+    return value or []
+
+
+def _mapping_or_empty(value: object) -> object:
+    return value or {}
+
+
+def _redacted_or_empty(value: str | None) -> str:
+    return redacted(value) if value else ""
+
+
+_SETTING = "setting"
+_SECTION = "section"
+
+
 @dataclass(frozen=True)
-class _Setting:
+class Setting:
+    """One configuration key: how to parse it, its default, how check-config shows it."""
+
     parse: Callable[[object], Any]
-    default: object
+    # In the form a user would write it; parsed like a given value.
+    default: object = None
+    # What check-config prints for the parsed value (secrets redacted).
+    show: Callable[[Any], object] = _as_is
     # Lists and mappings are allowed in YAML (the environment gives a string to parse).
     structured: bool = False
+    # SIGHUP applies it; a change to any other setting is only warned about, until a restart.
+    reloadable: bool = False
+    # The key, where it is not the field's name.
+    key: str | None = None
 
 
-# Dotted key -> how to parse it and its default (in the form a user would write it).
-SETTINGS: dict[str, _Setting] = {
-    "listen": _Setting(_address, "0.0.0.0:8080"),
-    "upstream": _Setting(_upstream, "http://127.0.0.1:5000"),
-    "htpasswd": _Setting(_path, None),
-    "realm": _Setting(_realm, "Registry"),
-    "admin_listen": _Setting(_optional_address, "127.0.0.1:8081"),
-    "connect_timeout": _Setting(_seconds, 5),
-    "read_timeout": _Setting(_seconds, 300),
-    "keepalive_timeout": _Setting(_seconds, 75),
-    "body_timeout": _Setting(_seconds, 60),
-    "max_connections": _Setting(_count, 4096),
-    "max_connections_per_client": _Setting(_count, 256),
-    "workers": _Setting(_workers, 1),
-    "shutdown_timeout": _Setting(_seconds, 30),
-    "upstream_connections": _Setting(_count, 100),
-    "upstream_connections_per_user": _Setting(_count, 25),
-    "auth_cache_ttl": _Setting(_seconds, 300),
-    "auth_cache_size": _Setting(_count, 10000),
-    "auth_workers": _Setting(_count, 2),
-    "log_level": _Setting(_log_level, "info"),
-    "access_log": _Setting(_access_log, "json"),
-    "trusted_proxies": _Setting(_networks, None, structured=True),
-    "proxy_protocol": _Setting(_bool, False),
-    "upstream_probe_interval": _Setting(_seconds, 5),
-    "read_only": _Setting(_bool, False),
-    "auth_max_failures": _Setting(_count, 10),
-    "auth_failure_window": _Setting(_seconds, 300),
-    "auth_block": _Setting(_seconds, 300),
-    "auth_max_failures_per_user": _Setting(_count, 20),
-    "auth_known_client_ttl": _Setting(_seconds, 7 * 86400),
-    "auth_max_pending_per_client": _Setting(_count, 8),
-    "groups": _Setting(_raw, None, structured=True),
-    "access": _Setting(_raw, None, structured=True),
-    "immutable_tags": _Setting(_raw, None, structured=True),
-    "fast_blob_relay": _Setting(_bool, True),
-    "shared_state": _Setting(_shared_state, None),
-    "tls.cert": _Setting(_optional_path, None),
-    "tls.key": _Setting(_optional_path, None),
-}
+def setting(
+    parse: Callable[[object], Any],
+    default: object = None,
+    *,
+    show: Callable[[Any], object] = _as_is,
+    structured: bool = False,
+    reloadable: bool = False,
+    key: str | None = None,
+) -> dict[str, Setting]:
+    """The metadata of a dataclass field that is a setting."""
+    return {_SETTING: Setting(parse, default, show, structured, reloadable, key)}
+
+
+def section(kind: type) -> dict[str, type]:
+    """The metadata of a dataclass field holding a section of settings (`tls.cert`, `tls.key`)."""
+    return {_SECTION: kind}
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Certificate and key for serving HTTPS on `listen`; both unset means plain HTTP."""
+
+    cert: Path | None = field(metadata=setting(_optional_path, show=_text_or_none))
+    key: Path | None = field(metadata=setting(_optional_path, show=_text_or_none))
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the proxy needs to run, validated once at start; check-config keeps the order."""
+
+    listen: Address = field(metadata=setting(_address, "0.0.0.0:8080", show=_text))
+    upstream: URL = field(metadata=setting(_upstream, "http://127.0.0.1:5000", show=_text))
+    htpasswd: Path = field(metadata=setting(_path, show=_text))
+    realm: str = field(metadata=setting(_realm, "Registry"))
+    admin_listen: Address | None = field(
+        metadata=setting(_optional_address, "127.0.0.1:8081", show=_text_or_empty)
+    )
+    connect_timeout: float = field(metadata=setting(_seconds, 5))
+    read_timeout: float = field(metadata=setting(_seconds, 300))
+    keepalive_timeout: float = field(metadata=setting(_seconds, 75))
+    body_timeout: float = field(metadata=setting(_seconds, 60))
+    max_connections: int = field(metadata=setting(_count, 4096))
+    max_connections_per_client: int = field(metadata=setting(_count, 256))
+    workers: int = field(metadata=setting(_workers, 1))
+    shutdown_timeout: float = field(metadata=setting(_seconds, 30))
+    upstream_connections: int = field(metadata=setting(_count, 100))
+    upstream_connections_per_user: int = field(metadata=setting(_count, 25))
+    auth_cache_ttl: float = field(metadata=setting(_seconds, 300))
+    auth_cache_size: int = field(metadata=setting(_count, 10000))
+    auth_workers: int = field(metadata=setting(_count, 2))
+    log_level: str = field(metadata=setting(_log_level, "info"))
+    access_log: str = field(metadata=setting(_access_log, "json"))
+    trusted_proxies: tuple[Network, ...] = field(
+        metadata=setting(_networks, show=_texts, structured=True)
+    )
+    proxy_protocol: bool = field(metadata=setting(_bool, False))
+    upstream_probe_interval: float = field(metadata=setting(_seconds, 5))
+    read_only: bool = field(metadata=setting(_bool, False, reloadable=True))
+    auth_max_failures: int = field(metadata=setting(_count, 10))
+    auth_failure_window: float = field(metadata=setting(_seconds, 300))
+    auth_block: float = field(metadata=setting(_seconds, 300))
+    auth_max_failures_per_user: int = field(metadata=setting(_count, 20))
+    auth_known_client_ttl: float = field(metadata=setting(_seconds, 7 * 86400))
+    auth_max_pending_per_client: int = field(metadata=setting(_count, 8))
+    # `groups`, `access` and `immutable_tags` are kept as given (YAML values), so check-config
+    # prints the rules in effect; `access` and `immutable_tags` below are built from them.
+    groups: object = field(
+        metadata=setting(_raw, show=_mapping_or_empty, structured=True, reloadable=True)
+    )
+    access_given: object = field(
+        metadata=setting(_raw, show=_list_or_empty, structured=True, reloadable=True, key="access")
+    )
+    immutable_tags_given: object = field(
+        metadata=setting(
+            _raw, show=_list_or_empty, structured=True, reloadable=True, key="immutable_tags"
+        )
+    )
+    fast_blob_relay: bool = field(metadata=setting(_bool, True))
+    # redis://HOST:PORT/DB: the throttle's counts shared by every proxy naming it (or None).
+    shared_state: str | None = field(metadata=setting(_shared_state, show=_redacted_or_empty))
+    tls: TLSConfig = field(metadata=section(TLSConfig))
+
+    @cached_property
+    def access(self) -> AccessPolicy:
+        """The `access` rules with `groups` expanded; ValueError names the key."""
+        return parse_access(self.groups, self.access_given)
+
+    @cached_property
+    def immutable_tags(self) -> ImmutableTags:
+        """The parsed `immutable_tags`; ValueError names the entry."""
+        return parse_immutable_tags(self.immutable_tags_given)
+
+
+class _Declared(NamedTuple):
+    key: str  # dotted: `tls.cert`
+    attributes: tuple[str, ...]  # from a Config: ("tls", "cert")
+    setting: Setting
+
+
+def _declared(kind: type, prefix: str = "", within: tuple[str, ...] = ()) -> Iterator[_Declared]:
+    """Every setting of a dataclass, sections included, in declaration order."""
+    for declared in fields(kind):
+        attributes = (*within, declared.name)
+        if _SECTION in declared.metadata:
+            yield from _declared(
+                declared.metadata[_SECTION], f"{prefix}{declared.name}.", attributes
+            )
+        elif _SETTING in declared.metadata:
+            spec: Setting = declared.metadata[_SETTING]
+            yield _Declared(prefix + (spec.key or declared.name), attributes, spec)
+        else:
+            raise TypeError(f"{kind.__name__}.{declared.name} is neither a setting nor a section")
+
+
+_DECLARED = tuple(_declared(Config))
+# Dotted key -> how to parse it, its default (in the form a user would write it), how it is shown.
+SETTINGS: dict[str, Setting] = {declared.key: declared.setting for declared in _DECLARED}
 _SECTIONS = {key.rpartition(".")[0] for key in SETTINGS if "." in key}
+
+
+def _value(config: Config, attributes: tuple[str, ...]) -> Any:
+    return reduce(getattr, attributes, config)
+
+
+def _build(
+    kind: type, parsed: Mapping[tuple[str, ...], object], within: tuple[str, ...] = ()
+) -> Any:
+    """An instance of `kind` (`Config`, or a section) from values keyed by attribute path."""
+    arguments: dict[str, object] = {}
+    for declared in fields(kind):
+        attributes = (*within, declared.name)
+        if _SECTION in declared.metadata:
+            arguments[declared.name] = _build(declared.metadata[_SECTION], parsed, attributes)
+        else:
+            arguments[declared.name] = parsed[attributes]
+    return kind(**arguments)
 
 
 def env_name(key: str) -> str:
@@ -326,42 +423,44 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         given.update(_read_yaml(path))
     given.update(_read_environment(environ))
 
-    values: dict[str, Any] = {}
-    for key, setting in SETTINGS.items():
-        raw, where = given.get(key, (setting.default, "default"))
+    parsed: dict[tuple[str, ...], object] = {}
+    for key, attributes, spec in _DECLARED:
+        raw, where = given.get(key, (spec.default, "default"))
         try:
-            values[key] = setting.parse(raw)
+            parsed[attributes] = spec.parse(raw)
         except ValueError as exc:
             if where == "default":
                 raise ConfigError(_required_message(key, path)) from None
             raise ConfigError(f"{where}: {key}: {exc}") from None
+    config: Config = _build(Config, parsed)
+    _check_together(config, given)
+    return config
 
-    if values["proxy_protocol"] and not values["trusted_proxies"]:
-        where = given["proxy_protocol"][1]
+
+def _check_together(config: Config, given: Mapping[str, tuple[object, str]]) -> None:
+    """Refuse settings that are valid one by one but not together."""
+
+    def source(key: str) -> str:
+        return given.get(key, (None, "default"))[1]
+
+    if config.proxy_protocol and not config.trusted_proxies:
         raise ConfigError(
-            f"{where}: proxy_protocol: true needs trusted_proxies, the balancers allowed to "
-            "send PROXY headers (anyone else could name any client address)"
+            f"{source('proxy_protocol')}: proxy_protocol: true needs trusted_proxies, the "
+            "balancers allowed to send PROXY headers (anyone else could name any client address)"
         )
-
-    groups, rules = values.pop("groups"), values.pop("access")
-    values["access_given"] = {"groups": groups, "access": rules}
+    # Reading the rules builds them (once, kept by the Config), so a bad rule fails the load.
     try:
-        values["access"] = parse_access(groups, rules)
+        _ = config.access
     except ValueError as exc:
         key = "groups" if str(exc).startswith("groups") else "access"
-        raise ConfigError(f"{given.get(key, (None, 'default'))[1]}: {exc}") from None
-    immutable = values.pop("immutable_tags")
-    values["access_given"]["immutable_tags"] = immutable
+        raise ConfigError(f"{source(key)}: {exc}") from None
     try:
-        values["immutable_tags"] = parse_immutable_tags(immutable)
+        _ = config.immutable_tags
     except ValueError as exc:
-        raise ConfigError(f"{given.get('immutable_tags', (None, 'default'))[1]}: {exc}") from None
-
-    tls = TLSConfig(cert=values.pop("tls.cert"), key=values.pop("tls.key"))
-    if (tls.cert is None) != (tls.key is None):
-        missing = "tls.key" if tls.key is None else "tls.cert"
+        raise ConfigError(f"{source('immutable_tags')}: {exc}") from None
+    if (config.tls.cert is None) != (config.tls.key is None):
+        missing = "tls.key" if config.tls.key is None else "tls.cert"
         raise ConfigError(f"{missing}: expected both tls.cert and tls.key, or neither")
-    return Config(tls=tls, **values)
 
 
 def _read_environment(environ: Mapping[str, str]) -> Iterator[tuple[str, tuple[object, str]]]:
@@ -469,67 +568,22 @@ def source_of(key: str, path: Path | None, environ: Mapping[str, str] | None = N
     return "default"
 
 
-# Settings SIGHUP applies; every other change waits for a restart.
-RELOADABLE = frozenset({"access", "groups", "read_only", "immutable_tags"})
-
-
 def restart_only_changes(running: Config, fresh: Config) -> list[str]:
     """Keys whose value differs in `fresh` but that only a restart applies."""
-    old, new = _flatten(describe(running)), _flatten(describe(fresh))
-    return [key for key in new if key not in RELOADABLE and old.get(key) != new[key]]
-
-
-def _flatten(described: Mapping[str, object], prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in described.items():
-        if isinstance(value, Mapping) and key in _SECTIONS:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+    return [
+        key
+        for key, attributes, spec in _DECLARED
+        if not spec.reloadable and _value(running, attributes) != _value(fresh, attributes)
+    ]
 
 
 def describe(config: Config) -> dict[str, object]:
     """The effective configuration as plain values, in the file's shape, for `check-config`."""
-    flat: dict[str, object] = {
-        "listen": str(config.listen),
-        "upstream": str(config.upstream),
-        "htpasswd": str(config.htpasswd),
-        "realm": config.realm,
-        "admin_listen": str(config.admin_listen) if config.admin_listen else "",
-        "connect_timeout": config.connect_timeout,
-        "read_timeout": config.read_timeout,
-        "keepalive_timeout": config.keepalive_timeout,
-        "body_timeout": config.body_timeout,
-        "max_connections": config.max_connections,
-        "max_connections_per_client": config.max_connections_per_client,
-        "workers": config.workers,
-        "shutdown_timeout": config.shutdown_timeout,
-        "upstream_connections": config.upstream_connections,
-        "upstream_connections_per_user": config.upstream_connections_per_user,
-        "auth_cache_ttl": config.auth_cache_ttl,
-        "auth_cache_size": config.auth_cache_size,
-        "auth_workers": config.auth_workers,
-        "log_level": config.log_level,
-        "access_log": config.access_log,
-        "trusted_proxies": [str(network) for network in config.trusted_proxies],
-        "proxy_protocol": config.proxy_protocol,
-        "upstream_probe_interval": config.upstream_probe_interval,
-        "read_only": config.read_only,
-        "auth_max_failures": config.auth_max_failures,
-        "auth_failure_window": config.auth_failure_window,
-        "auth_block": config.auth_block,
-        "auth_max_failures_per_user": config.auth_max_failures_per_user,
-        "auth_known_client_ttl": config.auth_known_client_ttl,
-        "auth_max_pending_per_client": config.auth_max_pending_per_client,
-        "groups": config.access_given["groups"] or {},
-        "access": config.access_given["access"] or [],
-        "immutable_tags": config.access_given.get("immutable_tags") or [],
-        "fast_blob_relay": config.fast_blob_relay,
-        "shared_state": redacted(config.shared_state) if config.shared_state else "",
-        "tls": {
-            "cert": str(config.tls.cert) if config.tls.cert else None,
-            "key": str(config.tls.key) if config.tls.key else None,
-        },
-    }
-    return flat
+    described: dict[str, Any] = {}
+    for key, attributes, spec in _DECLARED:
+        *sections, name = key.split(".")
+        place = described
+        for section_name in sections:
+            place = place.setdefault(section_name, {})
+        place[name] = spec.show(_value(config, attributes))
+    return described
