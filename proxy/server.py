@@ -260,7 +260,12 @@ class _Server:
         # (aiohttp's pre_shutdown only stops an idle connection's handler, not its socket).
         runner.server.pre_shutdown()
         idle = self.connections.close_idle()
-        log.info("shutting down: stopped accepting; closed %d idle connections", idle)
+        log.info(
+            "shutting down: stopped accepting; closed %d idle connections, %d more close after "
+            "their request",
+            idle,
+            self.connections.busy,
+        )
         log.info(
             "waiting up to %gs for %d requests in progress",
             config.shutdown_timeout,

@@ -19,9 +19,6 @@ class OpenConnections:
         self._open: set[Closable] = set()
         self._busy: set[Closable] = set()
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     @property
     def busy(self) -> int:
         return len(self._busy)
