@@ -10,6 +10,7 @@ from pathlib import Path
 from proxy.app import warn_about_unknown_users
 from proxy.auth.htpasswd_file import HtpasswdError, HtpasswdUnreadableError, load_htpasswd
 from proxy.config import Address, Config, ConfigError, source_of
+from proxy.edge.internals import MissingInternal, require_private_names
 from proxy.edge.listen import c_parser_in_use
 from proxy.edge.tls import server_context
 
@@ -20,7 +21,7 @@ _WILDCARDS = ("0.0.0.0", "::", "")
 
 def check_startable(config: Config, config_path: Path | None) -> dict[str, str]:
     """Raise ConfigError or HtpasswdError for whatever would stop `serve`; return the users."""
-    require_c_parser()
+    require_aiohttp()
     _check_listeners(config, config_path)
     users = _load_users(config, config_path)
     if config.tls.enabled:
@@ -29,6 +30,15 @@ def check_startable(config: Config, config_path: Path | None) -> dict[str, str]:
         except ConfigError as exc:
             raise ConfigError(f"{source_of('tls.cert', config_path)}: {exc}") from None
     return users
+
+
+def require_aiohttp() -> None:
+    """Raise ConfigError unless this aiohttp has what the edge relies on (every process)."""
+    try:
+        require_private_names()
+    except MissingInternal as exc:
+        raise ConfigError(str(exc)) from None
+    require_c_parser()
 
 
 def require_c_parser() -> None:

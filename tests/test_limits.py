@@ -6,6 +6,7 @@ Each test names the class of abuse it guards and fails on the proxy without that
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import ipaddress
 import json
@@ -394,6 +395,24 @@ async def test_malformed_request_is_json_400_without_echo_or_banner(
     assert json.loads(body)["errors"][0]["message"] == "malformed HTTP request"
     assert secret.split()[1].encode() not in answer and b"Authorization" not in answer
     assert b"\r\nserver:" not in head.lower()
+    assert upstream.heads == []
+
+
+async def test_a_12_kib_header_field_is_read_not_refused(
+    start_proxy: Callable[..., Proxy], users: dict[str, str]
+) -> None:
+    """Class: limits lost with the handler's arguments. Basic credentials with a password of up to
+    8 KiB exceed aiohttp's 8 KiB field default; the public listener's handlers must get the
+    16 KiB field limit, so the gate answers (401) instead of the parser (400)."""
+    credentials = base64.b64encode(b"alice:" + b"p" * 9000).decode()
+    async with counting_upstream() as (upstream, url):
+        proxy = start_proxy(url)
+        answer = await exchange_raw(
+            proxy,
+            f"GET /v2/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+            f"Authorization: Basic {credentials}\r\n\r\n".encode(),
+        )
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
     assert upstream.heads == []
 
 

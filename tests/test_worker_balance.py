@@ -15,7 +15,7 @@ from contextlib import ExitStack
 
 from aiohttp import web
 
-from proxy.edge.listen import LimitedTCPSite
+from proxy.edge.listen import Listener, listen
 from proxy.workers import BACKLOG
 from tests.support import Proxy, Registry, wait_until
 from tests.test_workers import serving
@@ -46,9 +46,10 @@ async def accepted(runner: web.AppRunner, count: int) -> None:
             await asyncio.sleep(0)
 
 
-def site(runner: web.AppRunner, sock: socket.socket | None = None) -> LimitedTCPSite:
-    return LimitedTCPSite(runner, "127.0.0.1", 0, max_connections=100, on_refused=lambda: None,
-                          backlog=BACKLOG, sock=sock)  # fmt: skip
+async def start(runner: web.AppRunner, sock: socket.socket | None = None) -> Listener:
+    assert runner.server is not None
+    return await listen(runner.server, {}, "127.0.0.1", 0, max_connections=100,
+                        on_refused=lambda: None, backlog=BACKLOG, sock=sock)  # fmt: skip
 
 
 async def test_a_worker_accepts_one_queued_connection_at_a_time() -> None:
@@ -61,13 +62,14 @@ async def test_a_worker_accepts_one_queued_connection_at_a_time() -> None:
         port = sock.getsockname()[1]
         connect(clients, port)
         assert accept_queue(port) == (QUEUED, BACKLOG)
+        listener = await start(runner, sock)
         try:
-            await site(runner, sock).start()
             await accepted(runner, 1)
             waiting, length = accept_queue(port)
             await accepted(runner, QUEUED)
             clients.close()
         finally:
+            listener.close()
             await runner.cleanup()
     assert waiting > 0, f"all {QUEUED} taken at once"
     assert length == BACKLOG
@@ -78,9 +80,9 @@ async def test_a_single_process_accepts_every_queued_connection_at_once() -> Non
     runner = web.AppRunner(web.Application())
     await runner.setup()
     with ExitStack() as clients:
+        listener = await start(runner)
         try:
-            await site(runner).start()
-            ((_, port),) = runner.addresses
+            ((_, port),) = (sock.getsockname() for sock in listener.sockets)
             # Connected while this holds the loop: all are queued before it accepts any.
             connect(clients, port)
             await accepted(runner, 1)
@@ -88,6 +90,7 @@ async def test_a_single_process_accepts_every_queued_connection_at_once() -> Non
             await accepted(runner, QUEUED)
             clients.close()
         finally:
+            listener.close()
             await runner.cleanup()
     assert waiting == 0
 

@@ -3,13 +3,26 @@
 `listen.py` binds the public listener and caps connections (in all and per client);
 `proxy_protocol.py` reads the balancer's PROXY header; `tls.py` builds the server context;
 `connection.py` is aiohttp's request handler with the deadlines and answers it lacks;
-`forwarded.py` names the real client behind trusted proxies; `client_slots.py` counts
-connections per client. This is the only package that touches aiohttp internals.
+`open_connections.py` knows which connections are idle, for the drain; `forwarded.py` names
+the real client behind trusted proxies; `client_slots.py` counts connections per client.
+This is the only package that touches aiohttp internals; `internals.py` lists them.
 """
 
 from proxy.edge.client_slots import ClientSlots
 from proxy.edge.forwarded import client_key
-from proxy.edge.listen import LimitedTCPSite, c_parser_in_use
+from proxy.edge.internals import MissingInternal, require_private_names
+from proxy.edge.listen import Listener, c_parser_in_use, listen
+from proxy.edge.open_connections import OpenConnections
 from proxy.edge.tls import server_context
 
-__all__ = ["ClientSlots", "LimitedTCPSite", "c_parser_in_use", "client_key", "server_context"]
+__all__ = [
+    "ClientSlots",
+    "Listener",
+    "MissingInternal",
+    "OpenConnections",
+    "c_parser_in_use",
+    "client_key",
+    "listen",
+    "require_private_names",
+    "server_context",
+]

@@ -14,15 +14,15 @@ import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import _ErrInfo
 from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.edge.client_slots import ClientSlots
+from proxy.edge.open_connections import OpenConnections
 
 # A whole request head (request line and header fields). Docker's heads are a few KiB; this
 # leaves room for the longest line (8 KiB) and field (16 KiB) aiohttp accepts, and keeps 1,000
@@ -68,6 +68,7 @@ async def drop_server_banner(request: web.Request, response: web.StreamResponse)
 class _BannerlessResponse(web.Response):
     """A response to a request no application saw (its hooks do not run), without `Server`."""
 
+    # The one step after the headers are final and before they are written; no hook runs here.
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
         drop_banner(self.headers)
@@ -75,12 +76,16 @@ class _BannerlessResponse(web.Response):
 
 class ProxyRequestHandler(web.RequestHandler):
     """aiohttp's HTTP/1 handler with a head cap, a bounded discard, JSON errors and a
-    per-client connection count (taken in `connection_made`, from the transport's peer)."""
+    per-client connection count (taken in `connection_made`, from the transport's peer).
+
+    The private names of aiohttp it uses are listed in proxy/edge/internals.py.
+    """
 
     __slots__ = (
         "_body",
         "_client_key",
         "_clients",
+        "_connections",
         "_discard_left",
         "_discard_limit",
         "_head_bytes",
@@ -97,11 +102,13 @@ class ProxyRequestHandler(web.RequestHandler):
         loop: asyncio.AbstractEventLoop,
         clients: ClientSlots | None = None,
         on_client_refused: Callable[[], None] = lambda: None,
+        connections: OpenConnections | None = None,
         head_limit: int = HEAD_LIMIT,
         discard_limit: int = DISCARD_LIMIT,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
+        self._connections = connections
         self._clients = clients
         self._on_client_refused = on_client_refused
         self._client_key: str | None = None
@@ -127,6 +134,8 @@ class ProxyRequestHandler(web.RequestHandler):
                 return
             self._client_key = key
         super().connection_made(transport)
+        if self._connections is not None:
+            self._connections.opened(self)
 
     def _turn_away(self, transport: asyncio.BaseTransport) -> None:
         """The prompt 503, then our FIN; what the client already sent is read and dropped
@@ -138,13 +147,15 @@ class ProxyRequestHandler(web.RequestHandler):
         transport.write(_CLIENT_OVERLOADED)
         if transport.can_write_eof():
             transport.write_eof()
-            self._loop.call_later(_TURN_AWAY_LINGER, transport.close)
+            asyncio.get_running_loop().call_later(_TURN_AWAY_LINGER, transport.close)
         else:
             transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._turned_away:
             return
+        if self._connections is not None:
+            self._connections.closed(self)
         if self._clients is not None and self._client_key is not None:
             self._clients.release(self._client_key)
             self._client_key = None
@@ -162,6 +173,7 @@ class ProxyRequestHandler(web.RequestHandler):
             if self._discard_left < 0:
                 self._stop_discarding()
                 return
+        # aiohttp's flag for a parser stopped at an Upgrade request (no public accessor).
         if self._upgraded:
             # aiohttp keeps what follows an Upgrade request to parse once it is answered.
             self._count_head(len(data))
@@ -171,6 +183,7 @@ class ProxyRequestHandler(web.RequestHandler):
         body = self._body
         in_body = body is not None and not body.is_eof()
         body_before = body.total_bytes if body is not None and in_body else 0
+        # aiohttp's count of heads parsed on this connection: how many `data` completed.
         count_before = self._request_count
         super().data_received(data)
         new = self._request_count - count_before
@@ -190,9 +203,10 @@ class ProxyRequestHandler(web.RequestHandler):
         unattributed = (0 if in_body else self._head_bytes) + len(data)
         if body is not None and in_body:
             unattributed -= body.total_bytes - body_before
+        # aiohttp's queue of parsed heads (or parse errors) not yet handled: the heads to check.
         fresh = list(itertools.islice(reversed(self._messages), new))[::-1]
         for index, (message, payload) in enumerate(fresh):
-            if isinstance(message, _ErrInfo):
+            if isinstance(message, web_protocol._ErrInfo):
                 # aiohttp answers 400 and closes; nothing after it is read.
                 self._input_closed = True
                 return
@@ -221,22 +235,33 @@ class ProxyRequestHandler(web.RequestHandler):
         """Answer 431 in place of the oversized head (and anything parsed after it), then close."""
         for _ in range(drop):
             self._messages.pop()
-        error = _ErrInfo(status=431, exc=HeadTooLarge(), message="request head too large")
+        # Queued as aiohttp queues its own parse errors, so its loop answers it through
+        # `handle_error` in turn, after the requests before it.
+        error = web_protocol._ErrInfo(
+            status=431, exc=HeadTooLarge(), message="request head too large"
+        )
         self._messages.append((error, EMPTY_PAYLOAD))
         self._input_closed = True
+        # The future aiohttp's loop awaits while the queue is empty: wake it for the 431.
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    # aiohttp's one call per request, from its head until the response is written: where a
+    # request is known to start and end.
     async def _handle_request(
         self,
         request: web.BaseRequest,
         start_time: float | None,
         request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
     ) -> tuple[web.StreamResponse, bool]:
+        if self._connections is not None:
+            self._connections.request_started(self)
         try:
             return await super()._handle_request(request, start_time, request_handler)
         finally:
+            if self._connections is not None:
+                self._connections.request_finished(self)
             if not request.content.is_eof():
                 # What aiohttp reads and drops of this body from now on is bounded.
                 self._discard_left = self._discard_limit
@@ -250,7 +275,8 @@ class ProxyRequestHandler(web.RequestHandler):
         if transport is None:
             return
         if transport.can_write_eof():
-            # Held like a full buffer, so flow control's resume does not read on.
+            # Held like a full buffer, not with transport.pause_reading(): aiohttp's flow control
+            # resumes the transport when the body's buffer drains unless this hold is set.
             self._pause_reading_for_buffer()
             transport.write_eof()
         else:

@@ -1,0 +1,57 @@
+"""The private aiohttp names the edge relies on, in one list, and the start-up check for them.
+
+aiohttp offers no public way to cap a request head, answer its parse errors in our format, or
+know which parser it picked; these names do it. Each use in proxy/edge says why it is needed;
+pyproject.toml keeps aiohttp below the next minor, which may move them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import aiohttp
+
+# (module, attribute path): every private aiohttp name used under proxy/edge.
+PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
+    # The parse error queued in place of a request (connection.py answers a 431 with it).
+    ("aiohttp.web_protocol", "_ErrInfo"),
+    # The handler's queue of parsed heads, its waiter on that queue, and its count of heads.
+    ("aiohttp.web_protocol", "RequestHandler._messages"),
+    ("aiohttp.web_protocol", "RequestHandler._waiter"),
+    ("aiohttp.web_protocol", "RequestHandler._request_count"),
+    # Where one request is handled, from its head until its response is written.
+    ("aiohttp.web_protocol", "RequestHandler._handle_request"),
+    # Whether the parser stopped at an Upgrade request; the read hold flow control respects.
+    ("aiohttp.base_protocol", "BaseProtocol._upgraded"),
+    ("aiohttp.base_protocol", "BaseProtocol._pause_reading_for_buffer"),
+    # The step where a response's headers are final (the banner is dropped there).
+    ("aiohttp.web_response", "StreamResponse._prepare_headers"),
+    # The C parser's module (listen.py tells it from the pure-Python one by this name).
+    ("aiohttp._http_parser", "HttpRequestParser"),
+)
+
+
+class MissingInternal(Exception):
+    """This aiohttp lacks a private name the edge relies on; the message names it."""
+
+
+def _exists(module_name: str, path: str) -> bool:
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    for part in path.split("."):
+        if not hasattr(target, part):
+            return False
+        target = getattr(target, part)
+    return True
+
+
+def require_private_names() -> None:
+    """Raise MissingInternal naming the first private name of PRIVATE_NAMES this aiohttp lacks."""
+    for module_name, path in PRIVATE_NAMES:
+        if not _exists(module_name, path):
+            raise MissingInternal(
+                f"aiohttp {aiohttp.__version__} has no {module_name}.{path}, which the proxy "
+                "relies on; install aiohttp>=3.14.4,<3.15"
+            )
