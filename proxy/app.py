@@ -25,6 +25,7 @@ from proxy.config import Config
 from proxy.edge.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.gate import AccessControl, Gate
+from proxy.log import bounded
 from proxy.metrics import Metrics
 from proxy.paths import Action
 from proxy.refusal import Refusal
@@ -98,8 +99,45 @@ def _exchange(request: web.Request) -> Exchange:
     return exchange_of(request, request.app[CONFIG].trusted_proxies)
 
 
+def _failed(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """Log a bug that ended a request, once, with its traceback and request id; the answer."""
+    log.error(
+        "request %s failed: %s %s",
+        _exchange(request).request_id,
+        bounded(request.method, 32),
+        bounded(request.raw_path.partition("?")[0], 2048),
+        exc_info=exc,
+    )
+    # What aiohttp answers for an exception: 504 for a timeout, else 500.
+    response = errors.protocol_error(504 if isinstance(exc, TimeoutError) else 500)
+    response.force_close()
+    if request.writer.output_size > 0 and request.transport is not None:
+        # A response began: only cutting the connection tells the client it is incomplete.
+        request.transport.abort()
+    return response
+
+
+@web.middleware
+async def _log_failures(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A bug that escapes a handler is logged here, with the request id aiohttp does not know."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        return _failed(request, exc)
+
+
 async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     """Check credentials and rights before `100 Continue`: a refused upload is never sent."""
+    # aiohttp runs the expect handler before any middleware.
+    try:
+        return await _check_before_continue(request)
+    except Exception as exc:
+        return _failed(request, exc)
+
+
+async def _check_before_continue(request: web.Request) -> web.StreamResponse | None:
     refusal = await request.app[GATE].check(request, _exchange(request))
     if refusal is not None:
         return refusal
@@ -249,7 +287,7 @@ def create_app(
             # then close.
             "lingering_time": 2.0,
         },
-        middlewares=[_unrouted],
+        middlewares=[_log_failures, _unrouted],
     )
     metrics = Metrics()
     checker = CredentialChecker(
