@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import errors
+from proxy import admin, errors
 from proxy.access import catalog
 from proxy.access.rules import AccessPolicy
 from proxy.access.tag_guard import TagGuard
@@ -327,30 +327,18 @@ def create_app(
 
 
 def create_admin_app(proxy_app: web.Application) -> web.Application:
-    """The admin application (metrics and probes), served on `admin_listen` only."""
+    """The admin application of a proxy serving in one process (see proxy/admin.py)."""
     metrics, state = proxy_app[METRICS], proxy_app[STATE]
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(request: web.Request) -> web.Response:
+    def not_ready() -> str | None:
         if state.ready:
-            return web.Response(text="ready\n")
-        reason = "draining" if state.draining else "upstream not answering"
-        return web.Response(status=503, text=f"not ready: {reason}\n")
+            return None
+        return "draining" if state.draining else "upstream not answering"
 
-    async def metrics_page(request: web.Request) -> web.Response:
+    async def scrape() -> bytes:
         metrics.tasks.set(len(asyncio.all_tasks()))
         session = proxy_app.get(SESSION)
         metrics.observe_pool(session.connector if session is not None else None)
-        body = await asyncio.to_thread(metrics.exposition)
-        return web.Response(
-            body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-        )
+        return await asyncio.to_thread(metrics.exposition)
 
-    app = web.Application()
-    app.on_response_prepare.append(drop_server_banner)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_page)
-    return app
+    return admin.create_admin_app(not_ready, scrape)
