@@ -86,6 +86,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 GATE = web.AppKey("gate", Gate)
 BLOB_RELAY = web.AppKey("blob_relay", BlobRelay)
+SLOTS = web.AppKey("slots", UpstreamSlots)
 
 
 def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> None:
@@ -203,7 +204,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     )
     app[SESSION] = session
     # Waiting for a pool slot is bounded like aiohttp's own wait for a connection.
-    slots = UpstreamSlots(
+    app[SLOTS] = slots = UpstreamSlots(
         config.upstream_connections, config.upstream_connections_per_user, config.connect_timeout
     )
     app[FORWARDER] = Forwarder(
@@ -223,6 +224,12 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
+def _observe_pool(app: web.Application) -> None:
+    slots = app.get(SLOTS)
+    if slots is not None:
+        app[METRICS].observe_pool(slots.in_use, slots.total)
+
+
 async def _probe_upstream_forever(app: web.Application) -> None:
     config, state, metrics = app[CONFIG], app[STATE], app[METRICS]
     url = config.upstream.with_path(_API_PREFIX)
@@ -240,7 +247,7 @@ async def _probe_upstream_forever(app: web.Application) -> None:
         state.upstream_answered = answered
         metrics.upstream_up.set(1 if answered else 0)
         # Between scrapes too: with workers the supervisor's scrape cannot ask the pools.
-        metrics.observe_pool(app[SESSION].connector)
+        _observe_pool(app)
         await asyncio.sleep(config.upstream_probe_interval)
 
 
@@ -337,8 +344,7 @@ def create_admin_app(proxy_app: web.Application) -> web.Application:
 
     async def scrape() -> bytes:
         metrics.tasks.set(len(asyncio.all_tasks()))
-        session = proxy_app.get(SESSION)
-        metrics.observe_pool(session.connector if session is not None else None)
+        _observe_pool(proxy_app)
         return await asyncio.to_thread(metrics.exposition)
 
     return admin.create_admin_app(not_ready, scrape)
