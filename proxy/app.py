@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -33,7 +33,7 @@ from proxy.relay.blob import BlobRelay
 from proxy.relay.forward import Forwarder, create_session
 from proxy.relay.slots import UpstreamSlots
 from proxy.reload import CredentialReloader
-from proxy.throttle.fallback import FallbackStore, build_store
+from proxy.throttle.fallback import store_chain
 from proxy.throttle.policy import Throttle
 
 log = logging.getLogger("registry_proxy")
@@ -78,7 +78,6 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ProxyState)
 CHECKER = web.AppKey("checker", CredentialChecker)
 THROTTLE = web.AppKey("throttle", Throttle)
-SHARED_STORES = web.AppKey("shared_stores", list[FallbackStore])
 PACER = web.AppKey("pacer", RefusalPacer)
 ACCESS = web.AppKey("access", AccessControl)
 RELOADER = web.AppKey("reloader", CredentialReloader)
@@ -195,6 +194,20 @@ def _takes_fast_path(request: web.Request, exchange: Exchange) -> bool:
     )
 
 
+def _throttle_stores(
+    host_store: socket.socket | None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The throttle counts in the store chain (Redis, the supervisor's, memory) while serving."""
+
+    async def counting_in_the_chain(app: web.Application) -> AsyncIterator[None]:
+        shared_state, on_state = app[CONFIG].shared_state, app[METRICS].store_state
+        async with store_chain(shared_state, host_store, on_state) as store:
+            app[THROTTLE].store = store
+            yield
+
+    return counting_in_the_chain
+
+
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     session = create_session(
@@ -255,7 +268,6 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(_probe_upstream_forever(app)),
         asyncio.create_task(app[RELOADER].watch()),
-        *(asyncio.create_task(store.watch()) for store in app[SHARED_STORES]),
     ]
     try:
         yield
@@ -265,8 +277,6 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for store in app[SHARED_STORES]:
-            await store.close()
         app[CHECKER].close()
 
 
@@ -309,14 +319,12 @@ def create_app(
     app[METRICS] = metrics
     app[STATE] = ProxyState()
     app[CHECKER] = checker
-    store, app[SHARED_STORES] = build_store(config.shared_state, host_store, metrics.store_state)
     app[THROTTLE] = Throttle(
         config.auth_max_failures,
         config.auth_failure_window,
         config.auth_block,
         max_failures_per_user=config.auth_max_failures_per_user,
         known_client_ttl=config.auth_known_client_ttl,
-        store=store,
     )
     app[PACER] = RefusalPacer()
     app[ACCESS] = access = AccessControl(config.access, config.read_only, config.immutable_tags)
@@ -326,7 +334,7 @@ def create_app(
     )
     app[GATE] = Gate(authenticator, access, metrics)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
-    app.cleanup_ctx.extend([_upstream_session, _background_tasks])
+    app.cleanup_ctx.extend([_throttle_stores(host_store), _upstream_session, _background_tasks])
     app.on_response_prepare.extend([_send_request_id, drop_server_banner])
     # `.` skips a decoded newline (`/v2/%0a`): aiohttp would answer such paths itself, unchecked.
     app.router.add_route("*", r"/{tail:[\s\S]*}", handle, expect_handler=_expect_handler)
