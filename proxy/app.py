@@ -30,6 +30,7 @@ from proxy.metrics import Metrics
 from proxy.paths import Action
 from proxy.refusal import Refusal
 from proxy.relay.blob import BlobRelay
+from proxy.relay.failure import UPSTREAM_ERRORS
 from proxy.relay.forward import Forwarder, create_session
 from proxy.relay.slots import UpstreamSlots
 from proxy.reload import CredentialReloader
@@ -251,7 +252,7 @@ async def _probe_upstream_forever(app: web.Application) -> None:
         try:
             async with app[SESSION].get(url, timeout=timeout, allow_redirects=False) as response:
                 answered = response.status < 500
-        except (aiohttp.ClientError, TimeoutError):
+        except UPSTREAM_ERRORS:
             answered = False
         if answered and not state.upstream_answered:
             log.info("upstream %s answers", config.upstream)
