@@ -201,6 +201,8 @@ def _throttle_stores(
     """The throttle counts in the store chain (Redis, the supervisor's, memory) while serving."""
 
     async def counting_in_the_chain(app: web.Application) -> AsyncIterator[None]:
+        # Entered at start-up, not in create_app: the chain's connections and watchers belong
+        # to the serving loop. Until then the throttle has its own memory store.
         shared_state, on_state = app[CONFIG].shared_state, app[METRICS].store_state
         async with store_chain(shared_state, host_store, on_state) as store:
             app[THROTTLE].store = store

@@ -7,6 +7,7 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -17,6 +18,7 @@ from proxy.config import load_config
 from proxy.exchange import REQUEST_ID_HEADER
 from proxy.gate import Gate
 from proxy.log import access_log, setup_logging
+from proxy.relay.forward import Forwarder
 from tests.support import Proxy, Registry, access_records, wait_until
 
 # proxy/exchange.py keys the request with a string, which aiohttp 3.14 warns about.
@@ -149,3 +151,35 @@ def test_malformed_requests_leave_no_error_or_traceback_in_the_log(
     log = proxy.log()
     assert "Traceback" not in log
     assert " ERROR " not in log and " WARNING " not in log, log
+
+
+async def test_an_exception_after_the_response_began_cuts_the_connection_and_is_logged_once(
+    logging_as_served: None,
+    client: TestClient[web.Request, web.Application],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guards against a half-sent response ending as if complete, or its bug logged twice."""
+
+    async def allow(*args: object, **kwargs: object) -> None:
+        return None
+
+    async def begin_then_fail(
+        self: object, request: web.Request, *args: object, **kwargs: object
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "100"})
+        await response.prepare(request)
+        await response.write(b"partial")
+        raise Planted("planted bug")
+
+    monkeypatch.setattr(Gate, "check", allow)
+    monkeypatch.setattr(Gate, "confirm", allow)
+    monkeypatch.setattr(Forwarder, "__call__", begin_then_fail)
+    caplog.set_level(logging.INFO)
+    response = await client.get("/v2/library/app/blobs/sha256:" + "0" * 64)
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    failures = _failure_records(caplog)
+    assert len(failures) == 1, caplog.text
+    assert response.headers[REQUEST_ID_HEADER] in failures[0].getMessage()
