@@ -19,7 +19,7 @@ from proxy.exchange import REQUEST_ID_HEADER
 from proxy.gate import Gate
 from proxy.log import access_log, setup_logging
 from proxy.relay.forward import Forwarder
-from tests.support import Proxy, Registry, access_records, wait_until
+from tests.support import Proxy, Registry, access_records, call, wait_until
 
 # proxy/exchange.py keys the request with a string, which aiohttp 3.14 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
@@ -183,3 +183,43 @@ async def test_an_exception_after_the_response_began_cuts_the_connection_and_is_
     failures = _failure_records(caplog)
     assert len(failures) == 1, caplog.text
     assert response.headers[REQUEST_ID_HEADER] in failures[0].getMessage()
+
+
+# Loaded by the proxy's interpreter at start-up (Python imports `sitecustomize` from its path),
+# before `-m` puts the working directory on the path: without it, `proxy` would be imported
+# from wherever the environment installed it.
+PLANT = """
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+
+from proxy.gate import Gate
+
+_check = Gate.check
+
+
+async def check(self, request, exchange):
+    if "planted-bug" in request.raw_path:
+        raise RuntimeError("planted bug")
+    return await _check(self, request, exchange)
+
+
+Gate.check = check
+"""
+
+
+def test_a_bug_in_a_serving_proxy_leaves_its_traceback_on_stderr(
+    registry: Registry, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """Guards the served process's logging set-up, not only the application's."""
+    (tmp_path / "plant").mkdir()
+    (tmp_path / "plant" / "sitecustomize.py").write_text(PLANT)
+    proxy = start_proxy(registry.url, PYTHONPATH=str(tmp_path / "plant"))
+    status, headers, _ = call(proxy.url + "/v2/planted-bug/manifests/v1")
+    assert status == 500
+    request_id = headers[REQUEST_ID_HEADER]
+    wait_until(lambda: "RuntimeError: planted bug" in proxy.log(), "the traceback")
+    log = proxy.log()
+    assert log.count("Traceback") == 1
+    assert f"request {request_id} failed: GET /v2/planted-bug/manifests/v1" in log
