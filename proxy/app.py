@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import errors
+from proxy import admin, errors
 from proxy.access import catalog
 from proxy.access.rules import AccessPolicy
 from proxy.access.tag_guard import TagGuard
@@ -25,14 +25,16 @@ from proxy.config import Config
 from proxy.edge.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.gate import AccessControl, Gate
+from proxy.log import bounded
 from proxy.metrics import Metrics
 from proxy.paths import Action
 from proxy.refusal import Refusal
 from proxy.relay.blob import BlobRelay
+from proxy.relay.failure import UPSTREAM_ERRORS
 from proxy.relay.forward import Forwarder, create_session
 from proxy.relay.slots import UpstreamSlots
 from proxy.reload import CredentialReloader
-from proxy.throttle.fallback import FallbackStore, build_store
+from proxy.throttle.fallback import store_chain
 from proxy.throttle.policy import Throttle
 
 log = logging.getLogger("registry_proxy")
@@ -77,7 +79,6 @@ METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ProxyState)
 CHECKER = web.AppKey("checker", CredentialChecker)
 THROTTLE = web.AppKey("throttle", Throttle)
-SHARED_STORES = web.AppKey("shared_stores", list[FallbackStore])
 PACER = web.AppKey("pacer", RefusalPacer)
 ACCESS = web.AppKey("access", AccessControl)
 RELOADER = web.AppKey("reloader", CredentialReloader)
@@ -85,6 +86,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 GATE = web.AppKey("gate", Gate)
 BLOB_RELAY = web.AppKey("blob_relay", BlobRelay)
+SLOTS = web.AppKey("slots", UpstreamSlots)
 
 
 def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> None:
@@ -98,8 +100,45 @@ def _exchange(request: web.Request) -> Exchange:
     return exchange_of(request, request.app[CONFIG].trusted_proxies)
 
 
+def _failed(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """Log a bug that ended a request, once, with its traceback and request id; the answer."""
+    log.error(
+        "request %s failed: %s %s",
+        _exchange(request).request_id,
+        bounded(request.method, 32),
+        bounded(request.raw_path.partition("?")[0], 2048),
+        exc_info=exc,
+    )
+    # What aiohttp answers for an exception: 504 for a timeout, else 500.
+    response = errors.protocol_error(504 if isinstance(exc, TimeoutError) else 500)
+    response.force_close()
+    if request.writer.output_size > 0 and request.transport is not None:
+        # A response began: only cutting the connection tells the client it is incomplete.
+        request.transport.abort()
+    return response
+
+
+@web.middleware
+async def _log_failures(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A bug that escapes a handler is logged here, with the request id aiohttp does not know."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        return _failed(request, exc)
+
+
 async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     """Check credentials and rights before `100 Continue`: a refused upload is never sent."""
+    # aiohttp runs the expect handler before any middleware.
+    try:
+        return await _check_before_continue(request)
+    except Exception as exc:
+        return _failed(request, exc)
+
+
+async def _check_before_continue(request: web.Request) -> web.StreamResponse | None:
     refusal = await request.app[GATE].check(request, _exchange(request))
     if refusal is not None:
         return refusal
@@ -156,6 +195,22 @@ def _takes_fast_path(request: web.Request, exchange: Exchange) -> bool:
     )
 
 
+def _throttle_stores(
+    host_store: socket.socket | None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The throttle counts in the store chain (Redis, the supervisor's, memory) while serving."""
+
+    async def counting_in_the_chain(app: web.Application) -> AsyncIterator[None]:
+        # Entered at start-up, not in create_app: the chain's connections and watchers belong
+        # to the serving loop. Until then the throttle has its own memory store.
+        shared_state, on_state = app[CONFIG].shared_state, app[METRICS].store_state
+        async with store_chain(shared_state, host_store, on_state) as store:
+            app[THROTTLE].store = store
+            yield
+
+    return counting_in_the_chain
+
+
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     session = create_session(
@@ -165,7 +220,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     )
     app[SESSION] = session
     # Waiting for a pool slot is bounded like aiohttp's own wait for a connection.
-    slots = UpstreamSlots(
+    app[SLOTS] = slots = UpstreamSlots(
         config.upstream_connections, config.upstream_connections_per_user, config.connect_timeout
     )
     app[FORWARDER] = Forwarder(
@@ -185,6 +240,12 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
+def _observe_pool(app: web.Application) -> None:
+    slots = app.get(SLOTS)
+    if slots is not None:
+        app[METRICS].observe_pool(slots.in_use, slots.total)
+
+
 async def _probe_upstream_forever(app: web.Application) -> None:
     config, state, metrics = app[CONFIG], app[STATE], app[METRICS]
     url = config.upstream.with_path(_API_PREFIX)
@@ -193,7 +254,7 @@ async def _probe_upstream_forever(app: web.Application) -> None:
         try:
             async with app[SESSION].get(url, timeout=timeout, allow_redirects=False) as response:
                 answered = response.status < 500
-        except (aiohttp.ClientError, TimeoutError):
+        except UPSTREAM_ERRORS:
             answered = False
         if answered and not state.upstream_answered:
             log.info("upstream %s answers", config.upstream)
@@ -202,7 +263,7 @@ async def _probe_upstream_forever(app: web.Application) -> None:
         state.upstream_answered = answered
         metrics.upstream_up.set(1 if answered else 0)
         # Between scrapes too: with workers the supervisor's scrape cannot ask the pools.
-        metrics.observe_pool(app[SESSION].connector)
+        _observe_pool(app)
         await asyncio.sleep(config.upstream_probe_interval)
 
 
@@ -210,7 +271,6 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(_probe_upstream_forever(app)),
         asyncio.create_task(app[RELOADER].watch()),
-        *(asyncio.create_task(store.watch()) for store in app[SHARED_STORES]),
     ]
     try:
         yield
@@ -220,8 +280,6 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for store in app[SHARED_STORES]:
-            await store.close()
         app[CHECKER].close()
 
 
@@ -249,7 +307,7 @@ def create_app(
             # then close.
             "lingering_time": 2.0,
         },
-        middlewares=[_unrouted],
+        middlewares=[_log_failures, _unrouted],
     )
     metrics = Metrics()
     checker = CredentialChecker(
@@ -264,14 +322,12 @@ def create_app(
     app[METRICS] = metrics
     app[STATE] = ProxyState()
     app[CHECKER] = checker
-    store, app[SHARED_STORES] = build_store(config.shared_state, host_store, metrics.store_state)
     app[THROTTLE] = Throttle(
         config.auth_max_failures,
         config.auth_failure_window,
         config.auth_block,
         max_failures_per_user=config.auth_max_failures_per_user,
         known_client_ttl=config.auth_known_client_ttl,
-        store=store,
     )
     app[PACER] = RefusalPacer()
     app[ACCESS] = access = AccessControl(config.access, config.read_only, config.immutable_tags)
@@ -281,7 +337,7 @@ def create_app(
     )
     app[GATE] = Gate(authenticator, access, metrics)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
-    app.cleanup_ctx.extend([_upstream_session, _background_tasks])
+    app.cleanup_ctx.extend([_throttle_stores(host_store), _upstream_session, _background_tasks])
     app.on_response_prepare.extend([_send_request_id, drop_server_banner])
     # `.` skips a decoded newline (`/v2/%0a`): aiohttp would answer such paths itself, unchecked.
     app.router.add_route("*", r"/{tail:[\s\S]*}", handle, expect_handler=_expect_handler)
@@ -289,30 +345,17 @@ def create_app(
 
 
 def create_admin_app(proxy_app: web.Application) -> web.Application:
-    """The admin application (metrics and probes), served on `admin_listen` only."""
+    """The admin application of a proxy serving in one process (see proxy/admin.py)."""
     metrics, state = proxy_app[METRICS], proxy_app[STATE]
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(request: web.Request) -> web.Response:
+    def not_ready() -> str | None:
         if state.ready:
-            return web.Response(text="ready\n")
-        reason = "draining" if state.draining else "upstream not answering"
-        return web.Response(status=503, text=f"not ready: {reason}\n")
+            return None
+        return "draining" if state.draining else "upstream not answering"
 
-    async def metrics_page(request: web.Request) -> web.Response:
+    async def scrape() -> bytes:
         metrics.tasks.set(len(asyncio.all_tasks()))
-        session = proxy_app.get(SESSION)
-        metrics.observe_pool(session.connector if session is not None else None)
-        body = await asyncio.to_thread(metrics.exposition)
-        return web.Response(
-            body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-        )
+        _observe_pool(proxy_app)
+        return await asyncio.to_thread(metrics.exposition)
 
-    app = web.Application()
-    app.on_response_prepare.append(drop_server_banner)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_page)
-    return app
+    return admin.create_admin_app(not_ready, scrape)

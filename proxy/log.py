@@ -13,6 +13,7 @@ import sys
 import time
 
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
 
 from proxy.exchange import EXCHANGE_KEY, Exchange
@@ -65,6 +66,18 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class ClientFaultFilter(logging.Filter):
+    """Drops aiohttp's reports of what a client did wrong (a malformed request or body, a
+    dropped connection): the internet's noise, answered 4xx or not at all. Whatever else
+    aiohttp reports, a fault of the proxy's, stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            return not 400 <= exc.code < 500
+        return not isinstance(exc, ConnectionError)
+
+
 def count(number: int, noun: str) -> str:
     """`1 user`, `3 users`."""
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
@@ -75,8 +88,9 @@ def setup_logging(level: str) -> None:
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[stderr])
-    # aiohttp logs every malformed request from the internet at ERROR with a traceback.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientFaultFilter) for f in server_log.filters):
+        server_log.addFilter(ClientFaultFilter())
     stdout = logging.StreamHandler(sys.stdout)
     stdout.setFormatter(logging.Formatter("%(message)s"))
     access_log.handlers[:] = [stdout]

@@ -117,7 +117,7 @@ class Metrics:
         )
         self.upstream_connections_in_use = Gauge(
             f"{PREFIX}_upstream_connections_in_use",
-            "Upstream connections carrying a request at the last scrape.",
+            "Upstream connections carrying a request (blob fast path included) at the last scrape.",
             multiprocess_mode="livesum",
             registry=r,
         )
@@ -284,11 +284,10 @@ class Metrics:
         if not up:
             self.throttle_store_failures.labels(store).inc()
 
-    def observe_pool(self, connector: aiohttp.BaseConnector | None) -> None:
-        """Read the upstream pool's use (aiohttp keeps the count in a private set)."""
-        if connector is not None:
-            self.upstream_connections_in_use.set(len(getattr(connector, "_acquired", ())))
-            self.upstream_connections_limit.set(connector.limit)
+    def observe_pool(self, in_use: int, limit: int) -> None:
+        """Record the upstream slots taken (proxy/relay/slots.py) and how many there are."""
+        self.upstream_connections_in_use.set(in_use)
+        self.upstream_connections_limit.set(limit)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

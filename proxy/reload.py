@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _ssl
 import asyncio
 import logging
 import os
@@ -135,9 +134,11 @@ class CertificateReloader:
 def certificate_expiry(tls: TLSConfig) -> float:
     """Unix time the first certificate in `tls.cert` (the one served) stops being valid."""
     assert tls.cert is not None
+    # Imported here: a proxy without TLS never loads it.
+    from cryptography import x509
+
     try:
-        # The stdlib's only certificate parser; ssl.SSLSocket.getpeercert() uses the same one.
-        decoded = _ssl._test_decode_cert(str(tls.cert))  # type: ignore[attr-defined]
-        return float(ssl.cert_time_to_seconds(decoded["notAfter"]))
-    except (OSError, ssl.SSLError, KeyError, ValueError) as exc:
+        served = x509.load_pem_x509_certificates(tls.cert.read_bytes())[0]
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"tls.cert: cannot read the expiry date of {tls.cert}: {exc}") from None
+    return served.not_valid_after_utc.timestamp()

@@ -33,6 +33,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import multiprocess
 
+from proxy.admin import create_admin_app
 from proxy.config import Address, Config, ConfigError
 from proxy.metrics import PREFIX, CertificateExpiry, ProcessesCollector, multiprocess_exposition
 from proxy.reload import certificate_expiry
@@ -277,16 +278,11 @@ class Supervisor:
     def _admin_app(self) -> web.Application:
         """/healthz, /readyz and /metrics for all the workers."""
 
-        async def healthz(request: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
-        async def readyz(request: web.Request) -> web.Response:
+        def not_ready() -> str | None:
             if self._stopping.is_set():
-                return web.Response(status=503, text="not ready: draining\n")
+                return "draining"
             waiting = [f"worker {s.index} {s.state()}" for s in self._slots if not s.ready]
-            if waiting:
-                return web.Response(status=503, text=f"not ready: {', '.join(waiting)}\n")
-            return web.Response(text="ready\n")
+            return ", ".join(waiting) if waiting else None
 
         processes = ProcessesCollector(self._pids)
         # A custom collector in a worker is not in the shared files: the parent reads the file.
@@ -302,19 +298,12 @@ class Supervisor:
 
             expiry.source = expires_at
 
-        async def metrics_page(request: web.Request) -> web.Response:
-            body = await asyncio.to_thread(
+        async def scrape() -> bytes:
+            return await asyncio.to_thread(
                 multiprocess_exposition, self._metrics_dir, processes, expiry
             )
-            return web.Response(
-                body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-            )
 
-        app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics_page)
-        return app
+        return create_admin_app(not_ready, scrape)
 
 
 def supervise(config: Config, config_path: Path | None) -> int:

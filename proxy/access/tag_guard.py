@@ -18,6 +18,7 @@ from yarl import URL
 from proxy.access.immutable import ImmutableTags
 from proxy.exchange import Exchange
 from proxy.paths import Action
+from proxy.relay.failure import UPSTREAM_ERRORS
 from proxy.relay.headers import upstream_url
 
 log = logging.getLogger("registry_proxy.immutable")
@@ -119,7 +120,7 @@ class TagGuard:
             ) as response:
                 digest = response.headers.get("Docker-Content-Digest")
                 return response.status, digest if response.status == 200 else None
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UPSTREAM_ERRORS as exc:
             log.warning("immutable tag look-up of %s:%s failed: %s", repository, tag, exc)
             return 0, None
 
@@ -141,7 +142,7 @@ class TagGuard:
                         return None
                     document = await response.json(content_type=None)
                     more = "Link" in response.headers
-            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            except (*UPSTREAM_ERRORS, ValueError) as exc:
                 log.warning("tag list of %s for immutable tags failed: %s", repository, exc)
                 return None
             page = document.get("tags") if isinstance(document, dict) else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import re
 import socket
 import time
@@ -15,13 +14,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import errors
 from proxy.exchange import Exchange
 from proxy.metrics import Metrics
-from proxy.relay.forward import abort_client, record_time_to_headers, request_target
+from proxy.relay.failure import UpstreamFailures, client_stopped
+from proxy.relay.forward import record_time_to_headers, request_target
 from proxy.relay.headers import relayed_headers, upstream_request_headers
-
-log = logging.getLogger("registry_proxy.blob_relay")
 
 # A registry's blob response head is ~400 bytes; aiohttp's own client parser stops near 8 KiB
 # a line and 100 fields, so anything larger goes to the normal relay and its limits.
@@ -48,13 +45,6 @@ class _Fallback(Exception):
     """The upstream answered something other than a plain sized body: use the normal relay."""
 
 
-class _Failed(Exception):
-    """The upstream failed before its head: the response to send instead."""
-
-    def __init__(self, response: web.Response) -> None:
-        self.response = response
-
-
 class BlobRelay:
     """GET /v2/<name>/blobs/<digest> against an http:// upstream, the body copied as it comes."""
 
@@ -72,7 +62,7 @@ class BlobRelay:
         self._port = upstream.port or 80
         # An address needs no resolver (asyncio's getaddrinfo is a thread-pool round trip).
         self._literal = _literal_address(self._host, self._port)
-        self._errors = metrics.upstream_errors
+        self._failures = UpstreamFailures(upstream, metrics.upstream_errors)
         self._time_to_headers = metrics.upstream_time_to_headers
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -86,23 +76,18 @@ class BlobRelay:
         buffer = bytearray(BUFFER_SIZE)
         try:
             sock = await self._connect(loop)
-        except _Failed as failed:
-            return failed.response
+        except (OSError, TimeoutError) as exc:
+            return self._failures.before_headers(request, exc, connecting=True)
         try:
             sent = time.monotonic()
             await loop.sock_sendall(sock, self._request_head(request, exchange, query))
             head = await self._read_head(loop, sock, memoryview(buffer))
-        except _Failed as failed:
-            sock.close()
-            return failed.response
         except _Fallback:
             sock.close()
             return None
-        except OSError as exc:  # the request could not be sent
+        except (OSError, TimeoutError) as exc:  # not sent, or no head in time
             sock.close()
-            self._errors.labels("reset").inc()
-            log.warning("upstream %s failed before answering: %s", self._origin, exc)
-            return errors.bad_gateway()
+            return self._failures.before_headers(request, exc)
         except BaseException:
             sock.close()
             raise
@@ -123,60 +108,42 @@ class BlobRelay:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                infos = self._literal or await loop.getaddrinfo(
-                    self._host, self._port, type=socket.SOCK_STREAM
-                )
-                last: OSError | None = None
-                for family, kind, proto, _, address in infos:
-                    sock = socket.socket(family, kind, proto)
-                    sock.setblocking(False)
-                    try:
-                        await loop.sock_connect(sock, address)
-                    except OSError as exc:
-                        sock.close()
-                        last = exc
-                        continue
-                    except BaseException:
-                        sock.close()
-                        raise
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    return sock
-                raise last or OSError("no address")
-        except TimeoutError:
-            self._errors.labels("timeout").inc()
-            log.warning("upstream %s timed out connecting", self._origin)
-            raise _Failed(errors.gateway_timeout()) from None
-        except OSError as exc:
-            self._errors.labels("connect").inc()
-            log.warning("upstream %s unreachable: %s", self._origin, exc)
-            raise _Failed(errors.bad_gateway()) from None
+        async with asyncio.timeout(self._connect_timeout):
+            infos = self._literal or await loop.getaddrinfo(
+                self._host, self._port, type=socket.SOCK_STREAM
+            )
+            last: OSError | None = None
+            for family, kind, proto, _, address in infos:
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, address)
+                except OSError as exc:
+                    sock.close()
+                    last = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            raise last or OSError("no address")
 
     async def _read_head(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview
     ) -> _Head:
         filled = 0
         end = None
-        try:
-            async with asyncio.timeout(self._read_timeout):
-                while end is None:
-                    if filled >= MAX_HEAD:
-                        raise _Fallback
-                    n = await loop.sock_recv_into(sock, view[filled:MAX_HEAD])
-                    if n == 0:
-                        raise ConnectionResetError("closed before the response head")
-                    filled += n
-                    found = _END_OF_HEAD.search(view[: min(filled, MAX_HEAD)])
-                    end = found.end() if found else None
-        except TimeoutError:
-            self._errors.labels("timeout").inc()
-            log.warning("upstream %s timed out before answering GET", self._origin)
-            raise _Failed(errors.gateway_timeout()) from None
-        except OSError as exc:
-            self._errors.labels("reset").inc()
-            log.warning("upstream %s failed before answering: %s", self._origin, exc)
-            raise _Failed(errors.bad_gateway()) from None
+        async with asyncio.timeout(self._read_timeout):
+            while end is None:
+                if filled >= MAX_HEAD:
+                    raise _Fallback
+                n = await loop.sock_recv_into(sock, view[filled:MAX_HEAD])
+                if n == 0:
+                    raise ConnectionResetError("closed before the response head")
+                filled += n
+                found = _END_OF_HEAD.search(view[: min(filled, MAX_HEAD)])
+                end = found.end() if found else None
         return _parse_head(bytes(view[:end]), bytes(view[end:filled]))
 
     async def _relay_body(
@@ -229,9 +196,7 @@ class BlobRelay:
                         await response.write(chunk)
                         await writer.drain()
                 except (ConnectionError, TimeoutError) as exc:
-                    if isinstance(exc, TimeoutError):
-                        log.info("client stopped reading for %gs: closing", self._body_timeout)
-                        abort_client(request)
+                    client_stopped(request, exc, self._body_timeout)
                     return response
                 if transport.get_write_buffer_size():
                     # Still referenced (a transport that ignores the limits): never overwrite.
@@ -244,16 +209,7 @@ class BlobRelay:
                 if n == 0:
                     raise ConnectionResetError("upstream closed the connection")
             except (OSError, TimeoutError) as exc:
-                self._errors.labels("timeout" if isinstance(exc, TimeoutError) else "reset").inc()
-                # Headers with a Content-Length are out: ending cleanly would make a truncated
-                # blob look complete, so the client's connection is cut instead.
-                log.warning(
-                    "upstream %s broke off GET %s mid-body: %s",
-                    self._origin,
-                    request.rel_url.path,
-                    str(exc) or type(exc).__name__,
-                )
-                abort_client(request)
+                self._failures.mid_body(request, exc)
                 return response
             chunk = view[:n]
         await response.write_eof()

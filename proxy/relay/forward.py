@@ -16,8 +16,8 @@ from yarl import URL
 
 from proxy import errors
 from proxy.exchange import Exchange
-from proxy.log import escape
 from proxy.metrics import Metrics
+from proxy.relay.failure import UPSTREAM_ERRORS, UpstreamFailures, client_stopped
 from proxy.relay.headers import client_response_headers, upstream_request_headers, upstream_url
 from proxy.relay.slots import UpstreamSlots
 
@@ -93,6 +93,7 @@ class Forwarder:
         self._pool_timeouts = metrics.upstream_pool_timeouts
         self._body_timeout = body_timeout
         self._errors = metrics.upstream_errors
+        self._failures = UpstreamFailures(upstream, metrics.upstream_errors)
         self._time_to_headers = metrics.upstream_time_to_headers
         self._upstream = upstream.origin()
         self._base = str(self._upstream)
@@ -154,7 +155,7 @@ class Forwarder:
                 data=data,
                 allow_redirects=False,
             )
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UPSTREAM_ERRORS as exc:
             if body is not None and body.stalled:
                 log.info(
                     "client sent no %s body for %gs: closing", request.method, self._body_timeout
@@ -162,7 +163,7 @@ class Forwarder:
                 response = errors.request_timeout()
                 response.force_close()
                 return response
-            return self._failed_before_headers(request, exc)
+            return self._failures.before_headers(request, exc)
 
         exchange.upstream_status = upstream.status
         self._took(exchange, sent)
@@ -192,8 +193,8 @@ class Forwarder:
                 exchange.upstream_status = upstream.status
                 self._took(exchange, sent)
                 body = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return self._failed_before_headers(request, exc)
+        except UPSTREAM_ERRORS as exc:
+            return self._failures.before_headers(request, exc)
         origin = f"{exchange.scheme}://{request.host}"
         headers = client_response_headers(upstream, self._upstream, origin)
         headers.popall("Content-Length", None)
@@ -201,25 +202,6 @@ class Forwarder:
 
     def _took(self, exchange: Exchange, sent: float) -> None:
         record_time_to_headers(self._time_to_headers, exchange, sent)
-
-    def _failed_before_headers(
-        self, request: web.Request, exc: TimeoutError | aiohttp.ClientError
-    ) -> web.Response:
-        """Map a failure before the upstream's response headers to a JSON error."""
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            self._errors.labels("connect").inc()
-            log.warning("upstream %s unreachable: %s", self._base, exc.os_error or exc)
-            return errors.bad_gateway()
-        if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
-            self._errors.labels("timeout").inc()
-            log.warning("upstream %s timed out before answering %s", self._base, request.method)
-            return errors.gateway_timeout()
-        if _client_gone(request):
-            log.debug("client went away during %s upload", request.method)
-        else:
-            self._errors.labels("reset").inc()
-            log.warning("upstream %s failed before answering: %s", self._base, _describe(exc))
-        return errors.bad_gateway()
 
     async def _relay_response(
         self, request: web.Request, upstream: aiohttp.ClientResponse, scheme: str
@@ -235,19 +217,9 @@ class Forwarder:
         while True:
             try:
                 chunk = await reader.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self._errors.labels("timeout" if isinstance(exc, TimeoutError) else "reset").inc()
-                # Headers (maybe a Content-Length) are out: ending the body cleanly would make
-                # a truncated blob look complete, so the client's connection is cut instead.
-                log.warning(
-                    "upstream %s broke off %s %s mid-body: %s",
-                    self._base,
-                    request.method,
-                    escape(request.raw_path.partition("?")[0]),
-                    _describe(exc),
-                )
+            except UPSTREAM_ERRORS as exc:
                 upstream.close()
-                abort_client(request)
+                self._failures.mid_body(request, exc)
                 return response
             if not chunk:
                 break
@@ -255,31 +227,12 @@ class Forwarder:
                 async with asyncio.timeout(self._body_timeout):
                     await response.write(chunk)
             except (ConnectionError, TimeoutError) as exc:
-                # The client went away or stopped reading; the half-read upstream connection
-                # cannot be reused.
+                # The half-read upstream connection cannot be reused.
                 upstream.close()
-                if isinstance(exc, TimeoutError):
-                    log.info("client stopped reading for %gs: closing", self._body_timeout)
-                    abort_client(request)
+                client_stopped(request, exc, self._body_timeout)
                 return response
         await response.write_eof()
         return response
-
-
-def abort_client(request: web.Request) -> None:
-    """Cut the client's connection: a response already begun must not look complete."""
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
 
 
 def create_session(

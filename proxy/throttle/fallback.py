@@ -14,9 +14,10 @@ for the outage, minus what this process saw them use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from proxy.throttle.store import Entry, MemoryStore, StoreUnavailable, ThrottleStore
@@ -144,3 +145,25 @@ def build_store(
         store = FallbackStore(redis_store, store, on_state)
         chain.append(store)
     return store, chain
+
+
+@contextlib.asynccontextmanager
+async def store_chain(
+    redis_url: str | None,
+    host_socket: socket.socket | None,
+    on_state: Callable[[str, bool], None] = lambda name, up: None,
+) -> AsyncIterator[ThrottleStore]:
+    """The store chain for this process (see `build_store`), each shared store watched while
+    the context runs and closed when it ends."""
+    store, fallbacks = build_store(redis_url, host_socket, on_state)
+    watchers = [asyncio.create_task(fallback.watch()) for fallback in fallbacks]
+    try:
+        yield store
+    finally:
+        for task in watchers:
+            task.cancel()
+        for task in watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for fallback in fallbacks:
+            await fallback.close()
