@@ -7,6 +7,8 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -291,22 +293,29 @@ async def _unrouted(request: web.Request, handler: Handler) -> web.StreamRespons
     return await handler(request)
 
 
+# aiohttp's RequestHandler keywords the proxy's connections need, in production (server.py adds
+# the access log and keep-alive) and under a test client alike.
+HANDLER_ARGS: Mapping[str, Any] = MappingProxyType(
+    {
+        # Digests are over the bytes as sent: never inflate request bodies.
+        "auto_decompress": False,
+        # Room for Basic credentials with passwords of up to 8 KiB.
+        "max_field_size": 16384,
+        # After answering a request whose body we did not read (a 401 upload, a stalled
+        # client), read and drop the rest for at most this long and at most
+        # connection.DISCARD_LIMIT bytes, so the client sees the answer instead of a reset,
+        # then close.
+        "lingering_time": 2.0,
+    }
+)
+
+
 def create_app(
     config: Config, users: Mapping[str, str], host_store: socket.socket | None = None
 ) -> web.Application:
     """The public application; a worker passes its supervisor's throttle store socket."""
     app = web.Application(
-        handler_args={
-            # Digests are over the bytes as sent: never inflate request bodies.
-            "auto_decompress": False,
-            # Room for Basic credentials with passwords of up to 8 KiB.
-            "max_field_size": 16384,
-            # After answering a request whose body we did not read (a 401 upload, a stalled
-            # client), read and drop the rest for at most this long and at most
-            # connection.DISCARD_LIMIT bytes, so the client sees the answer instead of a reset,
-            # then close.
-            "lingering_time": 2.0,
-        },
+        handler_args=HANDLER_ARGS,
         middlewares=[_log_failures, _unrouted],
     )
     metrics = Metrics()

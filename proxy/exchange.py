@@ -16,9 +16,6 @@ from proxy.identity import AuthOutcome, Identity
 from proxy.paths import Target, classify
 from proxy.refusal import Refusal
 
-# Request key holding the Exchange.
-EXCHANGE_KEY = "registry_proxy.exchange"
-
 REQUEST_ID_HEADER = "X-Request-Id"
 # What a request id from a trusted proxy may look like (uuids, W3C trace ids, ULIDs...).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
@@ -87,6 +84,10 @@ def _request_id(request: web.BaseRequest, trusted: Sequence[Network]) -> str:
     if trusted_peer and len(given) == 1 and _REQUEST_ID.fullmatch(given[0]):
         return given[0]
     return new_request_id()
+
+
+# Request key holding the Exchange.
+EXCHANGE_KEY = web.RequestKey("exchange", Exchange)
 
 
 def exchange_of(request: web.BaseRequest, trusted: Sequence[Network] = ()) -> Exchange:

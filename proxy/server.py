@@ -18,6 +18,7 @@ from proxy.app import (
     ACCESS,
     CHECKER,
     CONFIG,
+    HANDLER_ARGS,
     METRICS,
     RELOADER,
     STATE,
@@ -127,15 +128,7 @@ def _handler_args(config: Config, metrics: Metrics) -> dict[str, Any]:
         "access_log": access_log,
         "access_log_class": access_logger_class(metrics, config.access_log),
         "keepalive_timeout": config.keepalive_timeout,
-        # Digests are over the bytes as sent: never inflate request bodies.
-        "auto_decompress": False,
-        # Room for Basic credentials with passwords of up to 8 KiB.
-        "max_field_size": 16384,
-        # After answering a request whose body we did not read (a 401 upload, a stalled
-        # client), read and drop the rest for at most this long and at most
-        # connection.DISCARD_LIMIT bytes, so the client sees the answer instead of a reset,
-        # then close.
-        "lingering_time": 2.0,
+        **HANDLER_ARGS,
     }
 
 

@@ -22,7 +22,6 @@ from proxy.relay.forward import Forwarder
 from tests.support import Proxy, Registry, access_records, call, wait_until
 
 # proxy/exchange.py keys the request with a string, which aiohttp 3.14 warns about.
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 
 class Planted(RuntimeError):
