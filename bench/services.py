@@ -12,7 +12,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.harness import REGISTRY_BIN, Process, free_port, http_status, wait_until
+from tests.support.harness import REGISTRY_BIN, Process, free_port, http_status
+from tests.support.polling import wait_until
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent

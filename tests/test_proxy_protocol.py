@@ -22,9 +22,17 @@ from proxy.edge.proxy_protocol import (
     parse_header,
     read_header,
 )
-from tests.edge_servers import Edge, start_haproxy
-from tests.support import Proxy, Registry, access_records, wait_until
-from tests.test_operations import scrape, value, write_certificate
+from tests.support import (
+    Edge,
+    Proxy,
+    Registry,
+    access_records,
+    scrape,
+    start_haproxy,
+    value,
+    wait_until,
+    write_certificate,
+)
 
 CLIENTS = ("127.0.0.2", "127.0.0.3")
 
@@ -211,11 +219,6 @@ def test_haproxy_tcp_mode_tells_clients_apart(
         lambda: f"http.request.remoteaddr={good}" in registry.log(),
         "the registry to log the client's address",
     )
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 def test_haproxy_tls_passthrough(
