@@ -1,6 +1,7 @@
 """The three servers under test, each a child process on free loopback ports in a temp dir.
 
-The process, registry, polling and port helpers are the test suite's (tests/harness.py).
+The process, registry, polling and port helpers are the test suite's (tests/support/harness.py,
+tests/support/polling.py).
 """
 
 from __future__ import annotations
