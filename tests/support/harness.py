@@ -1,4 +1,4 @@
-"""Child processes on loopback ports, shared by the tests and the benchmark: the real registry.
+"""Child processes on loopback ports for the tests and the benchmark: the real registry, Redis.
 
 `REGISTRY_BIN` names the registry binary to run (default: Debian's `docker-registry`), so the
 suite and `bench/run` can be pointed at any distribution build (registry v3, say).
