@@ -29,7 +29,7 @@ from bench.services import (
     proxy_snapshot,
     proxy_source_info,
 )
-from tests.harness import HTPASSWD_BIN, Registry, htpasswd
+from tests.support.harness import HTPASSWD_BIN, Registry, htpasswd
 
 PATHS = ("direct", "nginx", "proxy")
 REPO = "bench/image"

@@ -6,7 +6,7 @@ import socket
 import time
 
 from bench.client import BenchError, status_kib
-from tests.harness import unread_bytes
+from tests.support.harness import unread_bytes
 
 # The proxy's cap (proxy/edge/connection.py HEAD_LIMIT); the heads stay just below it.
 HEAD_LIMIT = 32 * 1024

@@ -24,7 +24,8 @@ from typing import Any
 from bench import client
 from bench.client import BenchError, MiB
 from bench.services import Nginx, Proxy
-from tests.harness import Registry, htpasswd, http_status, wait_until
+from tests.support.harness import Registry, htpasswd, http_status
+from tests.support.polling import wait_until
 
 REPO = "bench/image"
 TAG = "latest"

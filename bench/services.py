@@ -1,6 +1,7 @@
 """The three servers under test, each a child process on free loopback ports in a temp dir.
 
-The process, registry, polling and port helpers are the test suite's (tests/harness.py).
+The process, registry, polling and port helpers are the test suite's (tests/support/harness.py,
+tests/support/polling.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.harness import REGISTRY_BIN, Process, free_port, http_status, wait_until
+from tests.support.harness import REGISTRY_BIN, Process, free_port, http_status
+from tests.support.polling import wait_until
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent

@@ -26,6 +26,9 @@ from tests.support import (
     write_oci_layout,
 )
 
+# Every test runs against the team's registry and proxy.
+pytestmark = pytest.mark.system
+
 PASSWORDS = {"ci-bot": "ci-secret", "alice": "alice-secret", "mallory": "mallory-secret"}
 RULES = """
 groups:

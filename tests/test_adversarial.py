@@ -14,10 +14,8 @@ import re
 import socket
 import statistics
 import time
-import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -29,54 +27,17 @@ from proxy.auth.credentials import parse_basic
 from tests.support import (
     Proxy,
     Registry,
-    basic_auth,
+    counting_upstream,
     eventually,
+    exchange_raw,
     fake_upstream,
+    gauge,
     htpasswd,
     http_status,
     push_blob,
+    rss,
+    token,
 )
-
-
-def token(user: str, password: str) -> str:
-    return basic_auth(user, password)["Authorization"]
-
-
-class CountingUpstream:
-    """A fake registry answering 200 to everything and recording each request head it parsed."""
-
-    def __init__(self) -> None:
-        self.heads: list[bytes] = []
-        self.connections = 0
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"GET /v2/ "):  # the proxy's readiness probe
-                self.heads.append(head)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-            await writer.drain()
-
-
-@asynccontextmanager
-async def counting_upstream() -> AsyncIterator[tuple[CountingUpstream, str]]:
-    upstream = CountingUpstream()
-    async with fake_upstream(upstream.serve) as url:
-        yield upstream, url
-
-
-async def exchange_raw(proxy: Proxy, data: bytes, timeout: float = 10) -> bytes:
-    """Send raw bytes; return everything the proxy answers until it closes (or the timeout)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(data)
-    await writer.drain()
-    try:
-        async with asyncio.timeout(timeout):
-            return await reader.read()
-    finally:
-        writer.close()
-
 
 # --- Request smuggling and oversized heads: the C parser (required at start) rejects them. -----
 
@@ -160,7 +121,7 @@ def test_authorization_parser_never_raises_on_any_base64_payload(payload: bytes)
 
 
 @pytest.fixture
-def costly_htpasswd(tmp_path: Path, users: dict[str, str]) -> Path:
+def mixed_cost_htpasswd(tmp_path: Path, users: dict[str, str]) -> Path:
     path = tmp_path / "htpasswd"
     htpasswd(path, "-B", "-C", "5", user="alice", password=users["alice"])
     htpasswd(path, "-B", "-C", "9", user="slow", password="slow-password")
@@ -168,10 +129,10 @@ def costly_htpasswd(tmp_path: Path, users: dict[str, str]) -> Path:
 
 
 async def test_unknown_user_and_wrong_password_look_the_same(
-    registry: Registry, start_proxy: Callable[..., Proxy], costly_htpasswd: Path
+    registry: Registry, start_proxy: Callable[..., Proxy], mixed_cost_htpasswd: Path
 ) -> None:
     # Defence: unknown users are checked against a decoy hash of the table's highest cost.
-    proxy = start_proxy(registry.url, htpasswd=costly_htpasswd, PROXY_AUTH_WORKERS="1")
+    proxy = start_proxy(registry.url, htpasswd=mixed_cost_htpasswd, PROXY_AUTH_WORKERS="1")
 
     async def timed(session: aiohttp.ClientSession, user: str) -> tuple[float, int, str]:
         started = time.perf_counter()
@@ -195,11 +156,11 @@ async def test_unknown_user_and_wrong_password_look_the_same(
 async def test_wrong_password_flood_does_not_stall_logged_in_users(
     registry: Registry,
     start_proxy: Callable[..., Proxy],
-    costly_htpasswd: Path,
+    mixed_cost_htpasswd: Path,
     users: dict[str, str],
 ) -> None:
     # Defence: bcrypt runs in a bounded thread pool off the event loop; cached logins skip it.
-    proxy = start_proxy(registry.url, htpasswd=costly_htpasswd)
+    proxy = start_proxy(registry.url, htpasswd=mixed_cost_htpasswd)
     good = {"Authorization": token("alice", users["alice"])}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async with session.get(proxy.url + "/v2/", headers=good) as response:
@@ -429,15 +390,6 @@ async def test_a_thousand_idle_connections_do_not_disturb_other_clients(
 # --- Soak: aborted transfers leave nothing behind. --------------------------------------------
 
 
-def rss(proxy: Proxy) -> int:
-    assert proxy.process is not None and proxy.process.popen is not None
-    status = Path(f"/proc/{proxy.process.popen.pid}/status").read_text()
-    return (
-        int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
-        * 1024
-    )
-
-
 def open_fds(proxy: Proxy) -> int:
     assert proxy.process is not None and proxy.process.popen is not None
     return len(os.listdir(f"/proc/{proxy.process.popen.pid}/fd"))
@@ -507,14 +459,6 @@ async def test_a_thousand_aborted_downloads_and_uploads_leave_no_trace(
     assert tasks <= base_tasks + 2, (base_tasks, tasks)
     assert rss(proxy) - base_rss < 16 * 1024 * 1024, (base_rss, rss(proxy))
     assert http_status(proxy.url + "/v2/", {"Authorization": auth}) == 200
-
-
-def gauge(proxy: Proxy, name: str) -> float:
-    """The sum of a metric's samples on /metrics."""
-    with urllib.request.urlopen(proxy.admin_url + "/metrics") as response:
-        text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + " ", name + "{")))  # fmt: skip
 
 
 def in_flight(proxy: Proxy) -> float:

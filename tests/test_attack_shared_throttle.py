@@ -24,7 +24,7 @@ from proxy.throttle.policy import Throttle, Throttled
 from proxy.throttle.redis import PREFIX, RedisStore
 from proxy.throttle.store import MemoryStore, StoreUnavailable
 from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
-from tests.harness import RedisServer
+from tests.support import RedisServer
 
 
 @pytest.mark.parametrize("password", ["s3/cret", "s3#cret", "s3?cret"])

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.access.catalog import UPSTREAM_PAGES, Listing, collect
-from tests.harness import htpasswd as add_user
 from tests.support import Proxy, Registry, basic_auth, call, push_image, wait_until
+from tests.support import htpasswd as add_user
 
 PASSWORDS = {"alice": "alice-secret", "mallory": "mallory-secret"}
 RULES = """

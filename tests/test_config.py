@@ -16,6 +16,9 @@ import yaml
 from proxy.config import SETTINGS, Address, ConfigError, env_name, load_config
 from tests.support import Proxy, free_port, wait_until
 
+# Some tests run check-config and serve.
+pytestmark = pytest.mark.system
+
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "proxy.yml"

@@ -18,6 +18,9 @@ import pytest
 
 from tests.support import call, free_port, wait_until
 
+# Every test runs scripts/demo or scripts/install-deps.
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "scripts" / "demo"
 # The first run of install-deps may install the venv; once done, the demo starts in seconds.

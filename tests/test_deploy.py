@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -40,6 +41,9 @@ from tests.support import (
     push_blob,
     wait_until,
 )
+
+# The docker CLI, promtool, the registry and the image's scripts run on the files.
+pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

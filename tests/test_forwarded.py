@@ -13,8 +13,7 @@ import pytest
 
 from proxy.edge.forwarded import MalformedHop, canonical_address, forwarded_client, hops
 from tests import support
-from tests.edge_servers import Edge, start_haproxy, start_nginx
-from tests.support import Proxy, Registry, wait_until
+from tests.support import Edge, Proxy, Registry, start_haproxy, start_nginx, wait_until
 from tests.support import basic_auth as basic
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8:ff::/48"))

@@ -21,6 +21,7 @@ def test_accepts_bcrypt_apr1_and_sha_from_apache_htpasswd(
         assert not verify_password(password + "x", table[user]), user
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("prefix", ["$2y$", "$2b$", "$2a$"])
 def test_accepts_every_bcrypt_prefix(tmp_path: Path, prefix: str) -> None:
     path = tmp_path / "h"
@@ -30,6 +31,7 @@ def test_accepts_every_bcrypt_prefix(tmp_path: Path, prefix: str) -> None:
     assert verify_password("pw", load_htpasswd(path)["u"])
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("flags", "kind"),
     [(["-p"], "plaintext"), (["-d"], "DES crypt")],
@@ -71,6 +73,7 @@ def test_missing_file(tmp_path: Path) -> None:
         load_htpasswd(tmp_path / "absent")
 
 
+@pytest.mark.system
 def test_comments_blank_lines_and_crlf_are_fine(tmp_path: Path) -> None:
     path = tmp_path / "h"
     htpasswd(path, "-s", user="u", password="pw")

@@ -65,6 +65,7 @@ def test_the_packages_are_there() -> None:
         assert ast.get_docstring(ast.parse(init.read_text())), f"{package}/__init__.py"
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("module", [m for m in module_names() if m != "proxy.__main__"])
 def test_every_module_imports_alone(module: str) -> None:
     """A fresh interpreter imports each module first: no cycle hides behind an import order."""

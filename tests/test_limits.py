@@ -22,9 +22,19 @@ from proxy.edge.client_slots import ClientSlots
 from proxy.edge.connection import HEAD_LIMIT
 from proxy.edge.forwarded import client_key
 from proxy.relay.slots import UpstreamSlots
-from tests.harness import unread_bytes
-from tests.support import Proxy, Registry, eventually, http_status, push_blob
-from tests.test_adversarial import counting_upstream, exchange_raw, gauge, rss, token
+from tests.support import (
+    Proxy,
+    Registry,
+    counting_upstream,
+    eventually,
+    exchange_raw,
+    gauge,
+    http_status,
+    push_blob,
+    rss,
+    token,
+    unread_bytes,
+)
 
 MiB = 1 << 20
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import trustme
 from passlib.hash import bcrypt
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (
     Proxy,
@@ -27,31 +26,18 @@ from tests.support import (
     htpasswd,
     http_status,
     push_blob,
+    scrape,
     sha256,
+    start_download,
+    value,
     wait_until,
+    write_certificate,
     write_oci_layout,
 )
 from tests.support import basic_auth as basic
 
 # The proxy polls files every second; users are promised 2 s. The margin absorbs a busy machine.
 RELOAD_DEADLINE = 2.5
-
-
-def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics as (name, sorted labels) -> value."""
-    status, _, body = call(proxy.admin_url + "/metrics")
-    assert status == 200
-    samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_metrics_move_with_a_push_and_a_pull(proxy: Proxy, users: dict[str, str]) -> None:
@@ -244,19 +230,6 @@ def test_sighup_names_changed_settings_that_need_a_restart(
     assert "restart to apply: realm, max_connections\n" in proxy.log().split("read_only=true")[1]
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def write_certificate(ca: trustme.CA, directory: Path) -> None:
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert.private_key_pem.write_to_path(str(directory / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
-    for extra in cert.cert_chain_pems[1:]:
-        extra.write_to_path(str(directory / "cert.pem"), append=True)
-
-
 def served_certificate(proxy: Proxy, context: ssl.SSLContext) -> bytes:
     with (
         socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw,
@@ -397,25 +370,6 @@ def test_forwarded_proto_is_believed_only_from_trusted_proxies(
     wait_until(
         lambda: f'"client":"{client}"' in proxy.log(), "the access record with the client address"
     )
-
-
-def start_download(
-    registry: Registry, proxy: Proxy, mib: int, auth: dict[str, str]
-) -> tuple[socket.socket, str, bytes]:
-    """Put a blob of `mib` MiB in the registry and begin its download through the proxy.
-
-    Returns the socket, the digest and the first bytes read (the response head among them).
-    """
-    repo = f"drain/{uuid.uuid4().hex[:8]}"
-    digest = push_blob(registry.url, repo, os.urandom(mib << 20))
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
-    sock.sendall(
-        f"GET /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: {proxy.host}\r\n"
-        f"Authorization: {auth['Authorization']}\r\n\r\n".encode()
-    )
-    received = sock.recv(65536)
-    assert received.startswith(b"HTTP/1.1 200"), received[:200]
-    return sock, digest, received
 
 
 @pytest.mark.parametrize("fast", ["true", "false"], ids=["fast", "normal"])

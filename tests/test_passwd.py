@@ -52,6 +52,7 @@ def add(monkeypatch, capsys, path: Path, user: str, password: str, *extra: str) 
     return status
 
 
+@pytest.mark.system
 def test_add_creates_a_file_that_apache_htpasswd_and_the_proxy_accept(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -69,6 +70,7 @@ def test_add_creates_a_file_that_apache_htpasswd_and_the_proxy_accept(
     assert verify_password("s3cret ü", table["alice"])
 
 
+@pytest.mark.system
 def test_default_cost_is_10_with_the_2y_prefix(tmp_path: Path, monkeypatch, capsys) -> None:
     path = tmp_path / "htpasswd"
     status, _, err = run(
@@ -84,6 +86,7 @@ def test_default_cost_is_10_with_the_2y_prefix(tmp_path: Path, monkeypatch, caps
     assert apache_verifies(path, "alice", "pw")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "flags", [["-B", "-C", "4"], ["-m"], ["-s"]], ids=["bcrypt", "apr1", "sha"]
 )
@@ -114,6 +117,7 @@ def test_check_exit_statuses(tmp_path: Path, monkeypatch, capsys) -> None:
     assert f"{missing}: cannot read htpasswd file" in err
 
 
+@pytest.mark.system
 def test_check_refuses_a_file_the_proxy_would_refuse(tmp_path: Path, monkeypatch, capsys) -> None:
     path = tmp_path / "htpasswd"
     add(monkeypatch, capsys, path, "alice", "pw")
@@ -124,6 +128,7 @@ def test_check_refuses_a_file_the_proxy_would_refuse(tmp_path: Path, monkeypatch
     assert f"{path}:2: refused" in err
 
 
+@pytest.mark.system
 def test_prompt_asks_twice(tmp_path: Path, monkeypatch, capsys) -> None:
     path = tmp_path / "htpasswd"
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
@@ -138,6 +143,7 @@ def test_prompt_asks_twice(tmp_path: Path, monkeypatch, capsys) -> None:
     assert apache_verifies(path, "u", "typed")
 
 
+@pytest.mark.system
 def test_replacing_keeps_every_other_line_byte_for_byte(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -193,6 +199,7 @@ def test_list_prints_users_in_file_order(tmp_path: Path, monkeypatch, capsys) ->
     assert (status, out) == (0, "zed\nadam\neve\n")
 
 
+@pytest.mark.system
 def test_replace_goes_through_a_new_inode_and_keeps_the_mode(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -239,6 +246,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(
     assert written[0].startswith(original) and b"\nbob:$2y$04$" in written[0]
 
 
+@pytest.mark.system
 def test_symlinked_file_is_edited_through_the_link(tmp_path: Path, monkeypatch, capsys) -> None:
     real = tmp_path / "real"
     real.mkdir()
@@ -249,6 +257,7 @@ def test_symlinked_file_is_edited_through_the_link(tmp_path: Path, monkeypatch, 
     assert apache_verifies(real / "htpasswd", "alice", "pw")
 
 
+@pytest.mark.system
 def test_remove_keeps_the_rest(tmp_path: Path, monkeypatch, capsys) -> None:
     path = tmp_path / "htpasswd"
     path.write_bytes(b"# users\n")
@@ -340,6 +349,7 @@ def test_refuses_unusable_passwords(
     assert not path.exists()
 
 
+@pytest.mark.system
 def test_72_byte_password_and_crlf_on_stdin(tmp_path: Path, monkeypatch, capsys) -> None:
     path = tmp_path / "htpasswd"
     password = "p" * 72
@@ -354,6 +364,7 @@ def test_cost_outside_the_htpasswd_range_is_a_usage_error(tmp_path: Path, monkey
     assert exited.value.code == 2
 
 
+@pytest.mark.system
 def test_file_from_the_environment(tmp_path: Path, monkeypatch, capsys) -> None:
     path = tmp_path / "htpasswd"
     monkeypatch.setenv("PROXY_HTPASSWD", str(path))
@@ -418,6 +429,7 @@ def test_no_usable_path_is_an_error(
     assert message in err
 
 
+@pytest.mark.system
 def test_console_script_end_to_end(tmp_path: Path) -> None:
     path = tmp_path / "htpasswd"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
@@ -455,6 +467,7 @@ def test_cost_below_10_warns(tmp_path: Path, monkeypatch, capsys, cost: str, war
     assert load_htpasswd(tmp_path / "h")["alice"].startswith(f"$2y${int(cost):02d}$")
 
 
+@pytest.mark.system
 def test_without_a_terminal_the_password_comes_from_stdin_without_warnings(
     tmp_path: Path,
 ) -> None:

@@ -18,6 +18,8 @@ import yaml
 from proxy.access.rules import RequestContext, Right, parse_access
 from proxy.identity import ANONYMOUS
 from tests.support import (
+    Clients,
+    Podman,
     Proxy,
     Registry,
     access_records,
@@ -27,7 +29,6 @@ from tests.support import (
     push_image,
     wait_until,
 )
-from tests.test_clients import Clients, Podman
 
 PASSWORDS = {"alice": "alice-secret", "ci-bot": "ci-secret"}
 RULES = """
@@ -213,6 +214,7 @@ def test_rule_errors_for_anonymous_and_networks(
         parse_access(groups, rules)
 
 
+@pytest.mark.system
 def test_pushing_to_anonymous_exits_2_naming_file_and_line(tmp_path: Path) -> None:
     """Guards check-config: @anonymous with push is exit 2 with file:line."""
     config = tmp_path / "proxy.yml"

@@ -20,9 +20,17 @@ from yarl import URL
 from proxy.paths import Action, classify
 from proxy.reading import go_media_type, target_problem
 from proxy.relay.headers import upstream_url
-from tests.harness import htpasswd as add_user
-from tests.support import Proxy, Registry, basic_auth, call, push_blob, push_image, wait_until
-from tests.test_adversarial import exchange_raw
+from tests.support import (
+    Proxy,
+    Registry,
+    basic_auth,
+    call,
+    exchange_raw,
+    push_blob,
+    push_image,
+    wait_until,
+)
+from tests.support import htpasswd as add_user
 
 PASSWORDS = {"alice": "alice-secret", "mallory": "mallory-secret"}
 RULES = """

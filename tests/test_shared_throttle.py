@@ -15,14 +15,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from proxy.throttle.fallback import PROBE_INTERVAL
-from tests.harness import RedisServer
-from tests.support import Proxy, Registry, call, wait_until
+from tests.support import (
+    NO_CACHE,
+    Proxy,
+    RedisServer,
+    Registry,
+    call,
+    scrape,
+    serving,
+    session_from,
+    status_of,
+    value,
+    wait_until,
+    worker_pids,
+)
 from tests.support import basic_auth as basic
-from tests.test_operations import scrape, value
-from tests.test_throttle_proxy import NO_CACHE, costly_htpasswd, session_from, status_of
-from tests.test_workers import serving, worker_pids
-
-__all__ = ["costly_htpasswd"]  # a fixture used here
 
 THROTTLED = {"PROXY_AUTH_MAX_FAILURES": "3", **NO_CACHE}
 

@@ -13,7 +13,7 @@ from proxy.throttle.policy import Admission, Throttle, Throttled
 from proxy.throttle.redis import RedisStore
 from proxy.throttle.store import RESERVATION_LEASE, MemoryStore, ThrottleStore
 from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
-from tests.harness import RedisServer
+from tests.support import RedisServer
 
 
 class Clock:

@@ -7,22 +7,12 @@ several client addresses; password checks are counted by the proxy's own histogr
 from __future__ import annotations
 
 import asyncio
-import base64
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from tests.support import Proxy, Registry, call
-
-# Short-lived cached logins, so each owner's login below runs a real password check.
-NO_CACHE = {"PROXY_AUTH_CACHE_TTL": "0.001"}
-
-
-def token(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+from tests.support import NO_CACHE, Proxy, Registry, call, session_from, status_of
 
 
 def password_checks(proxy: Proxy) -> float:
@@ -31,35 +21,6 @@ def password_checks(proxy: Proxy) -> float:
         if line.startswith("registry_proxy_password_check_duration_seconds_count "):
             return float(line.split()[1])
     raise AssertionError("no password check histogram")
-
-
-def session_from(address: str) -> aiohttp.ClientSession:
-    """A client whose connections come from `address`."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, local_addr=(address, 0), force_close=True)
-    )
-
-
-async def status_of(
-    session: aiohttp.ClientSession, proxy: Proxy, user: str, password: str
-) -> tuple[int, str | None]:
-    async with session.get(proxy.url + "/v2/", headers=token(user, password)) as response:
-        await response.read()
-        return response.status, response.headers.get("Retry-After")
-
-
-@pytest.fixture
-def costly_htpasswd(tmp_path: Path) -> Path:
-    """alice and bob with cost-9 bcrypt (~25 ms a check), carol with cost 5."""
-    path = tmp_path / "htpasswd"
-    for n, (user, cost) in enumerate([("alice", "9"), ("bob", "9"), ("carol", "5")]):
-        create = ["-c"] if n == 0 else []
-        subprocess.run(
-            ["htpasswd", "-bB", *create, "-C", cost, str(path), user, f"{user}-password"],
-            check=True,
-            capture_output=True,
-        )
-    return path
 
 
 async def test_concurrency_parallel_guesses_run_no_more_checks_than_the_budget(

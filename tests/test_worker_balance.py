@@ -13,12 +13,15 @@ import subprocess
 from collections.abc import Callable
 from contextlib import ExitStack
 
+import pytest
 from aiohttp import web
 
 from proxy.edge.listen import Listener, listen
 from proxy.workers import BACKLOG
-from tests.support import Proxy, Registry, wait_until
-from tests.test_workers import serving
+from tests.support import Proxy, Registry, serving, wait_until
+
+# The accept queue is read with ss; the proxies run with workers.
+pytestmark = pytest.mark.system
 
 QUEUED = 8
 

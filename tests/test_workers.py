@@ -1,9 +1,8 @@
 """`workers: N`: worker processes behind one port, the supervising parent, summed metrics.
 
-Some tests of other modules run here again against a proxy with workers: the client tests
-(docker login, skopeo, podman) against `workers: auto`, and operations, TLS, PROXY protocol and
-password-guessing throttle tests through `start_proxy`, which starts two workers in this module
-(the workers share one throttle: tests/test_shared_throttle.py).
+The tests here run against proxies with two workers (`workers`). Tests of other modules run
+with workers too: WITH_WORKERS in tests/conftest.py names them (the workers share one throttle:
+tests/test_shared_throttle.py).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,89 +23,29 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tests.support import Process, Proxy, Registry, call, http_status, sha256, wait_until
-from tests.support import basic_auth as basic
-from tests.test_clients import (  # noqa: F401 (fixtures and tests run here again)
-    clients,
-    podman,
-    test_docker_login_refuses_bad_credentials,
-    test_docker_login_stores_credentials,
-    test_podman_login_pull_tag_push,
-    test_skopeo_push_inspect_pull_and_delete,
-)
-from tests.test_operations import (  # noqa: F401
-    ca,
+from tests.support import (
+    Process,
+    Proxy,
+    Registry,
+    call,
+    http_status,
     scrape,
+    sha256,
     start_download,
-    test_drain_deadline_cuts_what_is_left_and_says_so,
-    test_drain_turns_readyz_503_and_closes_idle_connections_at_once,
-    test_metrics_move_with_a_push_and_a_pull,
-    test_metrics_pass_promtool,
-    test_readyz_follows_the_upstream,
-    test_skopeo_and_curl_push_and_pull_over_tls,
-    tls_proxy,
     value,
+    wait_until,
+    worker_pids,
 )
-from tests.test_proxy_protocol import (  # noqa: F401
-    edges,
-    test_haproxy_tcp_mode_tells_clients_apart,
-    test_many_connections_at_once_each_keep_their_own_client,
-)
-from tests.test_throttle_proxy import (  # noqa: F401
-    costly_htpasswd,
-    test_concurrency_parallel_guesses_run_no_more_checks_than_the_budget,
-    test_no_lockout_by_name_from_many_addresses_slows_guesses_not_the_owner,
-    test_no_lockout_by_name_the_owner_logs_in_from_another_address,
-    test_shared_address_one_colleague_mistyping_does_not_lock_out_the_others,
-)
+from tests.support import basic_auth as basic
 
 WORKERS = 2
 AUTO = len(os.sched_getaffinity(0))
 
 
-@pytest.fixture(scope="module")
-def proxy(
-    registry: Registry, htpasswd_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Proxy]:
-    """The session proxy's settings with `workers: auto`, for the tests run here again (2 where
-    this process may use one CPU only: auto would be a single process there)."""
-    workers = "auto" if AUTO > 1 else "2"
-    server = Proxy(
-        tmp_path_factory.mktemp("proxy-auto"),
-        registry.url,
-        htpasswd_file,
-        {"PROXY_AUTH_MAX_FAILURES": "1000000", "PROXY_WORKERS": workers},
-    )
-    server.start()
-    wait_until(lambda: http_status(server.admin_url + "/readyz") == 200, "every worker ready")
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def start_proxy(start_proxy: Callable[..., Proxy]) -> Callable[..., Proxy]:
-    """conftest's `start_proxy` with `workers: 2` unless a test sets PROXY_WORKERS."""
-
-    def start(upstream: str, htpasswd: Path | None = None, **env: str) -> Proxy:
-        server = start_proxy(upstream, htpasswd, **{"PROXY_WORKERS": str(WORKERS), **env})
-        count = int(env.get("PROXY_WORKERS", WORKERS))
-        wait_until(lambda: serving(server) == count, "every worker to serve")
-        return server
-
-    return start
-
-
-def worker_pids(proxy: Proxy) -> dict[int, int]:
-    """Worker index -> pid of the latest process started in that slot, from the parent's log."""
-    return {
-        int(index): int(pid)
-        for index, pid in re.findall(r"worker (\d+) started: pid (\d+)", proxy.log())
-    }
-
-
-def serving(proxy: Proxy) -> int:
-    """How many workers told the parent they serve (their signal handlers are set by then)."""
-    return len(re.findall(r"workers: worker \d+ \(pid \d+\) serves", proxy.log()))
+def workers() -> str:
+    """`proxy` and `start_proxy` start two workers in this module."""
+    return str(WORKERS)
 
 
 def served_by(proxy: Proxy) -> dict[str, int]:
@@ -141,6 +80,8 @@ def on_new_connections(url: str, count: int, **kwargs: object) -> list[int]:
         return list(pool.map(lambda _: call(url, **kwargs)[0], range(count)))  # type: ignore[arg-type]
 
 
+# `workers: auto` (2 where this process may use one CPU only: auto would be a single process).
+@pytest.mark.parametrize("workers", ["auto" if AUTO > 1 else "2"])
 def test_metrics_sum_every_worker(proxy: Proxy, users: dict[str, str]) -> None:
     """Guards the exposition: /metrics counts the requests of every worker exactly once (one
     worker's registry would show about half, a double count twice as many)."""

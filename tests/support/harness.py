@@ -1,4 +1,4 @@
-"""Child processes on loopback ports, shared by the tests and the benchmark: the real registry.
+"""Child processes on loopback ports for the tests and the benchmark: the real registry, Redis.
 
 `REGISTRY_BIN` names the registry binary to run (default: Debian's `docker-registry`), so the
 suite and `bench/run` can be pointed at any distribution build (registry v3, say).
@@ -13,19 +13,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.polling import wait_until
 
 REGISTRY_BIN = (
     os.environ.get("REGISTRY_BIN") or shutil.which("docker-registry") or "/usr/bin/docker-registry"
 )
 HTPASSWD_BIN = shutil.which("htpasswd") or "/usr/bin/htpasswd"
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
-STARTUP_DEADLINE = 20.0
 
 
 # Ports already handed out: the kernel may offer a just-released port again, and a proxy given
@@ -42,18 +42,6 @@ def free_port() -> int:
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
-
-
-def wait_until(
-    condition: Callable[[], bool], what: str, deadline: float = STARTUP_DEADLINE
-) -> None:
-    """Poll `condition` until it holds; fail the test naming `what` after `deadline` seconds."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {deadline}s waiting for {what}")
 
 
 def http_status(url: str, headers: Mapping[str, str] | None = None) -> int | None:

@@ -7,7 +7,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import Process, free_port, wait_until
+from tests.support.harness import Process, free_port
+from tests.support.polling import wait_until
 
 HAPROXY = "/usr/sbin/haproxy"
 NGINX = "/usr/sbin/nginx"

@@ -1,0 +1,99 @@
+"""What the tests share: real processes, requests, fake upstreams, images, and one way to wait.
+
+- `harness`: child processes on loopback ports (the registry, Redis), shared with `bench/`.
+- `proxy`: registry-proxy as a child process, and what its log says.
+- `polling`: `wait_until` (blocking) and `eventually` (awaited), one polling loop.
+- `client`: requests as the tests send them; `metrics`: what /metrics says.
+- `upstreams`: fake upstreams; `edges`: HAProxy and nginx in front; `clients`: docker, skopeo
+  and podman in sealed environments; `images`: OCI images from bytes; `tls`: certificates.
+
+Fixtures live in tests/conftest.py. A test module imports from here, never from another test
+module (tests/test_suite.py checks it).
+"""
+
+from tests.support.client import (
+    call,
+    exchange_raw,
+    push_blob,
+    push_image,
+    session_from,
+    start_download,
+    status_of,
+    token,
+)
+from tests.support.clients import CLIENT_TIMEOUT, Clients, Podman
+from tests.support.edges import Edge, start_haproxy, start_nginx
+from tests.support.harness import (
+    HTPASSWD_BIN,
+    REDIS_BIN,
+    REGISTRY_BIN,
+    Process,
+    RedisServer,
+    Registry,
+    basic_auth,
+    free_port,
+    htpasswd,
+    http_status,
+    sha256,
+    unread_bytes,
+)
+from tests.support.images import OCI_MANIFEST, tar_gz, write_oci_layout
+from tests.support.metrics import Samples, gauge, scrape, value
+from tests.support.polling import STARTUP_DEADLINE, eventually, wait_until
+from tests.support.proxy import NO_CACHE, Proxy, access_records, rss, serving, worker_pids
+from tests.support.tls import write_certificate
+from tests.support.upstreams import Behaviour, CountingUpstream, counting_upstream, fake_upstream
+
+# The name test_deploy knows the registry binary by.
+REGISTRY_BINARY = REGISTRY_BIN
+
+__all__ = [
+    "CLIENT_TIMEOUT",
+    "HTPASSWD_BIN",
+    "NO_CACHE",
+    "OCI_MANIFEST",
+    "REDIS_BIN",
+    "REGISTRY_BIN",
+    "REGISTRY_BINARY",
+    "STARTUP_DEADLINE",
+    "Behaviour",
+    "Clients",
+    "CountingUpstream",
+    "Edge",
+    "Podman",
+    "Process",
+    "Proxy",
+    "RedisServer",
+    "Registry",
+    "Samples",
+    "access_records",
+    "basic_auth",
+    "call",
+    "counting_upstream",
+    "eventually",
+    "exchange_raw",
+    "fake_upstream",
+    "free_port",
+    "gauge",
+    "htpasswd",
+    "http_status",
+    "push_blob",
+    "push_image",
+    "rss",
+    "scrape",
+    "serving",
+    "session_from",
+    "sha256",
+    "start_download",
+    "start_haproxy",
+    "start_nginx",
+    "status_of",
+    "tar_gz",
+    "token",
+    "unread_bytes",
+    "value",
+    "wait_until",
+    "worker_pids",
+    "write_certificate",
+    "write_oci_layout",
+]
