@@ -81,6 +81,12 @@ class FallbackStore:
     async def clear(self, key: str, now: float, member: str | None = None) -> None:
         await self._call(lambda store: store.clear(key, now, member), mirror=True)
 
+    async def remember(self, user: str, client: str, ttl: float, now: float) -> None:
+        await self._call(lambda store: store.remember(user, client, ttl, now), mirror=True)
+
+    async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
+        return await self._call(lambda store: store.recall(user, client, ttl, now))
+
     async def _call(
         self, call: Callable[[ThrottleStore], Awaitable[T]], *, mirror: bool = False
     ) -> T:
