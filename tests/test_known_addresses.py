@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from proxy.throttle import store as store_module
 from proxy.throttle.policy import Throttle, Throttled
 from proxy.throttle.redis import RedisStore
 from proxy.throttle.store import MemoryStore, ThrottleStore
@@ -33,24 +32,17 @@ class Clock:
 
 
 @pytest.fixture(params=["memory", "host", "redis"])
-async def bounded(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Callable[..., ThrottleStore]]:
+async def bounded(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., ThrottleStore]]:
     """A store with small bounds: in this process, behind the supervisor's socket pair, or in
-    a real redis-server (which takes the known addresses' bounds from the module's constants
-    and has no bound of keys but its `maxmemory`)."""
+    a real redis-server (whose keys of failures are bounded by its `maxmemory` only)."""
     made: list[HostStoreServer | HostStoreClient | RedisStore] = []
 
-    def make(**bounds: Any) -> ThrottleStore:
+    def make(max_keys: int = 30_000, **known_bounds: int) -> ThrottleStore:
         if request.param == "redis":
             server: RedisServer = request.getfixturevalue("redis_server")
-            for name, constant in [("known_per_user", "KNOWN_PER_USER"),
-                                   ("max_known_users", "MAX_KNOWN_USERS")]:  # fmt: skip
-                if name in bounds:
-                    monkeypatch.setattr(store_module, constant, bounds[name])
-            made.append(redis_store := RedisStore(server.url))
+            made.append(redis_store := RedisStore(server.url, **known_bounds))
             return redis_store
-        store = MemoryStore(**bounds)
+        store = MemoryStore(max_keys, **known_bounds)
         if request.param == "memory":
             return store
         made.append(host := HostStoreServer(store))

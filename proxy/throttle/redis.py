@@ -27,8 +27,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.config import redacted
-from proxy.throttle import store
-from proxy.throttle.store import RESERVATION_LEASE, Entry, StoreUnavailable
+from proxy.throttle.store import (
+    KNOWN_PER_USER,
+    MAX_KNOWN_USERS,
+    RESERVATION_LEASE,
+    Entry,
+    StoreUnavailable,
+)
 
 PREFIX = "registry-proxy:throttle:"
 KNOWN = PREFIX + "known:"
@@ -143,8 +148,15 @@ class RedisStore:
 
     name = "redis"
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_known_users: int = MAX_KNOWN_USERS,
+        known_per_user: int = KNOWN_PER_USER,
+    ) -> None:
         self.url = redacted(url)
+        self._known_bounds = [repr(known_per_user), repr(max_known_users)]
         pool = BlockingConnectionPool.from_url(
             url,
             # The calls' connections, and one for the ping.
@@ -188,8 +200,7 @@ class RedisStore:
         await self._run("clear", key, now, 0, member or "")
 
     async def remember(self, user: str, client: str, ttl: float, now: float) -> None:
-        bounds = [repr(store.KNOWN_PER_USER), repr(store.MAX_KNOWN_USERS), KNOWN]
-        args = ["remember", repr(now), repr(ttl), client, user, *bounds]
+        args = ["remember", repr(now), repr(ttl), client, user, *self._known_bounds, KNOWN]
         await self._eval(self._known_script, [KNOWN + user, KNOWN_USERS], args)
 
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:

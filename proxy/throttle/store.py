@@ -127,9 +127,6 @@ class KnownClients:
         # user -> client -> time of its last login; both in the order of the last login.
         self._users: OrderedDict[str, dict[str, float]] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._users)
-
     def remember(self, user: str, client: str, ttl: float, now: float) -> None:
         clients = self._users.pop(user, {})
         clients.pop(client, None)
@@ -167,17 +164,17 @@ class MemoryStore:
             raise ValueError("max_keys must be at least 1")
         self._max_keys = max_keys
         self._entries: OrderedDict[str, MemoryEntry] = OrderedDict()
-        self.known = KnownClients(known_per_user, max_known_users)
+        self._known = KnownClients(known_per_user, max_known_users)
 
     def __len__(self) -> int:
-        """The keys of failures and blocks (known addresses are counted by `known`)."""
+        """The keys of failures and blocks (known addresses are kept apart)."""
         return len(self._entries)
 
     async def remember(self, user: str, client: str, ttl: float, now: float) -> None:
-        self.known.remember(user, client, ttl, now)
+        self._known.remember(user, client, ttl, now)
 
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
-        return self.known.recall(user, client, ttl, now)
+        return self._known.recall(user, client, ttl, now)
 
     async def get(self, key: str, window: float, now: float) -> Entry:
         entry = self._entries.get(key)
