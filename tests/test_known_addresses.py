@@ -105,6 +105,23 @@ async def test_a_flood_of_failures_evicts_no_known_address(
     await log_in(throttle, OWNER, "alice")  # and she still logs in from her address
 
 
+async def test_the_reported_flood_at_the_default_bounds_leaves_the_owner_her_address() -> None:
+    """Eviction by failures, as reported, with the defaults: 1,500 addresses failing 10 names
+    each filled the 30,000 keys and evicted her known address; 21 guesses at her name from new
+    addresses then kept her out of it."""
+    store = MemoryStore()
+    throttle = Throttle(10, window=300, block=300, clock=Clock(), store=store)
+    await log_in(throttle, OWNER, "alice")
+    await flood(throttle, addresses=1500, names=10)
+    assert len(store) == 30_000
+    for n in range(21):
+        with contextlib.suppress(Throttled):
+            await (await throttle.admit(f"198.51.100.{n}", "alice")).failed()
+    with pytest.raises(Throttled):
+        await throttle.admit("198.51.100.200", "alice")
+    await log_in(throttle, OWNER, "alice")
+
+
 async def test_failure_keys_stay_capped_and_take_no_room_from_known_addresses() -> None:
     """Bounded memory: failures keep at most `max_keys` keys, and known addresses, counted apart,
     neither take a failure's room nor lose theirs to one."""
