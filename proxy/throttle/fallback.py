@@ -4,11 +4,11 @@ A shared store that does not answer never stops a password check: the process co
 next store down (Redis, then the supervisor's, then its own memory) until a ping every
 `PROBE_INTERVAL` finds it back, and says so in the log and in `throttle_store_up`.
 
-Failures and successes (`commit`, `clear`) are written to the local store too, while the shared
-one answers: so an outage starts from what this process saw, not from nothing. Above all the
+Failures and successes (`commit`, `clear`, `remember`) are written to the local store too, while the
+shared one answers: so an outage starts from what this process saw, not from nothing. Above all the
 addresses where users logged in through it stay known, and guesses at a name during the outage
-cannot spend its rate for its owner there. Guessers get at most one extra budget per process
-for the outage, minus what this process saw them use.
+cannot spend its rate for its owner there. Guessers get at most one extra budget per process for the
+outage, minus what this process saw them use.
 """
 
 from __future__ import annotations
