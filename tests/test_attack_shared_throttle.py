@@ -192,24 +192,26 @@ async def test_refused_guesses_evict_nothing_from_a_full_store() -> None:
     each, no hash, so one address could flush the store. Flushed: alice's known address, so
     she got 429 there while guesses from elsewhere spent her name's rate (and the guessers'
     own half-spent budgets went with it)."""
-    server_store = MemoryStore(max_keys=27)
+    server_store = MemoryStore(max_keys=26)
     server = HostStoreServer(server_store)
     store = HostStoreClient(server.connect())
     throttle = Throttle(10, 300, 300, store=store, max_failures_per_user=2)
     try:
-        await (await throttle.admit("192.0.2.1", "alice")).succeeded()  # known there: 1 key
+        await (await throttle.admit("192.0.2.1", "alice")).succeeded()  # known there (kept apart)
         for guesser in ("192.0.2.3", "192.0.2.4"):  # her name's rate spent: 5 keys
             await (await throttle.admit(guesser, "alice")).failed()
         for n in range(10):  # 192.0.2.2 blocked for 10 names: 21 keys
             await (await throttle.admit("192.0.2.2", f"name{n}")).failed()
-        assert len(server_store) == 27
+        assert len(server_store) == 26
         for n in range(10, 40):
             with pytest.raises(Throttled):
                 await throttle.admit("192.0.2.2", f"name{n}")
         for _ in range(30):  # the same from an address guessing her spent name
             with pytest.raises(Throttled):
                 await throttle.admit("192.0.2.5", "alice")
-        assert len(server_store) == 27
+        assert len(server_store) == 26
+        with pytest.raises(Throttled):  # her name's rate is still spent: nothing was evicted
+            await throttle.admit("192.0.2.6", "alice")
         await (await throttle.admit("192.0.2.1", "alice")).succeeded()
     finally:
         await store.close()

@@ -4,11 +4,11 @@ A shared store that does not answer never stops a password check: the process co
 next store down (Redis, then the supervisor's, then its own memory) until a ping every
 `PROBE_INTERVAL` finds it back, and says so in the log and in `throttle_store_up`.
 
-Failures and successes (`commit`, `clear`) are written to the local store too, while the shared
-one answers: so an outage starts from what this process saw, not from nothing. Above all the
+Failures and successes (`commit`, `clear`, `remember`) are written to the local store too, while the
+shared one answers: so an outage starts from what this process saw, not from nothing. Above all the
 addresses where users logged in through it stay known, and guesses at a name during the outage
-cannot spend its rate for its owner there. Guessers get at most one extra budget per process
-for the outage, minus what this process saw them use.
+cannot spend its rate for its owner there. Guessers get at most one extra budget per process for the
+outage, minus what this process saw them use.
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ class FallbackStore:
 
     async def clear(self, key: str, now: float, member: str | None = None) -> None:
         await self._call(lambda store: store.clear(key, now, member), mirror=True)
+
+    async def remember(self, user: str, client: str, ttl: float, now: float) -> None:
+        await self._call(lambda store: store.remember(user, client, ttl, now), mirror=True)
+
+    async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
+        return await self._call(lambda store: store.recall(user, client, ttl, now))
 
     async def _call(
         self, call: Callable[[ThrottleStore], Awaitable[T]], *, mirror: bool = False

@@ -18,7 +18,8 @@ any of them ends, and a burst of parallel guesses runs no more checks than the b
 - A success clears the pair's failures and block and the name's entry at that address (so a
   client holding one valid account can reset nothing but its own), and marks the address as known
   for the user. It does not reset the name's rate: that would give guessers a fresh budget at every
-  login of the owner, who is exempt at that address anyway.
+  login of the owner, who is exempt at that address anyway. Known addresses are kept apart from
+  the counts (`ThrottleStore.remember`): no flood of failures can push one out.
 """
 
 from __future__ import annotations
@@ -59,11 +60,6 @@ def address_key(client: str) -> Key:
 
 def user_key(name: str) -> Key:
     return f"user:{name}"
-
-
-def known_key(client: str, name: str) -> Key:
-    # One key per address, not one per name holding every address: entries stay small.
-    return f"known:{name}:{client}"
 
 
 class Admission:
@@ -136,8 +132,7 @@ class Throttle:
             (pair_key(client, name), token, self._max_failures),
             (address_key(client), name, self._max_failures),
         ]
-        known = await self.store.get(known_key(client, name), self._known_ttl, now)
-        if not known.failed:
+        if not await self.store.recall(name, client, self._known_ttl, now):
             wanted.append((user_key(name), token, self._per_user))
         held: Held = []
         for key, member, limit in wanted:
@@ -170,8 +165,7 @@ class Throttle:
         now = self._clock()
         await self.store.clear(pair_key(client, name), now)
         await self.store.clear(address_key(client), now, name)
-        # The time of the last success, kept as a failure time is: for known_client_ttl.
-        await self.store.commit(known_key(client, name), "success", self._known_ttl, now)
+        await self.store.remember(name, client, self._known_ttl, now)
 
     async def _release(self, held: Held) -> None:
         now = self._clock()

@@ -6,6 +6,11 @@ every call is atomic for its key on the server, whatever other proxies do at the
 script applies the same rules as `MemoryStore` (proxy/throttle/store.py) and gives each key a
 TTL, so Redis forgets an entry when `MemoryStore` would. Times come from the proxies' clocks
 (wall-clock seconds): keep them in step (NTP), as TLS already needs.
+
+Known addresses are a hash per user (address -> last login) and a sorted set of the users by
+last login, kept by a second script within the same bounds as `MemoryStore`'s and without a
+TTL: `maxmemory-policy volatile-ttl` evicts only keys with one, so a flood of failures filling
+`maxmemory` evicts failures, never a known address. Any `allkeys-*` policy would not keep that.
 """
 
 from __future__ import annotations
@@ -17,13 +22,22 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.config import redacted
-from proxy.throttle.store import RESERVATION_LEASE, Entry, StoreUnavailable
+from proxy.throttle.store import (
+    KNOWN_PER_USER,
+    MAX_KNOWN_USERS,
+    RESERVATION_LEASE,
+    Entry,
+    StoreUnavailable,
+)
 
 PREFIX = "registry-proxy:throttle:"
+KNOWN = PREFIX + "known:"
+KNOWN_USERS = PREFIX + "known-users"
 # Past these, a call fails and the throttle uses the local store until Redis answers again.
 SOCKET_TIMEOUT = 0.5
 POOL_TIMEOUT = 2.0
@@ -90,14 +104,59 @@ save()
 return false
 """
 
+# KEYS: the user's hash, the users' set. The hash's fields have no order: the least recent
+# address is found by its time (at most KNOWN_PER_USER + 1 of them).
+_KNOWN_SCRIPT = """
+local op, now, ttl, client = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local lapsed = now - ttl
+if op == 'recall' then
+  local at = tonumber(redis.call('HGET', KEYS[1], client))
+  return at ~= nil and at > lapsed
+end
+local user, per_user, max_users = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+redis.call('HSET', KEYS[1], client, ARGV[2])
+local fields, kept = redis.call('HGETALL', KEYS[1]), {}
+for i = 1, #fields, 2 do
+  local at = tonumber(fields[i + 1])
+  if at > lapsed then
+    kept[#kept + 1] = {fields[i], at}
+  else
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+table.sort(kept, function(a, b) return a[2] < b[2] end)
+for i = 1, #kept - per_user do redis.call('HDEL', KEYS[1], kept[i][1]) end
+redis.call('ZADD', KEYS[2], now, user)
+-- Users whose last login has lapsed (a few at a time), then the oldest beyond the bound.
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', lapsed, 'LIMIT', 0, 16)
+local over = redis.call('ZCARD', KEYS[2]) - #gone - max_users
+if over > 0 then
+  for _, name in ipairs(redis.call('ZRANGE', KEYS[2], #gone, #gone + over - 1)) do
+    gone[#gone + 1] = name
+  end
+end
+for _, name in ipairs(gone) do
+  redis.call('DEL', ARGV[8] .. name)
+  redis.call('ZREM', KEYS[2], name)
+end
+return false
+"""
+
 
 class RedisStore:
     """`ThrottleStore` on one Redis database; any failure to answer is `StoreUnavailable`."""
 
     name = "redis"
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_known_users: int = MAX_KNOWN_USERS,
+        known_per_user: int = KNOWN_PER_USER,
+    ) -> None:
         self.url = redacted(url)
+        self._known_bounds = [repr(known_per_user), repr(max_known_users)]
         pool = BlockingConnectionPool.from_url(
             url,
             # The calls' connections, and one for the ping.
@@ -113,6 +172,7 @@ class RedisStore:
         )
         self._redis = Redis(connection_pool=pool)
         self._script = self._redis.register_script(_SCRIPT)
+        self._known_script = self._redis.register_script(_KNOWN_SCRIPT)
         # Calls queue here for a connection: a queue of checks under load is no outage (the
         # pool's wait timing out was taken for one). Once a call has failed, those queued fail
         # at once rather than each wait out its timeout, until a ping answers.
@@ -139,6 +199,14 @@ class RedisStore:
     async def clear(self, key: str, now: float, member: str | None = None) -> None:
         await self._run("clear", key, now, 0, member or "")
 
+    async def remember(self, user: str, client: str, ttl: float, now: float) -> None:
+        args = ["remember", repr(now), repr(ttl), client, user, *self._known_bounds, KNOWN]
+        await self._eval(self._known_script, [KNOWN + user, KNOWN_USERS], args)
+
+    async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
+        args = ["recall", repr(now), repr(ttl), client]
+        return bool(await self._eval(self._known_script, [KNOWN + user, KNOWN_USERS], args))
+
     async def ping(self) -> None:
         try:
             await self._redis.ping()
@@ -153,15 +221,18 @@ class RedisStore:
         self, op: str, key: str, now: float, window: float, member: str = "", *rest: Any
     ) -> Entry | None:
         args = [op, repr(now), repr(window), member, repr(RESERVATION_LEASE), *map(repr, rest)]
-        async with self._slots:
-            if self._failure is not None:
-                raise StoreUnavailable(self._failure)
-            try:
-                raw = await self._script(keys=[PREFIX + key], args=args)
-            except (RedisError, OSError) as exc:
-                self._failure = f"Redis at {self.url}: {exc}"
-                raise StoreUnavailable(self._failure) from None
+        raw = await self._eval(self._script, [PREFIX + key], args)
         if not raw:
             return None
         failed, reserved, blocked_until = json.loads(raw)
         return Entry(dict(failed), dict(reserved), blocked_until)
+
+    async def _eval(self, script: AsyncScript, keys: list[str], args: list[str]) -> Any:
+        async with self._slots:
+            if self._failure is not None:
+                raise StoreUnavailable(self._failure)
+            try:
+                return await script(keys=keys, args=args)
+            except (RedisError, OSError) as exc:
+                self._failure = f"Redis at {self.url}: {exc}"
+                raise StoreUnavailable(self._failure) from None

@@ -5,6 +5,10 @@ or both; a key may also be blocked until some time. The policy (`policy.py`) onl
 `reserve`, `commit`, `release` and `clear`, each with the time, and each call is atomic for its
 key, so stores shared by processes (`supervisor.py` for the workers of one host, `redis.py`
 across hosts) keep the same rules as `MemoryStore`.
+
+Apart from those keys, `remember` and `recall` keep the addresses where each user logged in:
+only a successful login makes one, so no number of failures may push one out. They have bounds
+of their own (`KNOWN_PER_USER`, `MAX_KNOWN_USERS`), and failures have theirs (`MAX_KEYS`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from typing import Protocol
 
 # A reservation older than this is dropped: its check was lost with a worker that died.
 RESERVATION_LEASE = 600.0
+# The bounds of a memory store: keys of failures and blocks; users with known addresses, and
+# known addresses per user (each bound makes room by dropping the least recently used).
+MAX_KEYS = 30_000
+MAX_KNOWN_USERS = 10_000
+KNOWN_PER_USER = 16
 
 
 class StoreUnavailable(Exception):
@@ -67,6 +76,15 @@ class ThrottleStore(Protocol):
         """Forget one member's failure, or every failure of the key and its block."""
         ...
 
+    async def remember(self, user: str, client: str, ttl: float, now: float) -> None:
+        """`user` logged in from `client` at `now`: known there for `ttl`. Past the bounds, the
+        user's least recent address goes, or the user whose last login is the oldest."""
+        ...
+
+    async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
+        """Whether `user` logged in from `client` within `ttl` (and is still remembered)."""
+        ...
+
 
 @dataclass
 class MemoryEntry(Entry):
@@ -97,22 +115,66 @@ class MemoryEntry(Entry):
         return not self.failed and not self.reserved and self.blocked_until is None
 
 
+class KnownClients:
+    """Where each user logged in lately, apart from any failure: at most `per_user` addresses
+    a user (her least recent goes) and `max_users` users (the least recent login's goes)."""
+
+    def __init__(self, per_user: int, max_users: int) -> None:
+        if per_user < 1 or max_users < 1:
+            raise ValueError("per_user and max_users must be at least 1")
+        self._per_user = per_user
+        self._max_users = max_users
+        # user -> client -> time of its last login; both in the order of the last login.
+        self._users: OrderedDict[str, dict[str, float]] = OrderedDict()
+
+    def remember(self, user: str, client: str, ttl: float, now: float) -> None:
+        clients = self._users.pop(user, {})
+        clients.pop(client, None)
+        clients[client] = now
+        self._users[user] = clients
+        # Oldest first in both, and the login just made is last: each loop stops before it.
+        lapsed = now - ttl
+        while len(clients) > self._per_user or next(iter(clients.values())) <= lapsed:
+            del clients[next(iter(clients))]
+        while len(self._users) > self._max_users or _last_login(self._users) <= lapsed:
+            self._users.popitem(last=False)
+
+    def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
+        at = self._users.get(user, {}).get(client)
+        return at is not None and at > now - ttl
+
+
 class MemoryStore:
-    """`ThrottleStore` in this process's memory, bounded to `max_keys` keys.
+    """`ThrottleStore` in this process's memory, bounded to `max_keys` keys of failures and
+    blocks, and known addresses bounded apart (`KnownClients`): no failure evicts one.
 
     When full, the key touched least recently goes first; keys with reservations in flight
     and blocked keys go only once no other key is left. Keys made by a reservation are over
     the bound until their failure is committed: only then is another key evicted for them.
     """
 
-    def __init__(self, max_keys: int = 30000) -> None:
+    def __init__(
+        self,
+        max_keys: int = MAX_KEYS,
+        *,
+        max_known_users: int = MAX_KNOWN_USERS,
+        known_per_user: int = KNOWN_PER_USER,
+    ) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         self._max_keys = max_keys
         self._entries: OrderedDict[str, MemoryEntry] = OrderedDict()
+        self._known = KnownClients(known_per_user, max_known_users)
 
     def __len__(self) -> int:
+        """The keys of failures and blocks (known addresses are kept apart)."""
         return len(self._entries)
+
+    async def remember(self, user: str, client: str, ttl: float, now: float) -> None:
+        self._known.remember(user, client, ttl, now)
+
+    async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
+        return self._known.recall(user, client, ttl, now)
 
     async def get(self, key: str, window: float, now: float) -> Entry:
         entry = self._entries.get(key)
@@ -183,6 +245,11 @@ class MemoryStore:
             if not entry.reserved and entry.blocked_until is None
         )
         del self._entries[next(evictable, next(iter(self._entries)))]
+
+
+def _last_login(users: OrderedDict[str, dict[str, float]]) -> float:
+    """The last login of the user whose last login is the oldest."""
+    return next(reversed(next(iter(users.values())).values()))
 
 
 def _unreserve(entry: MemoryEntry, member: str) -> None:

@@ -93,6 +93,8 @@ class HostStoreServer:
             return _value(await store.get(*args))
         if op == "reserve":
             return _value(await store.reserve(*args))
+        if op == "recall":
+            return await store.recall(*args)
         if op == "commit":
             key, member, window, now, limit, block = args
             await store.commit(key, member, window, now, limit=limit, block=block)
@@ -100,6 +102,8 @@ class HostStoreServer:
             await store.release(*args)
         elif op == "clear":
             await store.clear(*args)
+        elif op == "remember":
+            await store.remember(*args)
         elif op != "ping":
             raise KeyError(f"unknown call {op!r}")
         return None
@@ -136,6 +140,12 @@ class HostStoreClient:
 
     async def clear(self, key: str, now: float, member: str | None = None) -> None:
         await self._call("clear", key, now, member)
+
+    async def remember(self, user: str, client: str, ttl: float, now: float) -> None:
+        await self._call("remember", user, client, ttl, now)
+
+    async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
+        return bool(await self._call("recall", user, client, ttl, now))
 
     async def ping(self) -> None:
         await self._call("ping")
