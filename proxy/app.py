@@ -27,6 +27,7 @@ from proxy.config import Config
 from proxy.edge.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.gate import AccessControl, Gate
+from proxy.host_share import worker_share
 from proxy.log import bounded
 from proxy.metrics import Metrics
 from proxy.paths import Action
@@ -221,9 +222,11 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         read_timeout=config.read_timeout,
     )
     app[SESSION] = session
-    # Waiting for a pool slot is bounded like aiohttp's own wait for a connection.
+    # Waiting for a pool slot is bounded like aiohttp's own wait for a connection. The pool is
+    # each worker's own; a user's share is her part of what she may hold on the host.
+    per_user = worker_share(config.upstream_connections_per_user, config.workers)
     app[SLOTS] = slots = UpstreamSlots(
-        config.upstream_connections, config.upstream_connections_per_user, config.connect_timeout
+        config.upstream_connections, per_user, config.connect_timeout
     )
     app[FORWARDER] = Forwarder(
         session, config.upstream, app[METRICS], config.body_timeout, slots=slots
@@ -325,7 +328,7 @@ def create_app(
         cache_size=config.auth_cache_size,
         workers=config.auth_workers,
         on_hash=metrics.password_checks.observe,
-        max_pending_per_client=config.auth_max_pending_per_client,
+        max_pending_per_client=worker_share(config.auth_max_pending_per_client, config.workers),
     )
     app[CONFIG] = config
     app[METRICS] = metrics
@@ -338,7 +341,7 @@ def create_app(
         max_failures_per_user=config.auth_max_failures_per_user,
         known_client_ttl=config.auth_known_client_ttl,
     )
-    app[PACER] = RefusalPacer()
+    app[PACER] = RefusalPacer(workers=config.workers)
     app[ACCESS] = access = AccessControl(config.access, config.read_only, config.immutable_tags)
     passwords = HtpasswdAuthenticator(checker, app[THROTTLE], app[PACER], config.realm)
     authenticator = Authenticators(

@@ -30,6 +30,7 @@ from proxy.config import Address, Config, ConfigError, load_config, restart_only
 from proxy.edge.client_slots import ClientSlots
 from proxy.edge.listen import Listener, listen
 from proxy.edge.open_connections import OpenConnections
+from proxy.host_share import worker_share
 from proxy.log import access_log, access_logger_class, count
 from proxy.metrics import Metrics
 from proxy.preflight import require_aiohttp
@@ -173,7 +174,10 @@ class _Server:
             max_connections=config.max_connections,
             on_refused=metrics.connections_refused.inc,
             # Edge proxies carry many clients on their connections: their addresses are not capped.
-            clients=ClientSlots(config.max_connections_per_client, config.trusted_proxies),
+            clients=ClientSlots(
+                worker_share(config.max_connections_per_client, config.workers),
+                config.trusted_proxies,
+            ),
             on_client_refused=metrics.client_connections_refused.inc,
             connections=self.connections,
             proxy_protocol_from=config.trusted_proxies if config.proxy_protocol else (),

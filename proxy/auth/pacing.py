@@ -4,7 +4,8 @@ A client that keeps resending at once after 429 (instead of waiting for `Retry-A
 otherwise make the event loop answer thousands of refusals a second, and every other client's
 login waits behind them. Each address may get `burst` refusals at once, refilled at `per_second`;
 beyond that its refusals are answered after `delay` seconds (a sleep, no work). This lives in
-each process, as the CPU it protects does.
+each process, as the CPU it protects does; with workers each paces its part of the numbers,
+so an address gets `burst` at once and `per_second` on the host.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+
+from proxy.host_share import worker_share
 
 
 class RefusalPacer:
@@ -24,9 +27,10 @@ class RefusalPacer:
         delay: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         max_keys: int = 10000,
+        workers: int = 1,
     ) -> None:
-        self._burst = burst
-        self._rate = per_second
+        self._burst = worker_share(burst, workers)
+        self._rate = per_second / workers
         self._delay = delay
         self._clock = clock
         self._max_keys = max_keys

@@ -15,6 +15,7 @@ from prometheus_client import Histogram
 from yarl import URL
 
 from proxy import errors
+from proxy.edge.forwarded import client_key
 from proxy.exchange import Exchange
 from proxy.metrics import Metrics
 from proxy.relay.failure import UPSTREAM_ERRORS, UpstreamFailures, client_stopped
@@ -116,16 +117,18 @@ class Forwarder:
         """
         if self._slots is None:
             return await self._forward_either(request, exchange, query, fast)
-        # Only authenticated requests are forwarded; the client address is a fallback.
-        user = exchange.user or exchange.client
-        if not await self._slots.acquire(user):
+        # An anonymous request's share is its client's, counted by client key like every
+        # other per-client limit (one IPv6 /64 is one client).
+        anonymous = exchange.user is None
+        share = client_key(exchange.client) if exchange.user is None else exchange.user
+        if not await self._slots.acquire(share, anonymous=anonymous):
             self._pool_timeouts.inc()
             log.debug("no upstream connection free: %s %s", request.method, exchange.target.action)
             return errors.proxy_busy()
         try:
             return await self._forward_either(request, exchange, query, fast)
         finally:
-            self._slots.release(user)
+            self._slots.release(share, anonymous=anonymous)
 
     async def _forward_either(
         self, request: web.Request, exchange: Exchange, query: str | None, fast: FastPath | None
