@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from proxy.relay.slots import UpstreamSlots
-from tests.support import Proxy, Registry, eventually, push_blob
-from tests.test_adversarial import token
+from tests.support import Proxy, Registry, eventually, push_blob, start_stalled_download, token
 
 MiB = 1 << 20
 RULES = """
@@ -20,20 +18,6 @@ access:
   - {users: ["@anonymous"], repositories: ["shares/**"], actions: [pull]}
   - {users: ["*"], repositories: ["**"], actions: [pull, push, delete, catalog]}
 """
-
-
-async def start_download(
-    proxy: Proxy, digest: str, headers: str
-) -> tuple[int, asyncio.StreamWriter]:
-    """A blob GET from a client that reads the head and then stops reading; its status."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=1 << 16)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-    target = f"/v2/shares/app/blobs/{digest}"
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: {proxy.host}\r\n{headers}\r\n".encode())
-    async with asyncio.timeout(10):
-        head = await reader.readuntil(b"\r\n\r\n")
-    writer.transport.pause_reading()  # type: ignore[attr-defined]
-    return int(head.split(b" ")[1]), writer
 
 
 @pytest.mark.parametrize(
@@ -73,11 +57,13 @@ async def test_anonymous_downloads_that_stop_reading_cannot_starve_logged_in_use
     try:
         statuses = []
         for address in addresses:
-            status, writer = await start_download(proxy, digest, f"X-Forwarded-For: {address}\r\n")
+            status, writer = await start_stalled_download(
+                proxy, digest, f"X-Forwarded-For: {address}\r\n"
+            )
             statuses.append(status)
             held.append(writer)
         assert statuses == expected
-        alice, writer = await start_download(
+        alice, writer = await start_stalled_download(
             proxy, digest, f"Authorization: {token('alice', users['alice'])}\r\n"
         )
         held.append(writer)

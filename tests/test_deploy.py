@@ -29,6 +29,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from proxy.config import load_config
+from proxy.host_share import worker_share
 from tests.support import (
     REGISTRY_BINARY,
     Process,
@@ -633,7 +634,9 @@ def test_ingress_variant_changes_only_the_proxy_publishing() -> None:
         k: v for k, v in base.items() if k != "proxy"
     }
     environment = merged["proxy"]["environment"]
-    assert environment.pop("PROXY_MAX_CONNECTIONS_PER_CLIENT") == "4096"
+    # Per host: each worker of a node of up to 16 cores still gets all of max_connections.
+    cap = int(environment.pop("PROXY_MAX_CONNECTIONS_PER_CLIENT"))
+    assert worker_share(cap, 16) >= int(proxy_settings().get("max_connections", 4096))
     assert environment == base["proxy"]["environment"]
     unchanged = {"ports", "deploy"}
     assert {k: v for k, v in merged["proxy"].items() if k not in unchanged} == {

@@ -17,21 +17,13 @@ from proxy.throttle.policy import Throttle, Throttled
 from proxy.throttle.redis import RedisStore
 from proxy.throttle.store import MemoryStore, ThrottleStore
 from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
-from tests.harness import RedisServer
-from tests.support import Proxy, Registry, call
+from tests.support import Proxy, RedisServer, Registry, call
+from tests.support.clock import Clock
 
 OWNER = "192.0.2.50"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(params=["memory", "host", "redis"])
+@pytest.fixture(params=["memory", "host", pytest.param("redis", marks=pytest.mark.system)])
 async def bounded(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., ThrottleStore]]:
     """A store with small bounds: in this process, behind the supervisor's socket pair, or in
     a real redis-server (whose keys of failures are bounded by its `maxmemory` only)."""

@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from proxy.auth.pacing import RefusalPacer
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 def test_a_burst_of_refusals_goes_out_at_once_then_they_are_held() -> None:

@@ -13,11 +13,19 @@ import pytest
 
 from proxy.auth.pacing import RefusalPacer
 from proxy.host_share import worker_share
-from tests.support import Proxy, Registry, http_status, push_blob, wait_until
-from tests.test_adversarial import gauge, token
-from tests.test_client_shares import start_download
-from tests.test_pacing import Clock
-from tests.test_throttle_proxy import session_from, status_of
+from tests.support import (
+    Proxy,
+    Registry,
+    gauge,
+    http_status,
+    push_blob,
+    session_from,
+    start_stalled_download,
+    status_of,
+    token,
+    wait_until,
+)
+from tests.support.clock import Clock
 
 MiB = 1 << 20
 WORKERS = "2"
@@ -98,7 +106,7 @@ async def test_one_user_cannot_hold_more_upstream_connections_than_her_share_acr
     try:
         statuses = []
         for _ in range(8):
-            status, writer = await start_download(proxy, digest, alice)
+            status, writer = await start_stalled_download(proxy, digest, alice)
             statuses.append(status)
             held.append(writer)
         assert 1 <= statuses.count(200) <= 2, statuses

@@ -14,14 +14,7 @@ from proxy.throttle.redis import RedisStore
 from proxy.throttle.store import RESERVATION_LEASE, MemoryStore, ThrottleStore
 from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 from tests.support import RedisServer
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 @pytest.fixture

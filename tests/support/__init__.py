@@ -5,7 +5,8 @@
 - `polling`: `wait_until` (blocking) and `eventually` (awaited), one polling loop.
 - `client`: requests as the tests send them; `metrics`: what /metrics says.
 - `upstreams`: fake upstreams; `edges`: HAProxy and nginx in front; `clients`: docker, skopeo
-  and podman in sealed environments; `images`: OCI images from bytes; `tls`: certificates.
+  and podman in sealed environments; `images`: OCI images from bytes; `tls`: certificates;
+  `clock`: a clock the test moves by hand.
 
 Fixtures live in tests/conftest.py. A test module imports from here, never from another test
 module (tests/test_suite.py checks it).
@@ -18,6 +19,7 @@ from tests.support.client import (
     push_image,
     session_from,
     start_download,
+    start_stalled_download,
     status_of,
     token,
 )
@@ -87,6 +89,7 @@ __all__ = [
     "start_download",
     "start_haproxy",
     "start_nginx",
+    "start_stalled_download",
     "status_of",
     "tar_gz",
     "token",

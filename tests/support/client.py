@@ -133,3 +133,17 @@ async def status_of(
     async with session.get(proxy.url + "/v2/", headers=basic_auth(user, password)) as response:
         await response.read()
         return response.status, response.headers.get("Retry-After")
+
+
+async def start_stalled_download(
+    proxy: Proxy, digest: str, headers: str, repository: str = "shares/app"
+) -> tuple[int, asyncio.StreamWriter]:
+    """A blob GET from a client that reads the head and then stops reading; its status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=1 << 16)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    target = f"/v2/{repository}/blobs/{digest}"
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: {proxy.host}\r\n{headers}\r\n".encode())
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+    writer.transport.pause_reading()  # type: ignore[attr-defined]
+    return int(head.split(b" ")[1]), writer
