@@ -216,15 +216,15 @@ def _parse_groups(groups: object) -> dict[str, frozenset[str]]:
                 f"groups: invalid group name {name!r} (expected letters, digits, '.', '_', '-')"
             )
         where = f"groups.{name}"
-        if users is None:
-            parsed[name] = frozenset()
-            continue
-        entries = _strings(where, users)
         if name == ANONYMOUS_GROUP:
             raise ValueError(
                 f"groups.{name}: the name is reserved (@{ANONYMOUS_GROUP} means requests "
                 "without credentials)"
             )
+        if users is None:
+            parsed[name] = frozenset()
+            continue
+        entries = _strings(where, users)
         for index, user in enumerate(entries):
             if user == ANY_USER or user.startswith("@"):
                 raise ValueError(f"{where}[{index}]: a group lists user names only, got {user!r}")

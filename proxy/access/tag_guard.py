@@ -145,7 +145,11 @@ class TagGuard:
             except (*UPSTREAM_ERRORS, ValueError) as exc:
                 log.warning("tag list of %s for immutable tags failed: %s", repository, exc)
                 return None
-            page = document.get("tags") if isinstance(document, dict) else None
+            # The registry always names `tags` (null when there are none): anything else is
+            # no tag list, and cannot show that no immutable tag points to the digest.
+            if not isinstance(document, dict) or "tags" not in document:
+                return None
+            page = document["tags"]
             if page is None:
                 return found
             if not isinstance(page, list) or not all(isinstance(tag, str) for tag in page):
