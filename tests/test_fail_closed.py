@@ -27,7 +27,6 @@ from tests.support import basic_auth, free_port
 
 # The proxy stores its exchange under a plain string key; aiohttp warns (once) about that, and
 # in-process the warning would become the handler's exception.
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
 Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Start = Callable[..., Awaitable["Site"]]
