@@ -86,8 +86,12 @@ def index_of(children: dict[str, tuple[str, int]], media_type: str = OCI_MANIFES
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
             "manifests": [
-                {"mediaType": media_type, "digest": digest, "size": size,
-                 "platform": {"architecture": arch, "os": "linux"}}  # fmt: skip
+                {
+                    "mediaType": media_type,
+                    "digest": digest,
+                    "size": size,
+                    "platform": {"architecture": arch, "os": "linux"},
+                }
                 for arch, (digest, size) in children.items()
             ],
         }
