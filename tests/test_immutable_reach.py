@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.access.tag_guard import DELETE_LOOKUPS_MAX
 from tests.support import (
     Proxy,
     Registry,
@@ -170,7 +171,9 @@ def test_a_child_only_a_movable_tag_reaches_can_be_deleted(
 
 CHILD = "sha256:" + "c" * 64
 INDEX = "sha256:" + "1" * 64
-FAULTS = ["tags", "head", "index"]
+FAULTS = ["tags", "head", "index", "too-many"]
+# One past the look-ups one delete may make: a second page of the tag list holds the last tag.
+MANY = DELETE_LOOKUPS_MAX + 1
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -178,15 +181,25 @@ async def test_a_delete_is_refused_when_the_registry_cannot_say_what_is_protecte
     start_proxy: Callable[..., Proxy], users: dict[str, str], tmp_path: Path, fault: str
 ) -> None:
     """Class: a look-up that fails open: when the tag list, the tag's HEAD or the index it
-    points to answers 500, the DELETE is refused with 503 and never forwarded."""
+    points to answers 500, or there are more immutable tags than one delete may read, the
+    DELETE is refused with 503 and never forwarded."""
     seen: list[str] = []
 
     def answer(line: str) -> tuple[str, dict[str, str], bytes]:
         method, target, _ = line.split(" ", 2)
-        if target.endswith("/tags/list?n=1000"):
+        if "/tags/list?n=1000" in target:
             if fault == "tags":
                 return "500 Internal Server Error", {}, b'{"errors":[]}'
-            return "200 OK", {"Content-Type": "application/json"}, b'{"tags":["v1.0"]}'
+            if fault != "too-many":
+                return "200 OK", {"Content-Type": "application/json"}, b'{"tags":["v1.0"]}'
+            if "&last=" in target:
+                return "200 OK", {}, json.dumps({"tags": [f"v{MANY - 1}"]}).encode()
+            page = json.dumps({"tags": [f"v{n}" for n in range(MANY - 1)]}).encode()
+            return "200 OK", {"Link": '</v2/multi/app/tags/list?n=1000&last=v>; rel="next"'}, page
+        if fault == "too-many" and method == "HEAD":
+            tag = target.rsplit("/", 1)[1]
+            digest = "sha256:" + tag.encode().hex().ljust(64, "0")
+            return "200 OK", {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": digest}, b""
         if target.endswith("/manifests/v1.0"):
             if fault == "head":
                 return "500 Internal Server Error", {}, b""
@@ -221,3 +234,5 @@ async def test_a_delete_is_refused_when_the_registry_cannot_say_what_is_protecte
     assert status == 503, body
     assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
     assert not [line for line in seen if line.startswith("DELETE ")], seen
+    if fault == "too-many":
+        assert len([line for line in seen if line.startswith("HEAD ")]) == DELETE_LOOKUPS_MAX
