@@ -93,10 +93,15 @@ class Gate:
             return None
         refusal = await self.tags.refusal(request, exchange, self._access.immutable)
         if refusal is not None:
-            exchange.refusal, exchange.refusal_detail = Refusal.DENIED, refusal.reason
-            log.info("denied %s %s: %s", request.method, exchange.target.repository,
+            reason = Refusal.UNCONFIRMED if refusal.unconfirmed else Refusal.DENIED
+            exchange.refusal, exchange.refusal_detail = reason, refusal.reason
+            log.info("%s %s %s: %s", reason, request.method, exchange.target.repository,
                      escape(refusal.reason))  # fmt: skip
-            response = errors.denied(refusal.reason)
+            response = (
+                errors.registry_error(503, "UNAVAILABLE", refusal.reason)
+                if refusal.unconfirmed
+                else errors.denied(refusal.reason)
+            )
             if request.body_exists and exchange.body is None:
                 response.force_close()
             return response
@@ -104,7 +109,7 @@ class Gate:
 
     async def _refusal(self, request: web.Request, exchange: Exchange) -> web.Response | None:
         """Everything that may refuse a request, in order."""
-        problem = reading.request_problem(request)
+        problem = reading.request_problem(request) or reading.reference_problem(exchange.target)
         if problem is not None:
             log.info("refused %s: %s", escape(request.method), problem)
             exchange.refusal, exchange.refusal_detail = Refusal.BAD_REQUEST, problem

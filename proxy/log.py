@@ -18,7 +18,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 
 from proxy.exchange import EXCHANGE_KEY, Exchange
 from proxy.metrics import Metrics, code_label, method_label, status_class
-from proxy.paths import Action, Target
+from proxy.paths import Action, Target, is_digest
 from proxy.reading import parse_query
 from proxy.refusal import Refusal
 
@@ -128,8 +128,8 @@ def _digest(
         header = response.headers.get("Docker-Content-Digest")
         if header:
             return header
-        if target.reference and ":" in target.reference:
-            return target.reference  # by digest (tags cannot hold a colon)
+        if target.reference and is_digest(target.reference):
+            return target.reference
     if target.action is Action.UPLOAD:
         # The upload's final PUT names its digest, a mount POST the blob it mounts.
         return query.get({"PUT": "digest", "POST": "mount"}.get(method, ""))

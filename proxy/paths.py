@@ -37,6 +37,9 @@ _TAG = r"[\w][\w.-]{0,127}"
 # go-digest 1.0.0's DigestRegexp, which the router uses: looser than a valid digest, so
 # `sha256:totallywrong` is routed as a manifest (then read as a tag) or a blob.
 _DIGEST = r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+"
+# What every registry's digest.Parse takes: go-digest 1.0.0 (v3) wants an algorithm it links and
+# lowercase hex of its length; the older one in 2.8.2 also takes other characters (`Z` * 64).
+_VALID_DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
 
 # re.ASCII: Go's \w (in the registry's patterns) matches ASCII only.
 _ROUTES: list[tuple[Action, re.Pattern[str]]] = [
@@ -59,6 +62,11 @@ _REPOSITORY = re.compile(_NAME, re.ASCII)
 def is_repository(name: str) -> bool:
     """Whether the registry reads `name` (decoded) as a repository name."""
     return _REPOSITORY.fullmatch(name) is not None
+
+
+def is_digest(reference: str) -> bool:
+    """Whether every registry reads `reference` as a digest (another one with ':' is ambiguous)."""
+    return _VALID_DIGEST.fullmatch(reference) is not None
 
 
 @dataclass(frozen=True)

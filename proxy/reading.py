@@ -17,6 +17,10 @@ without credentials still gets its 401). Decisions (README, Security model, has 
   (U+0130 becomes `i`, U+212A `k`) and trims Unicode spaces, then `FormValue` reads form and
   multipart bodies (`mount`, `from`, `digest`). Refused: non-ASCII, more than one, a media type Go
   cannot parse, and the two form types whatever their parameters.
+- Digests: go-digest's Parse changed between the registry's versions (2.8.2 takes 64 `Z` or
+  upper-case hex as sha256, v3 does not), and a manifest reference it cannot parse is a tag. Only
+  what both take (`paths.is_digest`) passes; any other manifest reference with ':' and any other
+  blob or referrers digest is refused.
 - HTTP/1.0 with Transfer-Encoding: the framing is faulty (RFC 9112 §6.1): 400, then close.
 - Transfer-Encoding other than a lone `chunked`: Go's net/http refuses it (501), llhttp takes
   `identity, chunked` or `gzip, chunked` as chunked and the proxy would forward the coded bytes
@@ -30,6 +34,8 @@ from collections.abc import Callable, Sequence
 from urllib.parse import quote
 
 from aiohttp import web
+
+from proxy.paths import Action, Target, is_digest
 
 # RFC 3986 unreserved, sub-delims, ':' '@' '/' '?' and '%' (checked separately).
 _TARGET = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
@@ -58,6 +64,18 @@ def request_problem(request: web.BaseRequest) -> str | None:
     if codings and (len(codings) > 1 or codings[0].strip(" \t").lower() != "chunked"):
         return "Transfer-Encoding other than chunked"
     return target_problem(request.raw_path)
+
+
+def reference_problem(target: Target) -> str | None:
+    """Why one registry could read the target's reference as a digest and another as a tag."""
+    reference = target.reference
+    if reference is None or is_digest(reference):
+        return None
+    if target.action in (Action.BLOB, Action.REFERRERS):
+        return "invalid digest"
+    if target.action is Action.MANIFEST and ":" in reference:
+        return "manifest reference with ':' that is not a valid digest"
+    return None
 
 
 def body_problem(request: web.BaseRequest) -> str | None:

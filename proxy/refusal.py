@@ -17,6 +17,8 @@ class Refusal(StrEnum):
     THROTTLED = "throttled"
     # 403: the access rules do not grant the right, or the write would move an immutable tag.
     DENIED = "denied"
+    # 503: a delete immutable tags may forbid, when the registry's answers could not settle it.
+    UNCONFIRMED = "unconfirmed"
     # 405: a write while `read_only` is on.
     READ_ONLY = "read_only"
     # 404: outside the registry API (`/v2/...`).

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy.paths import Action, classify
+from proxy.paths import Action, classify, is_digest
 from proxy.reading import go_media_type, target_problem
 from proxy.relay.headers import upstream_url
 from tests.support import (
@@ -32,6 +32,7 @@ from tests.support import (
 )
 from tests.support import htpasswd as add_user
 
+OCI_MANIFEST = b"application/vnd.oci.image.manifest.v1+json"
 PASSWORDS = {"alice": "alice-secret", "mallory": "mallory-secret"}
 RULES = """
 access:
@@ -353,6 +354,11 @@ def test_an_asterisk_form_target_gets_the_registry_style_400(
 
 ROUTES = [
     "/v2/x/manifests/sha256:totallywrong",
+    "/v2/x/manifests/sha256:" + "a" * 63,
+    "/v2/x/manifests/sha256:" + "A" * 64,
+    "/v2/x/manifests/sha256:" + "Z" * 64,
+    "/v2/x/manifests/sha512:" + "a" * 64,
+    "/v2/x/manifests/sha384:" + "a" * 96,
     "/v2/x/manifests/sha256:abc=_-",
     "/v2/x/manifests/a+b.c:x",
     "/v2/x/manifests/a__b:x",
@@ -398,19 +404,83 @@ def test_paths_are_classified_as_the_registry_routes_them(
         assert json.loads(body)["errors"][0]["detail"]["name"] == target.repository
 
 
-def test_a_manifest_by_a_loose_digest_needs_pull_on_its_repository(
-    site: tuple[Registry, Proxy, Proxy],
+# --- Digests: what 2.8.2's and v3's go-digest read differently, or read as a tag.
+
+# Each contains ':' and routes as a manifest; only the valid ones are digests to every registry.
+MANIFEST_REFERENCES = {
+    "sha256-63-hex": "sha256:" + "a" * 63,
+    "sha256-upper-hex": "sha256:" + "A" * 64,  # a digest to 2.8.2's older go-digest
+    "sha256-64-Z": "sha256:" + "Z" * 64,  # likewise
+    "sha512-64-hex": "sha512:" + "a" * 64,
+    "sha256-loose": "sha256:totallywrong",
+    "sha256-base64": "sha256:" + "a" * 63 + "=",
+    "unknown-algorithm": "md5:" + "a" * 32,
+    "sha256+b64": "sha256+b64:" + "a" * 43,
+    "sha256": "sha256:" + "a" * 64,
+    "sha384": "sha384:" + "b" * 96,
+    "sha512": "sha512:" + "c" * 128,
+}
+
+
+def registry_reads_a_digest(registry: Registry, repository: str, reference: str) -> bool:
+    """Whether the registry read `reference` as a digest: only then does it name a revision."""
+    status, _, body = call(f"{registry.url}/v2/{repository}/manifests/{reference}")
+    return status == 200 or b"evision" in body
+
+
+@pytest.mark.parametrize("shape", MANIFEST_REFERENCES)
+def test_manifest_references_are_digests_only_where_every_registry_agrees(
+    site: tuple[Registry, Proxy, Proxy], shape: str
 ) -> None:
-    """Class: as above, through the proxy: `manifests/sha256:totallywrong` is a manifest read."""
-    registry, restricted, _ = site
-    path = "/v2/team-a/loose/manifests/sha256:totallywrong"
-    direct = call(registry.url + path)[0]
-    answer = raw(restricted, "GET", path.encode())
-    # The registry's own answer (2.8.2 reads the reference as a tag and fails), not the proxy's 403.
-    assert status_and_body(answer)[0] == direct, answer
-    status, _, body = call(
-        restricted.url + "/v2/team-b/app/manifests/sha256:totallywrong",
-        headers={"Authorization": basic("alice")},
-    )
-    assert status == 403
-    assert b"pull on team-b/app denied" in body
+    """Class: a manifest reference read two ways: the proxy took any reference with ':' for a
+    digest, Go's digest.Parse takes fewer (and fewer on v3 than on 2.8.2) and reads the rest as a
+    tag. What is not a digest to both is refused before authentication and never forwarded."""
+    registry, restricted, unrestricted = site
+    reference = MANIFEST_REFERENCES[shape]
+    assert is_digest(reference) == registry_reads_a_digest(registry, "team-b/app", reference)
+    marker = f"team-a/ref-{uuid.uuid4().hex[:8]}"
+    path = f"/v2/{marker}/manifests/{reference}".encode()
+    for proxy in (restricted, unrestricted):
+        for method in ("GET", "HEAD", "DELETE", "PUT"):
+            answer = raw(proxy, method, path, b"Content-Type: " + OCI_MANIFEST + b"\r\n")
+            if is_digest(reference):
+                continue
+            if method == "HEAD":  # no body to read the error from
+                assert status_and_body(answer)[0] == 400, answer
+            else:
+                assert_refused_unseen(registry, answer, marker)
+        if is_digest(reference):
+            # Forwarded: the registry answers (404, or 400 for the empty PUT) itself.
+            wait_until(lambda: path.decode() in registry.requested_uris(), "the forwarded GET")
+            continue
+        head = b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (
+            path, proxy.host.encode())  # fmt: skip
+        assert_refused_unseen(registry, asyncio.run(exchange_raw(proxy, head)), marker)
+
+
+def test_a_manifest_by_a_valid_digest_still_passes(site: tuple[Registry, Proxy, Proxy]) -> None:
+    """Guards against over-refusing: a pull by a valid digest is forwarded as before."""
+    registry, _, unrestricted = site
+    digest = push_image(registry.url, "team-a/bydigest", "v1")
+    headers = {"Authorization": basic("alice"), "Accept": OCI_MANIFEST.decode()}
+    status, reply, _ = call(f"{unrestricted.url}/v2/team-a/bydigest/manifests/{digest}",
+                            headers=headers)  # fmt: skip
+    assert (status, reply["Docker-Content-Digest"]) == (200, digest)
+
+
+@pytest.mark.parametrize("kind", ["blobs", "referrers"])
+@pytest.mark.parametrize("shape", [s for s, r in MANIFEST_REFERENCES.items() if not is_digest(r)])
+def test_blob_and_referrers_digests_are_valid_to_every_registry(
+    site: tuple[Registry, Proxy, Proxy], kind: str, shape: str
+) -> None:
+    """Class: as above, for a blob or referrers digest (400 DIGEST_INVALID on v3, a digest to
+    2.8.2's older go-digest for some): refused before anything, never forwarded."""
+    registry, restricted, unrestricted = site
+    reference = MANIFEST_REFERENCES[shape]
+    if kind == "blobs":
+        status, _, body = call(f"{registry.url}/v2/team-b/app/blobs/{reference}")
+        assert (status, json.loads(body)["errors"][0]["code"]) == (400, "DIGEST_INVALID")
+    marker = f"team-a/{kind}-{uuid.uuid4().hex[:8]}"
+    for proxy in (restricted, unrestricted):
+        answer = raw(proxy, "GET", f"/v2/{marker}/{kind}/{reference}".encode())
+        assert_refused_unseen(registry, answer, marker)

@@ -1,6 +1,6 @@
 """Immutable tags: a matching tag never moves to another manifest and is never deleted.
 
-These are the rules; proxy/tag_guard.py enforces them.
+These are the rules; proxy/access/tag_guard.py enforces them.
 
 Configuration (re-read on SIGHUP):
 
@@ -15,12 +15,19 @@ How the proxy finds out, and what it costs (the registry is the only record of w
   manifests) is forwarded, another one is refused with 403 DENIED naming the tag.
 - A DELETE of an immutable tag: refused, no upstream request.
 - A DELETE of a manifest by digest in a repository some entry covers: the tag list is read (one
-  request per `TAGS_PAGE` tags) and every immutable tag in it is HEADed (one request each); the
-  delete is refused if one of them points to the digest.
-- Any other answer of the registry to these look-ups refuses the write (it cannot be confirmed).
+  request per `TAGS_PAGE` tags), every immutable tag in it is HEADed (one request each) and every
+  index one points to is read (one GET each, nested indexes too); the delete is refused (403) if
+  one of them is the digest or lists it. At most `DELETE_LOOKUPS_MAX` HEADs and GETs and
+  `DELETE_LOOKUP_SECONDS` in all, else the delete is refused with 503.
+- Any other answer of the registry to these look-ups refuses the write (it cannot be confirmed;
+  a delete with 503).
 
-The race that remains: two concurrent first pushes of the same new tag both see 404 and both are
-forwarded; the later one wins. After that the tag is fixed.
+Not covered: blobs (a layer an immutable image uses can be deleted), garbage collection, which
+never passes the proxy, and manifests that only refer to an image (`subject`).
+
+The races that remain: two concurrent first pushes of the same new tag both see 404 and both are
+forwarded; the later one wins. After that the tag is fixed. A delete by digest races the tagging
+of an index that lists it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -17,7 +18,7 @@ from yarl import URL
 
 from proxy.access.immutable import ImmutableTags
 from proxy.exchange import Exchange
-from proxy.paths import Action
+from proxy.paths import Action, is_digest
 from proxy.relay.failure import UPSTREAM_ERRORS
 from proxy.relay.headers import upstream_url
 
@@ -28,6 +29,16 @@ MANIFEST_MAX_BYTES = 4 * 1024 * 1024
 TAGS_PAGE = 1000
 # Tag-list pages one delete may read before the proxy gives up (and refuses the delete).
 TAGS_PAGES_MAX = 100
+# Manifests one delete by digest may read (a HEAD per immutable tag, a GET per index they reach)
+# and the seconds it may take, before the proxy gives up and refuses the delete with 503.
+DELETE_LOOKUPS_MAX = 1000
+DELETE_LOOKUP_SECONDS = 30.0
+INDEX_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    }
+)
 # Everything the registry may have stored, so that HEAD answers the stored manifest's digest.
 MANIFEST_TYPES = ", ".join(
     (
@@ -43,10 +54,8 @@ MANIFEST_TYPES = ", ".join(
 @dataclass(frozen=True)
 class TagRefusal:
     reason: str
-
-
-def _is_digest(reference: str) -> bool:
-    return ":" in reference
+    # The registry's answers could not settle the write (503), rather than a rule refusing it.
+    unconfirmed: bool = False
 
 
 class TagGuard:
@@ -72,14 +81,14 @@ class TagGuard:
         if not tags.covers(repository):
             return None
         if request.method == "DELETE":
-            if not _is_digest(reference):
+            if not is_digest(reference):
                 if tags.fixed(repository, reference):
                     return TagRefusal(f"tag {reference} of {repository} is immutable")
                 return None
             return await self._delete_refusal(repository, reference, tags)
-        if _is_digest(reference) or not tags.fixed(repository, reference):
+        if is_digest(reference) or not tags.fixed(repository, reference):
             return None
-        status, current = await self._digest_of(repository, reference)
+        status, current, _ = await self._head(repository, reference)
         if status == 404:
             return None
         if current is None:
@@ -96,33 +105,117 @@ class TagGuard:
     async def _delete_refusal(
         self, repository: str, digest: str, tags: ImmutableTags
     ) -> TagRefusal | None:
+        try:
+            async with asyncio.timeout(DELETE_LOOKUP_SECONDS):
+                return await self._reached_by_fixed_tag(repository, digest, tags)
+        except TimeoutError:
+            return TagRefusal(
+                f"immutable tags of {repository} not read within {DELETE_LOOKUP_SECONDS:g} s",
+                unconfirmed=True,
+            )
+
+    async def _reached_by_fixed_tag(
+        self, repository: str, digest: str, tags: ImmutableTags
+    ) -> TagRefusal | None:
+        """Refuse if an immutable tag points to `digest`, or to an index that lists it."""
         listed = await self._tags_of(repository)
         if listed is None:
             return TagRefusal(
-                f"the tags of {repository} could not be read to protect immutable tags"
+                f"the tags of {repository} could not be read to protect immutable tags",
+                unconfirmed=True,
             )
+        budget = DELETE_LOOKUPS_MAX
+        too_many = TagRefusal(
+            f"more than {DELETE_LOOKUPS_MAX} manifests to read to protect the immutable tags "
+            f"of {repository}",
+            unconfirmed=True,
+        )
+        read: set[str] = set()
         for tag in listed:
             if not tags.fixed(repository, tag):
                 continue
-            status, current = await self._digest_of(repository, tag)
+            budget -= 1
+            if budget < 0:
+                return too_many
+            status, current, media_type = await self._head(repository, tag)
+            if status == 404:
+                continue  # deleted since the list was read
+            if current is None:
+                return TagRefusal(
+                    f"immutable tag {tag} of {repository} could not be read", unconfirmed=True
+                )
             if current == digest:
                 return TagRefusal(f"immutable tag {tag} of {repository} points to {digest}")
-            if status != 404 and current is None:
-                return TagRefusal(f"immutable tag {tag} of {repository} could not be read")
+            # Indexes nested in indexes too: a nested one is as much a part of the tag.
+            pending = [current] if media_type in INDEX_TYPES else []
+            while pending:
+                index = pending.pop()
+                if index in read:
+                    continue
+                read.add(index)
+                budget -= 1
+                if budget < 0:
+                    return too_many
+                children = await self._children(repository, index)
+                if children is None:
+                    return TagRefusal(
+                        f"index {index} of immutable tag {tag} of {repository} could not be read",
+                        unconfirmed=True,
+                    )
+                for child, child_type in children:
+                    if child == digest:
+                        return TagRefusal(
+                            f"immutable tag {tag} of {repository} points to an index that "
+                            f"lists {digest}"
+                        )
+                    if child_type in INDEX_TYPES:
+                        pending.append(child)
         return None
 
-    async def _digest_of(self, repository: str, tag: str) -> tuple[int, str | None]:
-        """The registry's status for HEAD of the tag, and the digest it names (if 200)."""
-        url = upstream_url(self._base, f"/v2/{repository}/manifests/{tag}")
+    async def _head(self, repository: str, reference: str) -> tuple[int, str | None, str]:
+        """The registry's status for HEAD of the manifest, its digest (if 200) and media type."""
+        url = upstream_url(self._base, f"/v2/{repository}/manifests/{reference}")
         try:
             async with self._session.head(
                 url, headers={"Accept": MANIFEST_TYPES}, allow_redirects=False
             ) as response:
+                if response.status != 200:
+                    return response.status, None, ""
                 digest = response.headers.get("Docker-Content-Digest")
-                return response.status, digest if response.status == 200 else None
+                return response.status, digest, response.content_type
         except UPSTREAM_ERRORS as exc:
-            log.warning("immutable tag look-up of %s:%s failed: %s", repository, tag, exc)
-            return 0, None
+            log.warning("immutable tag look-up of %s:%s failed: %s", repository, reference, exc)
+            return 0, None, ""
+
+    async def _children(self, repository: str, index: str) -> list[tuple[str, str]] | None:
+        """The (digest, media type) of every manifest the index lists, or None if unreadable."""
+        url = upstream_url(self._base, f"/v2/{repository}/manifests/{index}")
+        body = bytearray()
+        try:
+            async with self._session.get(
+                url, headers={"Accept": MANIFEST_TYPES}, allow_redirects=False
+            ) as response:
+                if response.status != 200:
+                    return None
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MANIFEST_MAX_BYTES:
+                        return None
+            document = json.loads(body)
+        except (*UPSTREAM_ERRORS, ValueError) as exc:
+            log.warning("immutable tag look-up of %s@%s failed: %s", repository, index, exc)
+            return None
+        manifests = document.get("manifests") if isinstance(document, dict) else None
+        if not isinstance(manifests, list):
+            return None
+        children: list[tuple[str, str]] = []
+        for entry in manifests:
+            child = entry.get("digest") if isinstance(entry, dict) else None
+            if not isinstance(child, str):
+                return None
+            media_type = entry.get("mediaType")
+            children.append((child, media_type if isinstance(media_type, str) else ""))
+        return children
 
     async def _tags_of(self, repository: str) -> list[str] | None:
         """Every tag of `repository` ([] if it has none), or None if the registry would not say."""
