@@ -172,12 +172,12 @@ async def test_an_immutable_tag_the_registry_cannot_confirm_is_never_overwritten
 ) -> None:
     """Guards the PUT check: a HEAD of the tag answering 5xx (treated like a 404), 401, a
     redirect, 200 without a digest, a stall or no connection (read as 'no such tag') refuses
-    the PUT with 403; nothing is written and a client never gets a 502 for it."""
+    the PUT with 503 (the guard could not confirm: retry later); nothing is written."""
     site = await start_faulty(start, fault, only="HEAD")
     response = await site.client.put("/v2/team/app/manifests/v1", data=MANIFEST,
                                      headers={**ALICE, **MANIFEST_TYPE})  # fmt: skip
-    assert response.status == 403, await response.text()
-    assert "DENIED" in await response.text()
+    assert response.status == 503, await response.text()
+    assert "UNAVAILABLE" in await response.text()
     assert site.registry.reached("PUT") == []
 
 
@@ -222,10 +222,10 @@ async def test_a_delete_by_digest_is_refused_when_the_tags_cannot_be_read(
 ) -> None:
     """Guards the DELETE check's tag list: an error (5xx read as 404), a stall, garbage
     (not JSON, not an object, no `tags`, wrong types) or no registry must not read as 'no
-    tags' and let the delete of what v1 points to through."""
+    tags' and let the delete of what v1 points to through: 503, the guard could not confirm."""
     site = await start_faulty(start, fault, only="tags")
     response = await site.client.delete(f"/v2/team/app/manifests/{DIGEST}", headers=ALICE)
-    assert response.status == 403, await response.text()
+    assert response.status == 503, await response.text()
     assert site.registry.reached("DELETE") == []
 
 
@@ -234,10 +234,10 @@ async def test_a_delete_by_digest_is_refused_when_an_immutable_tag_cannot_be_rea
     start: Start, fault: str
 ) -> None:
     """Guards the DELETE check's look-ups: the tag list names v1, and v1's HEAD errs (any
-    status but 404, not only 5xx or a dead connection), stalls or has no digest: refused."""
+    status but 404, not only 5xx or a dead connection), stalls or has no digest: refused (503)."""
     site = await start_faulty(start, fault, only="HEAD")
     response = await site.client.delete(f"/v2/team/app/manifests/{DIGEST}", headers=ALICE)
-    assert response.status == 403, await response.text()
+    assert response.status == 503, await response.text()
     assert site.registry.reached("DELETE") == []
 
 
@@ -277,7 +277,7 @@ async def test_a_tag_list_that_never_ends_refuses_the_delete(start: Start) -> No
 
     site = await start(answer)
     response = await site.client.delete(f"/v2/team/app/manifests/{DIGEST}", headers=ALICE)
-    assert response.status == 403, await response.text()
+    assert response.status == 503, await response.text()
     assert pages == TAGS_PAGES_MAX
     assert site.registry.reached("DELETE") == []
 

@@ -92,7 +92,9 @@ class TagGuard:
         if status == 404:
             return None
         if current is None:
-            return TagRefusal(f"tag {reference} is immutable and its digest could not be read")
+            return TagRefusal(
+                f"tag {reference} is immutable and its digest could not be read", unconfirmed=True
+            )
         body = await _read_manifest(request, self._body_timeout)
         if body is None:
             return TagRefusal(f"tag {reference} is immutable: it points to {current}")
