@@ -104,18 +104,19 @@ def auth(users: dict[str, str]) -> dict[str, str]:
     return basic_auth("alice", users["alice"])
 
 
+@pytest.mark.parametrize("limit", ["100", "2"])
 async def test_blob_gets_reuse_upstream_connections(
-    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str]
+    registry: Registry, start_proxy: Callable[..., Proxy], users: dict[str, str], limit: str
 ) -> None:
     """Guards the connection per blob GET (closed by the proxy first, so one TIME_WAIT socket
     each: a few hundred GETs a second ran a remote registry out of ports): N GETs over a few
-    client connections use about one upstream connection per client, and each GET reaches the
-    registry once."""
+    client connections use about one upstream connection per client, also when every
+    `upstream_connections` slot is busy, and each GET reaches the registry once."""
     repo = f"keep/{uuid.uuid4().hex[:8]}"
     digest = push_blob(registry.url, repo, os.urandom(100_000))
     clients, gets = 3, 60
     async with counting_relay(registry.url) as (upstream, seen):
-        proxy = start_proxy(upstream)
+        proxy = start_proxy(upstream, PROXY_UPSTREAM_CONNECTIONS=limit)
         connector = aiohttp.TCPConnector(limit=clients)
         async with aiohttp.ClientSession(connector=connector, headers=auth(users)) as session:
 

@@ -51,7 +51,10 @@ class _Unanswered(ConnectionResetError):
 
 
 class BlobRelay:
-    """GET /v2/<name>/blobs/<digest> against an http:// upstream, the body copied as it comes."""
+    """GET /v2/<name>/blobs/<digest> against an http:// upstream, the body copied as it comes.
+
+    `slots` are those its requests hold (the normal relay's); their total bounds its idle pool.
+    """
 
     def __init__(
         self,
@@ -65,7 +68,11 @@ class BlobRelay:
     ) -> None:
         self._origin = upstream.origin()
         self._connections = UpstreamConnections(
-            upstream.host or "", upstream.port or 80, slots, connect_timeout=connect_timeout
+            upstream.host or "",
+            upstream.port or 80,
+            # Without slots nothing bounds the requests in progress: keep one idle at most.
+            limit=slots.total if slots is not None else 1,
+            connect_timeout=connect_timeout,
         )
         self._failures = UpstreamFailures(upstream, metrics.upstream_errors)
         self._framed = FramedRelay(

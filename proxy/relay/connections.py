@@ -6,8 +6,6 @@ import asyncio
 import ipaddress
 import socket
 
-from proxy.relay.slots import UpstreamSlots
-
 # As long as aiohttp's connector keeps an idle connection (its keepalive_timeout), so the two
 # relays hold idle connections alike, and well below the idle timeouts of servers and
 # balancers in front of registries (60 s and more), so that few go stale in the pool.
@@ -17,24 +15,23 @@ _AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[st
 
 
 class UpstreamConnections:
-    """Keep-alive sockets to one upstream; idle ones only while `slots` have room for them."""
+    """Keep-alive sockets to one upstream, at most `limit` of them idle.
 
-    def __init__(
-        self, host: str, port: int, slots: UpstreamSlots | None, *, connect_timeout: float
-    ) -> None:
+    Each is taken by a request holding one of the upstream slots (proxy/relay/slots.py) and
+    given back before the slot, and a new one is opened only when none is idle: so the pool
+    never holds more than were busy at once, nor more than the slots' total, its `limit`.
+    """
+
+    def __init__(self, host: str, port: int, *, limit: int, connect_timeout: float) -> None:
         self._host = host
         self._port = port
         # An address needs no resolver (asyncio's getaddrinfo is a thread-pool round trip).
         self._literal = _literal_address(host, port)
-        self._slots = slots
+        self._limit = limit
         self._connect_timeout = connect_timeout
         # Insertion-ordered: the last one given back is taken first, the oldest expire.
         self._idle: dict[socket.socket, asyncio.TimerHandle] = {}
         self._closed = False
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
 
     async def take(self, *, reuse: bool = True) -> tuple[socket.socket, bool]:
         """An idle connection that still looks open (if `reuse`), else a new one; True if idle."""
@@ -71,13 +68,8 @@ class UpstreamConnections:
             raise last or OSError("no address")
 
     def give_back(self, sock: socket.socket) -> None:
-        """Keep a connection whose response was read completely, if there is room; else close.
-
-        Called while the request still holds its slot, which the connection then stands for:
-        idle connections and requests in progress together stay within the slots' total.
-        """
-        room = self._slots.total - self._slots.in_use if self._slots is not None else 1
-        if self._closed or len(self._idle) >= room:
+        """Keep a connection whose response was read completely, if there is room; else close."""
+        if self._closed or len(self._idle) >= self._limit:
             sock.close()
             return
         loop = asyncio.get_running_loop()
