@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from proxy.relay import connections
 from tests.support import (
     Proxy,
     Registry,
@@ -269,3 +270,31 @@ async def test_a_request_that_may_have_been_answered_is_not_sent_again(
                 assert response.status == 502
                 assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
     assert len(gets) == 2, gets
+
+
+async def test_idle_connections_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the pool's own bounds: no more idle connections than its limit, none kept past
+    its idle time, and none left open once it is closed."""
+    ended: list[int] = []
+
+    async def count_ends(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        ended.append(1)
+
+    async with fake_upstream(count_ends) as upstream:
+        url = URL(upstream)
+        assert url.host is not None and url.port is not None
+        pool = connections.UpstreamConnections(url.host, url.port, limit=2, connect_timeout=5)
+        taken = [await pool.take() for _ in range(3)]
+        assert [reused for _, reused in taken] == [False] * 3
+        for sock, _ in taken:
+            pool.give_back(sock)
+        await eventually(lambda: len(ended) == 1, "the connection beyond the limit closed")
+        # The last one given back is the first taken again.
+        again, reused = await pool.take()
+        assert reused and again is taken[1][0]
+        monkeypatch.setattr(connections, "IDLE_SECONDS", 0.05)
+        pool.give_back(again)
+        await eventually(lambda: len(ended) == 2, "an idle connection to expire")
+        pool.close()
+        await eventually(lambda: len(ended) == 3, "the pool's close")
