@@ -272,6 +272,38 @@ async def test_a_request_that_may_have_been_answered_is_not_sent_again(
     assert len(gets) == 2, gets
 
 
+@pytest.mark.parametrize("fast", ["true", "false"], ids=["fast", "normal"])
+async def test_an_answer_framed_two_ways_is_a_502_from_one_request(
+    start_proxy: Callable[..., Proxy], users: dict[str, str], fast: str
+) -> None:
+    """Guards the framing of relayed answers: a head with both Content-Length and chunked
+    Transfer-Encoding is refused on both relays, not passed on with a length the body it
+    comes with does not have."""
+    gets: list[str] = []
+
+    async def both(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, _ = await read_request(reader)
+            if line.startswith("GET /v2/ "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                continue
+            gets.append(line)
+            writer.write(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 40\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+            )
+            await writer.drain()
+
+    async with fake_upstream(both) as upstream:
+        proxy = start_proxy(upstream, PROXY_FAST_BLOB_RELAY=fast)
+        async with (
+            aiohttp.ClientSession(headers=auth(users)) as session,
+            session.get(proxy.url + BLOB) as response,
+        ):
+            assert response.status == 502
+    assert len(gets) == 1
+
+
 async def test_idle_connections_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards the pool's own bounds: no more idle connections than its limit, none kept past
     its idle time, and none left open once it is closed."""

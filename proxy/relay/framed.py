@@ -120,6 +120,10 @@ class FramedRelay:
         while True:
             event = await self._next_event(sock, parser, buffer)
             if isinstance(event, h11.Response):
+                # h11 reads such a body as chunked; the Content-Length would reach the client
+                # with it. aiohttp's parser refuses the head too (RFC 9112 §6.3).
+                if {b"content-length", b"transfer-encoding"} <= {name for name, _ in event.headers}:
+                    raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding")
                 return event
             if not isinstance(event, h11.InformationalResponse):
                 raise ConnectionResetError("closed before the response head")
