@@ -7,8 +7,9 @@ import ipaddress
 import socket
 
 # As long as aiohttp's connector keeps an idle connection (its keepalive_timeout), so the two
-# relays hold idle connections alike, and well below the idle timeouts of servers and
-# balancers in front of registries (60 s and more), so that few go stale in the pool.
+# relays hold idle connections alike; below nginx's (75 s) and AWS balancers' (60 s) idle
+# timeouts. A server that closes sooner is seen at the next take (its FIN), so it costs a new
+# connection, not a failed request.
 IDLE_SECONDS = 15.0
 
 _AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[str, int]]
@@ -18,8 +19,9 @@ class UpstreamConnections:
     """Keep-alive sockets to one upstream, at most `limit` of them idle.
 
     Each is taken by a request holding one of the upstream slots (proxy/relay/slots.py) and
-    given back before the slot, and a new one is opened only when none is idle: so the pool
-    never holds more than were busy at once, nor more than the slots' total, its `limit`.
+    given back before the slot, and a new one is opened only when none is idle (or in place of
+    a stale one): so the pool never holds more than were busy at once, nor more than the
+    slots' total, its `limit`.
     """
 
     def __init__(self, host: str, port: int, *, limit: int, connect_timeout: float) -> None:
