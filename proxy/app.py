@@ -232,9 +232,10 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         session, config.upstream, app[METRICS], config.body_timeout, slots=slots
     )
     app[GATE].tags = TagGuard(session, config.upstream, config.body_timeout)
-    app[BLOB_RELAY] = BlobRelay(
+    app[BLOB_RELAY] = blob_relay = BlobRelay(
         config.upstream,
         app[METRICS],
+        slots=slots,
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
         body_timeout=config.body_timeout,
@@ -242,6 +243,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        blob_relay.close()
         await session.close()
 
 

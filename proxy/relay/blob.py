@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import logging
 import re
 import socket
 import time
@@ -16,13 +16,15 @@ from yarl import URL
 
 from proxy.exchange import Exchange
 from proxy.metrics import Metrics
+from proxy.relay.connections import UpstreamConnections
 from proxy.relay.failure import UpstreamFailures, client_stopped
 from proxy.relay.forward import record_time_to_headers, request_target
+from proxy.relay.framed import MAX_HEAD, FramedRelay, response_parser
 from proxy.relay.headers import relayed_headers, upstream_request_headers
+from proxy.relay.slots import UpstreamSlots
 
-# A registry's blob response head is ~400 bytes; aiohttp's own client parser stops near 8 KiB
-# a line and 100 fields, so anything larger goes to the normal relay and its limits.
-MAX_HEAD = 16384
+log = logging.getLogger("registry_proxy.forward")
+
 # One per transfer. Measured against 256 KiB and 1 MiB (bench/README.md): 256 KiB costs 30-50 %
 # more CPU per GiB; 1 MiB no less CPU than 512 KiB but 8 MB more peak RSS at 8 downloads.
 BUFFER_SIZE = 512 * 1024
@@ -33,70 +35,118 @@ _DEFAULT_ACCEPT = "*/*"
 
 
 @dataclass
-class _Head:
+class _Plain:
+    """A 200 or 206 with one Content-Length: the body is copied raw."""
+
     status: int
     reason: str
     headers: CIMultiDict[str]
     length: int
     start: bytes
+    keep_alive: bool
 
 
-class _Fallback(Exception):
-    """The upstream answered something other than a plain sized body: use the normal relay."""
+class _Unanswered(ConnectionResetError):
+    """The connection failed before a single byte of the answer: the request was not served."""
 
 
 class BlobRelay:
-    """GET /v2/<name>/blobs/<digest> against an http:// upstream, the body copied as it comes."""
+    """GET /v2/<name>/blobs/<digest> against an http:// upstream, the body copied as it comes.
+
+    `slots` are those its requests hold (the normal relay's); their total bounds its idle pool.
+    """
 
     def __init__(
         self,
         upstream: URL,
         metrics: Metrics,
         *,
+        slots: UpstreamSlots | None = None,
         connect_timeout: float,
         read_timeout: float,
         body_timeout: float,
     ) -> None:
         self._origin = upstream.origin()
-        self._host = upstream.host or ""
-        self._port = upstream.port or 80
-        # An address needs no resolver (asyncio's getaddrinfo is a thread-pool round trip).
-        self._literal = _literal_address(self._host, self._port)
+        self._connections = UpstreamConnections(
+            upstream.host or "",
+            upstream.port or 80,
+            # Without slots nothing bounds the requests in progress: keep one idle at most.
+            limit=slots.total if slots is not None else 1,
+            connect_timeout=connect_timeout,
+        )
         self._failures = UpstreamFailures(upstream, metrics.upstream_errors)
+        self._framed = FramedRelay(
+            upstream,
+            self._failures,
+            metrics.upstream_errors,
+            read_timeout=read_timeout,
+            body_timeout=body_timeout,
+        )
         self._time_to_headers = metrics.upstream_time_to_headers
-        self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._body_timeout = body_timeout
 
+    def close(self) -> None:
+        """Close the idle upstream connections."""
+        self._connections.close()
+
     async def __call__(
         self, request: web.Request, exchange: Exchange, query: str | None
-    ) -> web.StreamResponse | None:
-        """Relay the blob; None when the answer is for the normal relay (nothing sent yet)."""
-        loop = asyncio.get_running_loop()
+    ) -> web.StreamResponse:
+        """Relay the upstream's answer to the blob GET, asked exactly once."""
         buffer = bytearray(BUFFER_SIZE)
+        view = memoryview(buffer)
+        asked = await self._ask(request, self._request_head(request, exchange, query), view)
+        if isinstance(asked, web.Response):
+            return asked
+        sock, raw, start, sent = asked
+        record_time_to_headers(self._time_to_headers, exchange, sent)
+        reusable = False
         try:
-            sock = await self._connect(loop)
+            plain = _plain_head(raw, start)
+            if plain is None:
+                response, reusable = await self._framed(request, exchange, sock, raw + start, view)
+                return response
+            exchange.upstream_status = plain.status
+            response, reusable = await self._relay_body(request, exchange, sock, buffer, plain)
+            return response
+        finally:
+            if reusable:
+                self._connections.give_back(sock)
+            else:
+                sock.close()
+
+    async def _ask(
+        self, request: web.Request, wanted: bytes, view: memoryview, *, reuse: bool = True
+    ) -> tuple[socket.socket, bytes, bytes, float] | web.Response:
+        """Send the request, read the answer's first head; a failure before it is the answer."""
+        loop = asyncio.get_running_loop()
+        try:
+            sock, reused = await self._connections.take(reuse=reuse)
         except (OSError, TimeoutError) as exc:
             return self._failures.before_headers(request, exc, connecting=True)
         try:
             sent = time.monotonic()
-            await loop.sock_sendall(sock, self._request_head(request, exchange, query))
-            head = await self._read_head(loop, sock, memoryview(buffer))
-        except _Fallback:
+            try:
+                await loop.sock_sendall(sock, wanted)
+            except ConnectionError as exc:
+                raise _Unanswered(str(exc)) from exc
+            raw, start = await self._read_head(loop, sock, view)
+        except _Unanswered as exc:
             sock.close()
-            return None
-        except (OSError, TimeoutError) as exc:  # not sent, or no head in time
+            if not reused:
+                return self._failures.before_headers(request, exc)
+            # Not a byte of an answer on a connection that was idle: the registry closed it
+            # as the request went out, so it was never served. Asked again once, on a new one.
+            log.debug("upstream closed an idle connection: asking on a new one")
+            return await self._ask(request, wanted, view, reuse=False)
+        except (OSError, TimeoutError) as exc:  # a partial head, or none in time
             sock.close()
             return self._failures.before_headers(request, exc)
         except BaseException:
             sock.close()
             raise
-        exchange.upstream_status = head.status
-        record_time_to_headers(self._time_to_headers, exchange, sent)
-        try:
-            return await self._relay_body(request, exchange, loop, sock, buffer, head)
-        finally:
-            sock.close()
+        return sock, raw, start, sent
 
     def _request_head(self, request: web.Request, exchange: Exchange, query: str | None) -> bytes:
         headers = upstream_request_headers(
@@ -107,87 +157,74 @@ class BlobRelay:
         lines.extend(f"{name}: {value}" for name, value in headers.items())
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
-        async with asyncio.timeout(self._connect_timeout):
-            infos = self._literal or await loop.getaddrinfo(
-                self._host, self._port, type=socket.SOCK_STREAM
-            )
-            last: OSError | None = None
-            for family, kind, proto, _, address in infos:
-                sock = socket.socket(family, kind, proto)
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, address)
-                except OSError as exc:
-                    sock.close()
-                    last = exc
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return sock
-            raise last or OSError("no address")
-
     async def _read_head(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview
-    ) -> _Head:
+    ) -> tuple[bytes, bytes]:
+        """The first response head, and what came after it; _Unanswered if nothing came."""
         filled = 0
         end = None
         async with asyncio.timeout(self._read_timeout):
-            while end is None:
-                if filled >= MAX_HEAD:
-                    raise _Fallback
-                n = await loop.sock_recv_into(sock, view[filled:MAX_HEAD])
+            while end is None and filled < MAX_HEAD:
+                try:
+                    n = await loop.sock_recv_into(sock, view[filled:MAX_HEAD])
+                except ConnectionError as exc:
+                    if filled:
+                        raise
+                    raise _Unanswered(str(exc)) from exc
                 if n == 0:
-                    raise ConnectionResetError("closed before the response head")
+                    if filled:
+                        raise ConnectionResetError("closed before the end of the response head")
+                    raise _Unanswered("closed before the response head")
                 filled += n
-                found = _END_OF_HEAD.search(view[: min(filled, MAX_HEAD)])
+                found = _END_OF_HEAD.search(view[:filled])
                 end = found.end() if found else None
-        return _parse_head(bytes(view[:end]), bytes(view[end:filled]))
+        # No end within MAX_HEAD: h11 refuses the head as too large.
+        end = end or filled
+        return bytes(view[:end]), bytes(view[end:filled])
 
     async def _relay_body(
         self,
         request: web.Request,
         exchange: Exchange,
-        loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         buffer: bytearray,
-        head: _Head,
-    ) -> web.StreamResponse:
+        plain: _Plain,
+    ) -> tuple[web.StreamResponse, bool]:
         client_origin = f"{exchange.scheme}://{request.host}"
         response = web.StreamResponse(
-            status=head.status,
-            reason=head.reason,
-            headers=relayed_headers(head.headers, self._origin, client_origin),
+            status=plain.status,
+            reason=plain.reason,
+            headers=relayed_headers(plain.headers, self._origin, client_origin),
         )
         await response.prepare(request)
         transport = request.transport
         if transport is None:
-            return response
+            return response, False
         limits = transport.get_write_buffer_limits()
         # Paused while anything is pending, resumed once all is sent: drain() then means "the
         # transport holds no reference to the buffer" (3.12+ keep memoryviews, not copies).
         transport.set_write_buffer_limits(high=1, low=0)
         try:
-            return await self._copy(request, loop, sock, memoryview(buffer), head, response)
+            read = await self._copy(request, sock, memoryview(buffer), plain, response)
         finally:
             if not transport.is_closing():
                 transport.set_write_buffer_limits(high=limits[1], low=limits[0])
+        return response, read and plain.keep_alive
 
     async def _copy(
         self,
         request: web.Request,
-        loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         view: memoryview,
-        head: _Head,
+        plain: _Plain,
         response: web.StreamResponse,
-    ) -> web.StreamResponse:
+    ) -> bool:
+        """Copy the body; True if all of it was read from the upstream and sent on."""
+        loop = asyncio.get_running_loop()
         writer, transport = request.writer, request.transport
         assert transport is not None
-        remaining = head.length
-        chunk: bytes | memoryview = head.start[:remaining]
+        remaining = plain.length
+        chunk: bytes | memoryview = plain.start[:remaining]
         while True:
             if chunk:
                 remaining -= len(chunk)
@@ -197,7 +234,7 @@ class BlobRelay:
                         await writer.drain()
                 except (ConnectionError, TimeoutError) as exc:
                     client_stopped(request, exc, self._body_timeout)
-                    return response
+                    return False
                 if transport.get_write_buffer_size():
                     # Still referenced (a transport that ignores the limits): never overwrite.
                     view = memoryview(bytearray(len(view)))
@@ -210,53 +247,48 @@ class BlobRelay:
                     raise ConnectionResetError("upstream closed the connection")
             except (OSError, TimeoutError) as exc:
                 self._failures.mid_body(request, exc)
-                return response
+                return False
             chunk = view[:n]
         await response.write_eof()
-        return response
+        return True
 
 
-def _literal_address(
-    host: str, port: int
-) -> list[tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[str, int]]]:
-    """getaddrinfo's answer for an IP address host, without asking it; empty for a name."""
+def _plain_head(raw: bytes, start: bytes) -> _Plain | None:
+    """The head of a plain body of one known size (200/206); None for anything else."""
+    parser = response_parser(raw)
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return []
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
-
-
-def _parse_head(raw: bytes, start: bytes) -> _Head:
-    """The response head, or _Fallback unless it announces a plain body of one known size."""
-    connection = h11.Connection(h11.CLIENT)
-    connection.send(h11.Request(method="GET", target="/", headers=[("Host", "upstream")]))
-    connection.send(h11.EndOfMessage())
-    connection.receive_data(raw)
-    try:
-        event = connection.next_event()
+        event = parser.next_event()
     except h11.RemoteProtocolError:
-        raise _Fallback from None
+        return None
     if not isinstance(event, h11.Response) or event.status_code not in (200, 206):
-        raise _Fallback
+        return None
     headers: CIMultiDict[str] = CIMultiDict()
     lengths = []
     for name, value in event.headers.raw_items():
         try:
             text_name, text_value = name.decode("ascii"), value.decode("ascii")
         except UnicodeDecodeError:
-            raise _Fallback from None
+            return None
         lowered = text_name.lower()
         if lowered == "transfer-encoding":
-            raise _Fallback
+            return None
         if lowered == "content-length":
             lengths.append(text_value)
         headers.add(text_name, text_value)
     if len(lengths) != 1 or not lengths[0].isdigit():
-        raise _Fallback
+        return None
     try:
         reason = event.reason.decode("ascii")
     except UnicodeDecodeError:
-        raise _Fallback from None
-    return _Head(event.status_code, reason, headers, int(lengths[0]), start)
+        return None
+    length = int(lengths[0])
+    closes = "close" in _connection_tokens(headers)
+    # Bytes beyond the announced body were never asked for: the connection is not reusable.
+    keep_alive = event.http_version == b"1.1" and not closes and len(start) <= length
+    return _Plain(event.status_code, reason, headers, length, start, keep_alive)
+
+
+def _connection_tokens(headers: CIMultiDict[str]) -> set[str]:
+    return {
+        t.strip().lower() for value in headers.getall("Connection", ()) for t in value.split(",")
+    }

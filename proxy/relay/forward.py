@@ -24,8 +24,8 @@ from proxy.relay.slots import UpstreamSlots
 
 log = logging.getLogger("registry_proxy.forward")
 
-# A relay tried before the normal one (proxy/relay/blob.py); None: it declined, nothing was sent.
-FastPath = Callable[[web.Request, Exchange, str | None], Awaitable[web.StreamResponse | None]]
+# A relay used instead of the normal one (proxy/relay/blob.py); it answers whatever comes back.
+FastPath = Callable[[web.Request, Exchange, str | None], Awaitable[web.StreamResponse]]
 
 # The best relay buffer measured on loopback (see README, Performance).
 READ_BUFSIZE = 1 << 20
@@ -112,8 +112,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Forward within the user's share of the upstream pool; 503 if no slot frees in time.
 
-        `fast` (the blob fast path) is tried first, in the same slot; None from it means the
-        normal relay answers instead.
+        `fast` (the blob fast path), when given, relays the request instead, in the same slot.
         """
         if self._slots is None:
             return await self._forward_either(request, exchange, query, fast)
@@ -134,9 +133,7 @@ class Forwarder:
         self, request: web.Request, exchange: Exchange, query: str | None, fast: FastPath | None
     ) -> web.StreamResponse:
         if fast is not None:
-            response = await fast(request, exchange, query)
-            if response is not None:
-                return response
+            return await fast(request, exchange, query)
         return await self._forward(request, exchange, query)
 
     async def _forward(
