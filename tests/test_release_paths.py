@@ -75,9 +75,27 @@ class Ledger:
         self.keys: set[str] = set()
         self.balance: Counter[tuple[str, str]] = Counter()
         self.overdrawn: list[tuple[str, str]] = []
-        # While set, commits wait for it: a check's settling can be interrupted half-way.
-        self.hold_commits: asyncio.Event | None = None
-        self.commits_held = 0
+        # See `pause`.
+        self._pause: tuple[str, int, asyncio.Event] | None = None
+        self.calls: Counter[str] = Counter()
+        self.paused = 0
+
+    def pause(self, call: str, after: int = 0) -> None:
+        """Make every `call` (reserve, commit, release) after the first `after` wait until
+        `resume`: as a shared store's round trip would, a check stops there half-way."""
+        self._pause = (call, after, asyncio.Event())
+
+    def resume(self) -> None:
+        if self._pause is not None:
+            self._pause[2].set()
+
+    async def _called(self, call: str) -> None:
+        self.calls[call] += 1
+        if self._pause is not None:
+            name, after, resumed = self._pause
+            if name == call and self.calls[call] > after:
+                self.paused += 1
+                await resumed.wait()
 
     async def get(self, key: str, window: float, now: float) -> Entry:
         return await self.inner.get(key, window, now)
@@ -86,6 +104,7 @@ class Ledger:
         self, key: str, member: str, limit: int, window: float, now: float
     ) -> Entry | None:
         self.keys.add(key)
+        await self._called("reserve")
         refused = await self.inner.reserve(key, member, limit, window, now)
         if refused is None:
             self.balance[key, member] += 1
@@ -95,14 +114,13 @@ class Ledger:
         self, key: str, member: str, window: float, now: float, *, limit: int = 0,
         block: float = 0,
     ) -> None:  # fmt: skip
-        if self.hold_commits is not None:
-            self.commits_held += 1
-            await self.hold_commits.wait()
+        await self._called("commit")
         if not key.startswith("known:"):  # a success's mark, not a reservation's end
             self._give_back(key, member)
         await self.inner.commit(key, member, window, now, limit=limit, block=block)
 
     async def release(self, key: str, member: str, now: float) -> None:
+        await self._called("release")
         self._give_back(key, member)
         await self.inner.release(key, member, now)
 
@@ -194,6 +212,44 @@ async def test_a_failure_turns_its_reservation_into_the_failure(store: ThrottleS
     await (await throttle.admit("192.0.2.1", "alice")).failed()
     await settled_cleanly(ledger, clock.now)
     assert await ledger.failures(clock.now) == 3
+
+
+async def test_a_check_cancelled_between_its_reservations_leaves_none_behind() -> None:
+    """Guards `admit` against cancellation: a handler cancelled while its check waits for the
+    store to take its second reservation gives back the first (else it holds a place in the
+    pair's budget until the lease ends, in Redis across a rolling restart)."""
+    clock, ledger = Clock(), Ledger(MemoryStore())
+    throttle = Throttle(3, WINDOW, 300, clock, store=ledger)
+    ledger.pause("reserve", after=1)
+    admitting = asyncio.create_task(throttle.admit("192.0.2.1", "alice"))
+    await eventually(lambda: ledger.paused == 1, "the second reservation to be asked for")
+    admitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    ledger.resume()
+    await eventually(lambda: not ledger.in_flight(), "the first reservation to be given back", 5)
+    await settled_cleanly(ledger, clock.now)
+
+
+@pytest.mark.parametrize(("outcome", "call"), [("succeeded", "release"), ("failed", "commit")])
+async def test_a_settlement_cancelled_half_way_still_reaches_every_budget(
+    outcome: str, call: str
+) -> None:
+    """Guards `Admission` against cancellation: settling writes one key after another, and a
+    cancellation between two of them must not leave the later ones reserved."""
+    clock, ledger = Clock(), Ledger(MemoryStore())
+    throttle = Throttle(3, WINDOW, 300, clock, store=ledger)
+    admission = await throttle.admit("192.0.2.1", "alice")
+    ledger.pause(call, after=1)
+    settling = asyncio.create_task(getattr(admission, outcome)())
+    await eventually(lambda: ledger.paused == 1, "the second key to be settled")
+    settling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await settling
+    ledger.resume()
+    await eventually(lambda: not ledger.in_flight(), "every key to be settled", 5)
+    await settled_cleanly(ledger, clock.now)
+    assert await ledger.failures(clock.now) == (3 if outcome == "failed" else 0)
 
 
 # --- The store's reservations, on every store. ------------------------------------------------
@@ -361,15 +417,15 @@ async def test_a_second_cancellation_cannot_interrupt_settling_the_check(
 ) -> None:
     """Guards the shield around settling a cancelled check: cancelled again while its failure
     is being written (a drain's deadline after the client left), every budget still gets it."""
-    site.ledger.hold_commits = asyncio.Event()
+    site.ledger.pause("commit")
     login = site.login("guess")
     await eventually(lambda: gate.started == 1, "the hash to start")
     login.cancel()
-    await eventually(lambda: site.ledger.commits_held == 1, "the failure to be written")
+    await eventually(lambda: site.ledger.paused == 1, "the failure to be written")
     login.cancel()
     with pytest.raises(asyncio.CancelledError):
         await login
-    site.ledger.hold_commits.set()
+    site.ledger.resume()
     await eventually(lambda: not site.ledger.in_flight(), "the failure to reach every budget")
     await settled_cleanly(site.ledger, site.clock.now)
     assert await site.ledger.failures(site.clock.now) == 3
