@@ -334,6 +334,18 @@ def test_tag_globs_with_non_ascii_letters_are_refused(pattern: str) -> None:
         parse_immutable_tags([{"repositories": ["**"], "tags": [pattern]}])
 
 
+def test_a_tag_is_at_most_128_characters_in_routes_and_globs() -> None:
+    """Guards the tag grammar's length at exactly its limit: a 128-character tag names a
+    manifest and a 128-character glob is read; one more character is neither."""
+    assert classify(f"/v2/app/manifests/v{'1' * 127}").reference == f"v{'1' * 127}"
+    assert classify(f"/v2/app/manifests/v{'1' * 128}").action is Action.OTHER
+    longest = "v" + "1" * 126 + "*"
+    rules = parse_immutable_tags([{"repositories": ["**"], "tags": [longest]}])
+    assert rules.fixed("a", longest[:-1] + "2") and not rules.fixed("a", "v1")
+    with pytest.raises(ValueError, match="can never match a tag"):
+        parse_immutable_tags([{"repositories": ["**"], "tags": [longest + "1"]}])
+
+
 # --- Rate limits at exactly their limit. ------------------------------------------------------
 
 
