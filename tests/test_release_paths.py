@@ -231,7 +231,9 @@ async def test_a_check_cancelled_between_its_reservations_leaves_none_behind() -
     await settled_cleanly(ledger, clock.now)
 
 
-@pytest.mark.parametrize(("outcome", "call"), [("succeeded", "release"), ("failed", "commit")])
+@pytest.mark.parametrize(
+    ("outcome", "call"), [("succeeded", "release"), ("failed", "commit"), ("release", "release")]
+)
 async def test_a_settlement_cancelled_half_way_still_reaches_every_budget(
     outcome: str, call: str
 ) -> None:
