@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import socket
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,7 +32,13 @@ from proxy.relay.forward import Forwarder
 from proxy.relay.slots import UpstreamSlots
 from proxy.throttle.policy import Throttle, Throttled
 from proxy.throttle.redis import RedisStore
-from proxy.throttle.store import RESERVATION_LEASE, Entry, MemoryStore, ThrottleStore
+from proxy.throttle.store import (
+    RESERVATION_LEASE,
+    Entry,
+    MemoryStore,
+    StoreUnavailable,
+    ThrottleStore,
+)
 from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 from tests.support import eventually
 
@@ -599,3 +607,25 @@ async def test_a_forward_cancelled_mid_request_gives_its_upstream_slot_back() ->
     with pytest.raises(ConnectionResetError):
         await forwarder(request, exchange, fast=fails)
     assert (slots.in_use, slots.held_by("alice")) == (0, 0)
+
+
+# --- The supervisor's store: calls waiting when it goes away. ---------------------------------
+
+
+async def test_calls_waiting_when_the_supervisor_goes_away_fail_at_once() -> None:
+    """Guards `HostStoreClient._disconnect`: a settlement in flight when the supervisor's end
+    closes fails then (and falls back), rather than hang until its own timeout as if the
+    supervisor were only slow; later calls fail at once too."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = HostStoreClient(theirs)
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    try:
+        releasing = asyncio.create_task(client.release("k", "alice", 1000.0))
+        assert json.loads(await reader.readline()) == ["release", "k", "alice", 1000.0]
+        writer.close()
+        with pytest.raises(StoreUnavailable, match="closed the connection"):
+            await releasing
+        with pytest.raises(StoreUnavailable, match="is closed"):
+            await client.commit("k", "alice", WINDOW, 1000.0)
+    finally:
+        await client.close()
