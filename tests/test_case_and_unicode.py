@@ -13,39 +13,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio
-from aiohttp.test_utils import make_mocked_request
-from passlib.hash import apr_md5_crypt
 
 from proxy.access.immutable import parse_immutable_tags
 from proxy.access.rules import Right, parse_access
-from proxy.auth import credentials
-from proxy.auth.credentials import CredentialChecker, parse_basic
+from proxy.auth.credentials import parse_basic
 from proxy.auth.hashpool import Busy, FairPool
-from proxy.auth.htpasswd import HtpasswdAuthenticator
 from proxy.auth.pacing import RefusalPacer
 from proxy.edge.client_slots import ClientSlots
 from proxy.edge.forwarded import canonical_address, client_key
-from proxy.exchange import Exchange
-from proxy.identity import AuthFailure, AuthOutcome, Identity
+from proxy.identity import AuthFailure, AuthOutcome
 from proxy.paths import Action, classify, is_repository
 from proxy.relay.slots import UpstreamSlots
-from proxy.throttle.policy import Throttle, Throttled
-from proxy.throttle.redis import RedisStore
-from proxy.throttle.store import MemoryStore, ThrottleStore
-from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
+from proxy.throttle.policy import Throttle
+from proxy.throttle.store import ThrottleStore
+from tests.doubles import (
+    STORES,
+    Clock,
+    GatedHash,
+    authenticator,
+    fail,
+    gated_hash,
+    login,
+    open_store,
+    retry_after,
+)
 from tests.support import OCI_MANIFEST, Proxy, Registry, basic_auth, call, eventually, push_image
 
 WINDOW, BLOCK = 60.0, 300.0
 ACCEPT_OCI = {"Accept": OCI_MANIFEST}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -53,39 +48,11 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=["memory", "host", "redis"])
+@pytest.fixture(params=STORES)
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[ThrottleStore]:
     """Each boundary holds on every store: this process's, the supervisor's and Redis."""
-    if request.param == "memory":
-        yield MemoryStore()
-    elif request.param == "host":
-        server = HostStoreServer()
-        client = HostStoreClient(server.connect())
-        yield client
-        await client.close()
-        await server.close()
-    else:
-        redis_server = request.getfixturevalue("redis_server")
-        admin = redis.asyncio.Redis.from_url(redis_server.url)
-        await admin.flushdb()
-        await admin.aclose()
-        redis_store = RedisStore(redis_server.url)
-        yield redis_store
-        await redis_store.close()
-
-
-async def fail(throttle: Throttle, address: str, user: str, times: int = 1) -> None:
-    for _ in range(times):
-        await (await throttle.admit(address, user)).failed()
-
-
-async def retry_after(throttle: Throttle, address: str, user: str) -> float | None:
-    """Seconds the throttle asks to wait, or None when a check may run (given back at once)."""
-    try:
-        await (await throttle.admit(address, user)).release()
-    except Throttled as refusal:
-        return refusal.retry_after
-    return None
+    async with open_store(request) as opened:
+        yield opened
 
 
 # --- Client addresses as keys: IPv6 per /64, IPv4-mapped IPv6 as IPv4. ------------------------
@@ -454,53 +421,9 @@ class RecordingPacer(RefusalPacer):
         return delay
 
 
-class GatedHash:
-    """`verify_password` that waits for the test to open it."""
-
-    def __init__(self, verify: Callable[[str, str], bool]) -> None:
-        self._verify = verify
-        self.opened = threading.Event()
-        self.started = 0
-
-    def __call__(self, password: str, stored: str) -> bool:
-        self.started += 1
-        self.opened.wait(10)
-        return self._verify(password, stored)
-
-
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedHash]:
-    gated = GatedHash(credentials.verify_password)
-    monkeypatch.setattr(credentials, "verify_password", gated)
-    yield gated
-    gated.opened.set()
-
-
-async def no_pause(seconds: float) -> None:
-    """Failed checks are padded to the decoy's cost with a sleep; not in these tests."""
-
-
-def authenticator(
-    throttle: Throttle, pacer: RefusalPacer, max_pending: int = 10
-) -> tuple[HtpasswdAuthenticator, CredentialChecker]:
-    checker = CredentialChecker(
-        {"alice": apr_md5_crypt.hash("right")},
-        cache_ttl=60,
-        cache_size=10,
-        workers=2,
-        max_pending_per_client=max_pending,
-        sleep=no_pause,
-    )
-    return HtpasswdAuthenticator(checker, throttle, pacer, "test"), checker
-
-
-def login(
-    auth: HtpasswdAuthenticator, client: str, password: str
-) -> asyncio.Task[Identity | AuthFailure | None]:
-    token = base64.b64encode(f"alice:{password}".encode()).decode()
-    request = make_mocked_request("GET", "/v2/", headers={"Authorization": f"Basic {token}"})
-    exchange = Exchange(client=client, scheme="http", target=classify("/v2/"))
-    return asyncio.create_task(auth.authenticate(request, exchange))
+    yield from gated_hash(monkeypatch)
 
 
 async def test_refusals_are_paced_per_ipv6_64_and_mapped_ipv4(clock: Clock) -> None:

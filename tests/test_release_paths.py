@@ -4,25 +4,20 @@ once, whichever way it ends: success, failure, refusal, a full pool or cancellat
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import socket
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-import redis.asyncio
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from passlib.hash import apr_md5_crypt
 from yarl import URL
 
-from proxy.auth import credentials
-from proxy.auth.credentials import CredentialChecker
 from proxy.auth.hashpool import Busy, FairPool
-from proxy.auth.htpasswd import BUSY_RETRY_AFTER, HtpasswdAuthenticator
+from proxy.auth.htpasswd import BUSY_RETRY_AFTER
 from proxy.auth.pacing import RefusalPacer
 from proxy.exchange import Exchange
 from proxy.identity import AuthFailure, AuthOutcome, Identity
@@ -31,7 +26,6 @@ from proxy.paths import Action, Target
 from proxy.relay.forward import Forwarder
 from proxy.relay.slots import UpstreamSlots
 from proxy.throttle.policy import Throttle, Throttled
-from proxy.throttle.redis import RedisStore
 from proxy.throttle.store import (
     RESERVATION_LEASE,
     Entry,
@@ -39,39 +33,27 @@ from proxy.throttle.store import (
     StoreUnavailable,
     ThrottleStore,
 )
-from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
+from proxy.throttle.supervisor import HostStoreClient
+from tests.doubles import (
+    RIGHT,
+    STORES,
+    Clock,
+    GatedHash,
+    authenticator,
+    gated_hash,
+    login,
+    open_store,
+)
 from tests.support import eventually
 
 WINDOW = 60.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(params=["memory", "host", "redis"])
+@pytest.fixture(params=STORES)
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[ThrottleStore]:
     """Each rule holds on every store: this process's, the supervisor's and Redis."""
-    if request.param == "memory":
-        yield MemoryStore()
-    elif request.param == "host":
-        server = HostStoreServer()
-        client = HostStoreClient(server.connect())
-        yield client
-        await client.close()
-        await server.close()
-    else:
-        redis_server = request.getfixturevalue("redis_server")
-        admin = redis.asyncio.Redis.from_url(redis_server.url)
-        await admin.flushdb()
-        await admin.aclose()
-        redis_store = RedisStore(redis_server.url)
-        yield redis_store
-        await redis_store.close()
+    async with open_store(request) as opened:
+        yield opened
 
 
 class Ledger:
@@ -222,20 +204,26 @@ async def test_a_failure_turns_its_reservation_into_the_failure(store: ThrottleS
     assert await ledger.failures(clock.now) == 3
 
 
+async def cancel_half_way(ledger: Ledger, call: str, work: Coroutine[Any, Any, Any]) -> None:
+    """Run `work` until the ledger holds its second `call`, cancel it there, let the store
+    answer, and wait for every reservation to be settled."""
+    ledger.pause(call, after=1)
+    task = asyncio.create_task(work)
+    await eventually(lambda: ledger.paused == 1, f"a second {call} to be sent")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    ledger.resume()
+    await eventually(lambda: not ledger.in_flight(), "every reservation to be settled", 5)
+
+
 async def test_a_check_cancelled_between_its_reservations_leaves_none_behind() -> None:
     """Guards `admit` against cancellation: a handler cancelled while its check waits for the
     store to take its second reservation gives back the first (else it holds a place in the
     pair's budget until the lease ends, in Redis across a rolling restart)."""
     clock, ledger = Clock(), Ledger(MemoryStore())
     throttle = Throttle(3, WINDOW, 300, clock, store=ledger)
-    ledger.pause("reserve", after=1)
-    admitting = asyncio.create_task(throttle.admit("192.0.2.1", "alice"))
-    await eventually(lambda: ledger.paused == 1, "the second reservation to be asked for")
-    admitting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await admitting
-    ledger.resume()
-    await eventually(lambda: not ledger.in_flight(), "the first reservation to be given back", 5)
+    await cancel_half_way(ledger, "reserve", throttle.admit("192.0.2.1", "alice"))
     await settled_cleanly(ledger, clock.now)
 
 
@@ -250,14 +238,7 @@ async def test_a_settlement_cancelled_half_way_still_reaches_every_budget(
     clock, ledger = Clock(), Ledger(MemoryStore())
     throttle = Throttle(3, WINDOW, 300, clock, store=ledger)
     admission = await throttle.admit("192.0.2.1", "alice")
-    ledger.pause(call, after=1)
-    settling = asyncio.create_task(getattr(admission, outcome)())
-    await eventually(lambda: ledger.paused == 1, "the second key to be settled")
-    settling.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await settling
-    ledger.resume()
-    await eventually(lambda: not ledger.in_flight(), "every key to be settled", 5)
+    await cancel_half_way(ledger, call, getattr(admission, outcome)())
     await settled_cleanly(ledger, clock.now)
     assert await ledger.failures(clock.now) == (3 if outcome == "failed" else 0)
 
@@ -335,66 +316,24 @@ async def test_a_full_memory_store_never_evicts_a_key_with_a_check_in_flight() -
 
 # --- The htpasswd authenticator: refusals and cancellations hand everything back. -------------
 
-RIGHT = "right password"
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-class GatedHash:
-    """`verify_password` that waits for the test to open it; counts the hashes started."""
-
-    def __init__(self, verify: Callable[[str, str], bool]) -> None:
-        self._verify = verify
-        self.opened = threading.Event()
-        self.started = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, password: str, stored: str) -> bool:
-        with self._lock:
-            self.started += 1
-        self.opened.wait(10)
-        return self._verify(password, stored)
-
 
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedHash]:
-    gated = GatedHash(credentials.verify_password)
-    monkeypatch.setattr(credentials, "verify_password", gated)
-    yield gated
-    gated.opened.set()
-
-
-async def no_pause(seconds: float) -> None:
-    """Failed checks are padded to the decoy's cost with a sleep; not in these tests."""
+    yield from gated_hash(monkeypatch)
 
 
 class Site:
-    """An authenticator over a gated checker, a throttle on a `Ledger`, and a pacer."""
+    """An htpasswd authenticator whose throttle counts on a `Ledger`."""
 
     def __init__(self, max_failures: int = 5, max_pending: int = 10) -> None:
         self.clock = Clock()
         self.ledger = Ledger(MemoryStore())
-        self.throttle = Throttle(max_failures, WINDOW, 300, self.clock, store=self.ledger)
-        self.checker = CredentialChecker(
-            {"alice": apr_md5_crypt.hash(RIGHT)},
-            cache_ttl=60,
-            cache_size=10,
-            workers=2,
-            max_pending_per_client=max_pending,
-            sleep=no_pause,
-        )
-        self.auth = HtpasswdAuthenticator(
-            self.checker, self.throttle, RefusalPacer(clock=self.clock), "test"
-        )
+        throttle = Throttle(max_failures, WINDOW, 300, self.clock, store=self.ledger)
+        pacer = RefusalPacer(clock=self.clock)
+        self.auth, self.checker = authenticator(throttle, pacer, max_pending)
 
-    def login(self, password: str, client: str = "192.0.2.1") -> asyncio.Task[Any]:
-        request = make_mocked_request(
-            "GET", "/v2/", headers={"Authorization": basic("alice", password)}
-        )
-        exchange = Exchange(client=client, scheme="http", target=Target(Action.PING))
-        return asyncio.create_task(self.auth.authenticate(request, exchange))
+    def login(self, password: str) -> asyncio.Task[Any]:
+        return login(self.auth, "192.0.2.1", password)
 
     def close(self) -> None:
         self.checker.close()
