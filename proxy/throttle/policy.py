@@ -24,6 +24,7 @@ any of them ends, and a burst of parallel guesses runs no more checks than the b
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -63,7 +64,11 @@ def user_key(name: str) -> Key:
 
 
 class Admission:
-    """The reservations behind one password check; settle it once with its outcome."""
+    """The reservations behind one password check; settle it once with its outcome.
+
+    Settling is shielded from cancellation: it writes one key after another, and stopped
+    half-way it would leave the later keys reserved until the lease ends.
+    """
 
     def __init__(self, throttle: Throttle, client: str, user: str, held: Held) -> None:
         self._throttle = throttle
@@ -75,17 +80,17 @@ class Admission:
     async def succeeded(self) -> None:
         """A correct password: reservations back, the pair and the name at the address cleared."""
         if self._take():
-            await self._throttle._succeeded(self._client, self._user, self._held)
+            await asyncio.shield(self._throttle._succeeded(self._client, self._user, self._held))
 
     async def failed(self) -> None:
         """A wrong password or unknown user: every reservation becomes a failure."""
         if self._take():
-            await self._throttle._failed(self._held)
+            await asyncio.shield(self._throttle._failed(self._held))
 
     async def release(self) -> None:
         """No password was checked after all: give the reservations back."""
         if self._take():
-            await self._throttle._release(self._held)
+            await asyncio.shield(self._throttle._release(self._held))
 
     def _take(self) -> bool:
         settled, self._settled = self._settled, True
@@ -135,12 +140,16 @@ class Throttle:
         if not await self.store.recall(name, client, self._known_ttl, now):
             wanted.append((user_key(name), token, self._per_user))
         held: Held = []
-        for key, member, limit in wanted:
-            refused = await self.store.reserve(key, member, limit, self._window, now)
-            if refused is not None:
-                await self._release(held)
-                raise Throttled(self._retry_after(key, refused, now))
-            held.append((key, member))
+        try:
+            for key, member, limit in wanted:
+                refused = await self.store.reserve(key, member, limit, self._window, now)
+                if refused is not None:
+                    raise Throttled(self._retry_after(key, refused, now))
+                held.append((key, member))
+        except BaseException:
+            # Refused, or cancelled while a shared store answers: what was taken goes back.
+            await asyncio.shield(self._release(held))
+            raise
         return Admission(self, client, name, held)
 
     def _retry_after(self, key: Key, entry: Entry, now: float) -> float:
