@@ -26,9 +26,10 @@ from proxy.paths import Action, classify, is_repository
 from proxy.relay.slots import UpstreamSlots
 from proxy.throttle.policy import Throttle
 from proxy.throttle.store import ThrottleStore
-from tests.doubles import (
+from tests.support import OCI_MANIFEST, Proxy, Registry, basic_auth, call, eventually, push_image
+from tests.support.clock import Clock
+from tests.support.doubles import (
     STORES,
-    Clock,
     GatedHash,
     authenticator,
     fail,
@@ -37,7 +38,6 @@ from tests.doubles import (
     open_store,
     retry_after,
 )
-from tests.support import OCI_MANIFEST, Proxy, Registry, basic_auth, call, eventually, push_image
 
 WINDOW, BLOCK = 60.0, 300.0
 ACCEPT_OCI = {"Accept": OCI_MANIFEST}

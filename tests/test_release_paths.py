@@ -34,17 +34,17 @@ from proxy.throttle.store import (
     ThrottleStore,
 )
 from proxy.throttle.supervisor import HostStoreClient
-from tests.doubles import (
+from tests.support import eventually
+from tests.support.clock import Clock
+from tests.support.doubles import (
     RIGHT,
     STORES,
-    Clock,
     GatedHash,
     authenticator,
     gated_hash,
     login,
     open_store,
 )
-from tests.support import eventually
 
 WINDOW = 60.0
 
@@ -116,6 +116,12 @@ class Ledger:
 
     async def clear(self, key: str, now: float, member: str | None = None) -> None:
         await self.inner.clear(key, now, member)
+
+    async def remember(self, user: str, client: str, ttl: float, now: float) -> None:
+        await self.inner.remember(user, client, ttl, now)
+
+    async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
+        return await self.inner.recall(user, client, ttl, now)
 
     def _give_back(self, key: str, member: str) -> None:
         self.balance[key, member] -= 1
@@ -519,11 +525,16 @@ async def test_a_forward_cancelled_mid_request_gives_its_upstream_slot_back() ->
     slots = UpstreamSlots(total=1, per_user=1, wait=30)
     stalled = asyncio.Event()
 
-    async def stalls(request: web.Request, exchange: Exchange, query: str | None) -> None:
+    async def stalls(
+        request: web.Request, exchange: Exchange, query: str | None
+    ) -> web.StreamResponse:
         stalled.set()
         await asyncio.Event().wait()
+        raise AssertionError("never set")
 
-    async def fails(request: web.Request, exchange: Exchange, query: str | None) -> None:
+    async def fails(
+        request: web.Request, exchange: Exchange, query: str | None
+    ) -> web.StreamResponse:
         raise ConnectionResetError("client went away")
 
     forwarder = Forwarder(

@@ -1,4 +1,4 @@
-"""Test doubles for the in-process throttle and password tests: a clock, the three throttle
+"""Test doubles for the in-process throttle and password tests: the three throttle
 stores, a hash that waits for the test, and an htpasswd authenticator built on them."""
 
 from __future__ import annotations
@@ -26,18 +26,9 @@ from proxy.throttle.redis import RedisStore
 from proxy.throttle.store import MemoryStore, ThrottleStore
 from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 
-STORES = ["memory", "host", "redis"]
+# Redis is started by its fixture, on first use: a test with that store starts a process.
+STORES = ["memory", "host", pytest.param("redis", marks=pytest.mark.system)]
 RIGHT = "right password"
-
-
-class Clock:
-    """A wall clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @asynccontextmanager
