@@ -37,9 +37,8 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
 
 # (module, attribute path): every private asyncio name used under proxy/edge (tls.py).
 ASYNCIO_PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
-    # asyncio's TLS layer: its read buffer's size, and where its connection ends.
+    # asyncio's TLS layer (tls.py subclasses it) and the size of its read buffer.
     ("asyncio.sslproto", "SSLProtocol.max_size"),
-    ("asyncio.sslproto", "SSLProtocol.connection_lost"),
 )
 # The keywords tls.py gives SSLProtocol (a server-side layer with a handshake deadline).
 SSL_PROTOCOL_KEYWORDS = ("server_side", "ssl_handshake_timeout")

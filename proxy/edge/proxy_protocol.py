@@ -188,7 +188,7 @@ class AddressedTransport(asyncio.Transport):
     """A transport that reports the client the PROXY header named as its peer.
 
     Everything that asks for `peername` (aiohttp's `request.remote`, so the throttle, the access
-    log and X-Forwarded-For, and any per-client limit in a protocol's `connection_made`) sees
+    log and X-Forwarded-For, and the per-client connection limit at accept) sees
     the client instead of the balancer; `balancer` keeps the socket's own peer.
     """
 
