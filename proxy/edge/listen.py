@@ -75,7 +75,8 @@ class _Accepted(asyncio.Protocol):
 
 
 class _HandOver(asyncio.Protocol):
-    """Gives the transport made after the handshake to `protocol`, wrapped by `wrap`."""
+    """Gives its transport (over TLS, the one made by the handshake) to `protocol`, wrapped by
+    `wrap` to name the client a PROXY header named."""
 
     def __init__(self, protocol: asyncio.BaseProtocol, wrap: Wrap) -> None:
         self._protocol = protocol
