@@ -9,24 +9,28 @@ handshake that does not finish within `tls_handshake_timeout` is closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import socket
 import ssl
+from asyncio import sslproto
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 from aiohttp import web
 
 from proxy.config import ConfigError
-from proxy.edge.internals import ASYNCIO_PRIVATE_NAMES
+from proxy.edge.internals import ASYNCIO_PRIVATE_NAMES, SSL_PROTOCOL_BUFFER
 from proxy.edge.listen import listen
 from proxy.edge.tls import TLS_READ_BUFFER
 from proxy.preflight import require_aiohttp
 from tests.support import Proxy, Registry, wait_until
 from tests.test_operations import scrape, value, write_certificate
 
+MiB = 1 << 20
 # Long enough that no silent connection in the cap tests is closed by its handshake deadline.
 PATIENT = "120"
 
@@ -214,17 +218,23 @@ async def test_an_accepted_tls_connection_reads_into_the_bounded_buffer(
     ca: trustme.CA, client_context: ssl.SSLContext
 ) -> None:
     """Class: memory per TLS connection. The accepted connection's TLS read buffer is
-    TLS_READ_BUFFER, not asyncio's 256 KiB."""
+    TLS_READ_BUFFER, not asyncio's 256 KiB, and is that again once an upload has passed."""
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    runner = web.AppRunner(web.Application())
+
+    async def swallow(request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
+
+    app = web.Application(client_max_size=8 * MiB)
+    app.router.add_post("/", swallow)
+    runner = web.AppRunner(app)
     await runner.setup()
     assert runner.server is not None
     listener = await listen(runner.server, {}, "127.0.0.1", 0, max_connections=10,
                             on_refused=lambda: None, ssl_context=server_context)  # fmt: skip
     port = listener.sockets[0].getsockname()[1]
     try:
-        _, writer = await asyncio.open_connection(
+        reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=client_context, server_hostname="127.0.0.1"
         )
         async with asyncio.timeout(10):
@@ -234,6 +244,15 @@ async def test_an_accepted_tls_connection_reads_into_the_bounded_buffer(
         assert transport is not None
         layer = transport._ssl_protocol  # type: ignore[attr-defined]
         assert TLS_READ_BUFFER < 256 * 1024
+        assert len(layer._ssl_buffer) == TLS_READ_BUFFER
+        # A 4 MiB upload, then a small request on the same connection.
+        for body in (b"x" * 4 * MiB, b"y"):
+            writer.write(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body))
+            writer.write(body)
+            async with asyncio.timeout(30):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                assert await reader.readexactly(length) == str(len(body)).encode()
         assert len(layer._ssl_buffer) == TLS_READ_BUFFER
         writer.close()
     finally:
@@ -255,3 +274,22 @@ def test_the_start_up_check_names_a_missing_asyncio_name(
     with pytest.raises(ConfigError) as refused:
         require_aiohttp()
     assert f"{module_name}.{path}" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", SSL_PROTOCOL_BUFFER)
+def test_the_start_up_check_names_a_missing_tls_buffer(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards the names tls.py sizes the TLS read buffer through (set in SSLProtocol's
+    __init__, so no class attribute shows them): without one, the proxy refuses to start."""
+    made = sslproto.SSLProtocol.__init__
+
+    @functools.wraps(made)
+    def without(self: sslproto.SSLProtocol, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        delattr(self, name)
+
+    monkeypatch.setattr(sslproto.SSLProtocol, "__init__", without)
+    with pytest.raises(ConfigError) as refused:
+        require_aiohttp()
+    assert f"SSLProtocol has no {name}" in str(refused.value)

@@ -9,9 +9,11 @@ check runs at start on whichever Python serves.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import platform
+import ssl
 from asyncio import sslproto
 
 import aiohttp
@@ -42,6 +44,8 @@ ASYNCIO_PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
 )
 # The keywords tls.py gives SSLProtocol (a server-side layer with a handshake deadline).
 SSL_PROTOCOL_KEYWORDS = ("server_side", "ssl_handshake_timeout")
+# What an SSLProtocol reads into (a bytearray of max_size, and its memoryview): tls.py sizes it.
+SSL_PROTOCOL_BUFFER = ("_ssl_buffer", "_ssl_buffer_view")
 
 
 class MissingInternal(Exception):
@@ -82,3 +86,27 @@ def require_private_names() -> None:
                 f"{python}'s asyncio.sslproto.SSLProtocol takes no {keyword}, which the proxy "
                 "relies on"
             )
+    missing = _missing_buffer_names()
+    if missing:
+        raise MissingInternal(
+            f"{python}'s asyncio.sslproto.SSLProtocol has no {missing}, which the proxy relies on"
+        )
+
+
+def _missing_buffer_names() -> str | None:
+    """The first of SSL_PROTOCOL_BUFFER a new server-side SSLProtocol lacks, if any."""
+    loop = asyncio.new_event_loop()
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        waiter = None
+        layer = sslproto.SSLProtocol(loop, asyncio.Protocol(), context, waiter, server_side=True)  # type: ignore[arg-type]
+        # Ended as if its connection was lost, so it leaves no "unclosed transport" warning.
+        layer.connection_lost(None)
+    finally:
+        loop.close()
+    buffer, view = (getattr(layer, name, None) for name in SSL_PROTOCOL_BUFFER)
+    if not isinstance(buffer, bytearray) or len(buffer) != sslproto.SSLProtocol.max_size:
+        return SSL_PROTOCOL_BUFFER[0]
+    if not isinstance(view, memoryview) or view.obj is not buffer:
+        return SSL_PROTOCOL_BUFFER[1]
+    return None

@@ -12,11 +12,14 @@ from collections.abc import Callable
 from proxy.config import ConfigError, TLSConfig
 
 # asyncio gives every TLS connection a read buffer of `SSLProtocol.max_size` (256 KiB),
-# allocated and zeroed (so resident) when the connection is accepted: 256 KiB per idle or
-# silent connection, over 1 GiB at max_connections. A TLS record carries at most 16 KiB, so
-# 32 KiB still takes two records per read; measured with bench/run: no throughput lost, and
-# about 57 KiB per idle TLS connection in all instead of about 284 KiB.
+# allocated and zeroed (so resident) when the connection is made: 256 KiB per idle connection,
+# over 1 GiB at max_connections. A TLS record carries at most 16 KiB, so 32 KiB still takes two
+# per read; measured with bench/tls_memory.py: about 59 KiB per idle TLS connection in all.
 TLS_READ_BUFFER = 32 * 1024
+# While reads fill the buffer (a client streaming an upload), asyncio's own size: reading
+# 32 KiB at a time, 256 MiB chunked uploads over TLS were slower in each of 4 alternating
+# rounds (median 152 against 202 MiB/s); growing while reads fill it, no slower (157 vs 145).
+STREAMING_READ_BUFFER = sslproto.SSLProtocol.max_size
 
 
 def server_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -35,13 +38,17 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext:
 
 
 # asyncio's own TLS layer (private: asyncio offers a buffer size and a hook for the end of a
-# connection that never finished its handshake in no public way; proxy/edge/internals.py).
+# connection that never finished its handshake in no public way; proxy/edge/internals.py
+# lists the names used: max_size, _ssl_buffer, _ssl_buffer_view).
 class ServerTLS(sslproto.SSLProtocol):
-    """asyncio's server-side TLS layer with a `TLS_READ_BUFFER` read buffer, calling `on_lost`
-    when its connection ends, also when the handshake never finished (the HTTP protocol above
-    it then never hears of the connection)."""
+    """asyncio's server-side TLS layer with a `TLS_READ_BUFFER` read buffer (asyncio's larger
+    one only while reads fill it), calling `on_lost` when its connection ends, also when the
+    handshake never finished (the HTTP protocol above it then never hears of the connection)."""
 
+    # The buffer asyncio allocates in __init__ (of max_size) and reads into.
     max_size = TLS_READ_BUFFER
+    _ssl_buffer: bytearray
+    _ssl_buffer_view: memoryview
 
     def __init__(
         self,
@@ -60,6 +67,26 @@ class ServerTLS(sslproto.SSLProtocol):
             ssl_handshake_timeout=handshake_timeout,  # type: ignore[arg-type]
         )
         self._on_lost = on_lost
+
+    def get_buffer(self, n: int) -> memoryview:
+        # asyncio's get_buffer sizes the buffer to max_size (a class constant); this one
+        # keeps whatever buffer_updated chose.
+        return self._ssl_buffer_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        size = len(self._ssl_buffer)
+        # asyncio has copied the bytes out of the buffer when this returns.
+        super().buffer_updated(nbytes)
+        if nbytes == size and size < STREAMING_READ_BUFFER:
+            # A full read: more is waiting.
+            self._read_into(STREAMING_READ_BUFFER)
+        elif nbytes < TLS_READ_BUFFER < size:
+            # The stream has ended or paused: back to the small buffer at once.
+            self._read_into(TLS_READ_BUFFER)
+
+    def _read_into(self, size: int) -> None:
+        self._ssl_buffer = bytearray(size)
+        self._ssl_buffer_view = memoryview(self._ssl_buffer)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         try:
