@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from bench import client, fairness, heads, report
+from bench import client, fairness, heads, report, tls_memory
 from bench.client import BenchError, MiB
 from bench.services import (
     BENCH_DIR,
@@ -464,6 +464,50 @@ class Bench:
             f"({added * 1000 / count:.1f} MB per 1,000)"
         )
 
+    def _tls_proxy(self, name: str, cert: Path, key: Path) -> Proxy:
+        return Proxy(
+            self.workdir / name,
+            self.registry.url,
+            self.htpasswd,
+            source=self.proxy.source if self.proxy else REPO_DIR,
+            env={
+                "PROXY_TLS_CERT": str(cert),
+                "PROXY_TLS_KEY": str(key),
+                "PROXY_TLS_HANDSHAKE_TIMEOUT": str(tls_memory.HANDSHAKE_TIMEOUT),
+            },
+        )
+
+    def tls_connections(self) -> None:
+        """The proxy serving TLS: its blob GET, and the RSS added by pending handshakes, idle
+        TLS connections and unfinished heads over TLS (bench/tls_memory.py)."""
+        s = self.settings
+        cert, key, bundle = tls_memory.write_certificate(self.workdir / "certs")
+        # curl (the TLS GET) trusts the run's CA.
+        os.environ["CURL_CA_BUNDLE"] = str(bundle)
+        secure = self._tls_proxy("proxy-tls", cert, key)
+        secure.start()
+        try:
+            url = f"{secure.url}/v2/{REPO}/blobs/{self.digest}"
+            for _ in range(s.rounds_get):
+                seconds = client.download(url, self.headers(BLOB_USER), s.blob_size, 1)
+                rate = s.blob_size / MiB / seconds
+                self.record("tls_get1", "proxy", rate)
+                log(f"TLS blob GET, 1 stream: {rate:,.0f} MiB/s")
+        finally:
+            secure.stop()
+        count = tls_memory.COUNTS[s.mode]
+        for index, (metric, what, measure) in enumerate(tls_memory.READINGS):
+            fresh = self._tls_proxy(f"proxy-tls-{index}", cert, key)
+            fresh.start()
+            try:
+                tls_memory.warm_up(fresh.port, bundle)
+                added = measure(fresh.port, fresh.pid, count, bundle)
+            finally:
+                fresh.stop()
+            per_1000 = added * 1000 / count
+            self.record(metric, "proxy", per_1000)
+            log(f"{count} {what}: proxy RSS +{added:.1f} MB ({per_1000:.1f} MB per 1,000)")
+
     def login_fairness(self) -> None:
         """Fresh logins while another address floods wrong passwords (bench/fairness.py)."""
         assert self.proxy is not None
@@ -499,6 +543,7 @@ class Bench:
         self.manifest_head()
         self.aborted()
         self.unfinished_heads()
+        self.tls_connections()
         self.login_fairness()
         assert self.proxy is not None
         self.extra["proxy_rss_end_kib"] = client.status_kib(self.proxy.pid, "VmRSS")

@@ -17,7 +17,7 @@ SETTLE_DEADLINE = 30.0
 COUNTS = {"full": 1000, "small": 200}
 
 
-def _unfinished_head() -> bytes:
+def unfinished_head() -> bytes:
     head = b"GET /v2/ HTTP/1.1\r\nHost: bench\r\n"
     line = b"X-Pad: " + b"a" * 4000 + b"\r\n"
     while len(head) + len(line) <= HEAD_LIMIT - 256:
@@ -29,7 +29,7 @@ def unfinished_heads_rss(port: int, pid: int, count: int) -> tuple[float, int]:
     """Open `count` connections each holding an unfinished head near the cap; the proxy's RSS
     growth in MB once it has read them all, and how many it had answered or closed (none
     should be: the heads are under the cap)."""
-    head = _unfinished_head()
+    head = unfinished_head()
     before = status_kib(pid, "VmRSS")
     held: list[socket.socket] = []
     try:

@@ -65,6 +65,12 @@ def _metrics(aborts: int, streams: int) -> list[Metric]:
         Metric(
             "rss_heads_per_1000", "proxy RSS per 1,000 unfinished heads at the cap", "MB", False
         ),
+        Metric("tls_get1", "proxy over TLS: blob GET, 1 stream", "MiB/s", True, False),
+        Metric("rss_tls_idle_per_1000", "  RSS per 1,000 idle TLS connections", "MB", False),
+        Metric("rss_tls_pending_per_1000", "  RSS per 1,000 pending handshakes", "MB", False),
+        Metric(
+            "rss_tls_heads_per_1000", "  RSS per 1,000 unfinished heads at the cap", "MB", False
+        ),
     ]
     rows += _fairness_metrics()
     return rows
@@ -258,6 +264,12 @@ def _targets(figures: dict[str, dict[str, float]], aborts: int) -> list[dict[str
         ),
         limit_target(
             "RSS per 1,000 unfinished heads at the cap <= 128 MB", "rss_heads_per_1000", 128, "MB"
+        ),
+        limit_target(
+            "RSS per 1,000 idle TLS connections <= 64 MB", "rss_tls_idle_per_1000", 64, "MB"
+        ),
+        limit_target(
+            "RSS per 1,000 pending TLS handshakes <= 64 MB", "rss_tls_pending_per_1000", 64, "MB"
         ),
         *_fairness_targets(figures),
     ]

@@ -312,6 +312,7 @@ class Config:
     connect_timeout: float = field(metadata=setting(_seconds, 5))
     read_timeout: float = field(metadata=setting(_seconds, 300))
     keepalive_timeout: float = field(metadata=setting(_seconds, 75))
+    tls_handshake_timeout: float = field(metadata=setting(_seconds, 10))
     body_timeout: float = field(metadata=setting(_seconds, 60))
     max_connections: int = field(metadata=setting(_count, 4096))
     max_connections_per_client: int = field(metadata=setting(_count, 256))

@@ -183,6 +183,7 @@ class _Server:
             proxy_protocol_from=config.trusted_proxies if config.proxy_protocol else (),
             on_proxy_rejected=lambda reason: metrics.proxy_protocol_rejected.labels(reason).inc(),
             ssl_context=certificates.listener_context if certificates else None,
+            tls_handshake_timeout=config.tls_handshake_timeout,
             backlog=_BACKLOG,
             sock=sock,
         )

@@ -305,14 +305,15 @@ async def test_a_header_that_stops_short_is_dropped_at_the_deadline() -> None:
     as a timeout, and its connection never reaches the HTTP side."""
     assert HEADER_DEADLINE > 3  # the wait below would not tell the two deadlines apart
     reasons: list[str] = []
-    handed_over: list[asyncio.Protocol] = []
+    handed_over: list[asyncio.Transport] = []
 
-    def make() -> asyncio.Protocol:
-        handed_over.append(asyncio.Protocol())
-        return handed_over[-1]
+    def enter(
+        transport: asyncio.Transport, addressing: Callable[[asyncio.Transport], asyncio.Transport]
+    ) -> None:
+        handed_over.append(transport)
 
     trusted = [ipaddress.ip_network("127.0.0.1/32")]
-    listener = ProxyProtocolListener(make, trusted, None, reasons.append, deadline=0.2)
+    listener = ProxyProtocolListener(enter, trusted, reasons.append, deadline=0.2)
     server = await asyncio.get_running_loop().create_server(listener, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]

@@ -38,6 +38,7 @@ CHANGED = {
     "connect_timeout": "7",
     "read_timeout": "7",
     "keepalive_timeout": "7",
+    "tls_handshake_timeout": "7",
     "body_timeout": "7",
     "max_connections": "7",
     "max_connections_per_client": "7",

@@ -1,11 +1,12 @@
 """The edge: listening sockets and client connections, before any request is read.
 
-`listen.py` binds the public listener and caps connections (in all and per client);
-`proxy_protocol.py` reads the balancer's PROXY header; `tls.py` builds the server context;
+`listen.py` binds the public listener; `admission.py` counts each connection from its accept
+(in all and per client), before TLS; `proxy_protocol.py` reads the balancer's PROXY header;
+`tls.py` builds the server context and starts TLS on admitted connections;
 `connection.py` is aiohttp's request handler with the deadlines and answers it lacks;
 `open_connections.py` knows which connections are idle, for the drain; `forwarded.py` names
 the real client behind trusted proxies; `client_slots.py` counts connections per client.
-This is the only package that touches aiohttp internals; `internals.py` lists them.
+This is the only package that touches aiohttp (and asyncio) internals; `internals.py` lists them.
 """
 
 from proxy.edge.client_slots import ClientSlots

@@ -4,7 +4,7 @@ aiohttp bounds each header line but not a whole request head, reads a refused up
 `lingering_time` whatever its size, answers malformed requests in plain text quoting the bad
 line (credentials included), and announces its version in `Server`. This handler caps the head
 (431), discards at most `DISCARD_LIMIT` bytes of an unread body, answers in the registry's JSON,
-drops the banner, and counts its connection against its client's share.
+drops the banner, and gives its connection's places back when it ends.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict
 
 from proxy import errors
-from proxy.edge.client_slots import ClientSlots
+from proxy.edge.admission import Ticket
 from proxy.edge.open_connections import OpenConnections
 
 # A whole request head (request line and header fields). Docker's heads are a few KiB; this
@@ -32,8 +32,6 @@ HEAD_LIMIT = 32 * 1024
 # the connection is closed for reading.
 DISCARD_LIMIT = 4 * 1024 * 1024
 
-_CLIENT_OVERLOADED = errors.unavailable_bytes("too many connections from your address")
-_TURN_AWAY_LINGER = 1.0
 _REQUEST_LINE_EXTRA = len("  HTTP/1.1\r\n")
 _BLANK_LINE = b"\r\n\r\n"
 
@@ -75,24 +73,21 @@ class _BannerlessResponse(web.Response):
 
 
 class ProxyRequestHandler(web.RequestHandler):
-    """aiohttp's HTTP/1 handler with a head cap, a bounded discard, JSON errors and a
-    per-client connection count (taken in `connection_made`, from the transport's peer).
+    """aiohttp's HTTP/1 handler with a head cap, a bounded discard and JSON errors; `ticket`
+    (its connection's places, taken at accept) is released when the connection ends.
 
     The private names of aiohttp it uses are listed in proxy/edge/internals.py.
     """
 
     __slots__ = (
         "_body",
-        "_client_key",
-        "_clients",
         "_connections",
         "_discard_left",
         "_discard_limit",
         "_head_bytes",
         "_head_limit",
         "_input_closed",
-        "_on_client_refused",
-        "_turned_away",
+        "_ticket",
     )
 
     def __init__(
@@ -100,8 +95,7 @@ class ProxyRequestHandler(web.RequestHandler):
         manager: web.Server,
         *,
         loop: asyncio.AbstractEventLoop,
-        clients: ClientSlots | None = None,
-        on_client_refused: Callable[[], None] = lambda: None,
+        ticket: Ticket | None = None,
         connections: OpenConnections | None = None,
         head_limit: int = HEAD_LIMIT,
         discard_limit: int = DISCARD_LIMIT,
@@ -109,10 +103,7 @@ class ProxyRequestHandler(web.RequestHandler):
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._connections = connections
-        self._clients = clients
-        self._on_client_refused = on_client_refused
-        self._client_key: str | None = None
-        self._turned_away = False
+        self._ticket = ticket
         self._head_limit = head_limit
         # Bytes of the head being received; the body being received, if any.
         self._head_bytes = 0
@@ -122,43 +113,18 @@ class ProxyRequestHandler(web.RequestHandler):
         self._discard_limit = discard_limit
         self._discard_left: int | None = None
 
-    # --- connections per client ----------------------------------------------------------
+    # --- the connection's places ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._clients is not None:
-            peer = transport.get_extra_info("peername")
-            address = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
-            key = self._clients.admit(address)
-            if key is None:
-                self._turn_away(transport)
-                return
-            self._client_key = key
         super().connection_made(transport)
         if self._connections is not None:
             self._connections.opened(self)
 
-    def _turn_away(self, transport: asyncio.BaseTransport) -> None:
-        """The prompt 503, then our FIN; what the client already sent is read and dropped
-        until it closes or `_TURN_AWAY_LINGER` passes, so the 503 is not lost to a reset."""
-        self._turned_away = True
-        self._input_closed = True
-        self._on_client_refused()
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(_CLIENT_OVERLOADED)
-        if transport.can_write_eof():
-            transport.write_eof()
-            asyncio.get_running_loop().call_later(_TURN_AWAY_LINGER, transport.close)
-        else:
-            transport.close()
-
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._turned_away:
-            return
         if self._connections is not None:
             self._connections.closed(self)
-        if self._clients is not None and self._client_key is not None:
-            self._clients.release(self._client_key)
-            self._client_key = None
+        if self._ticket is not None:
+            self._ticket.release()
         # The body refers back to this handler: a cycle would keep its buffers until a full GC.
         self._body = None
         super().connection_lost(exc)

@@ -12,7 +12,6 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import ssl
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,9 @@ REJECT_REASONS = ("untrusted_peer", "invalid_header", "timeout", "closed")
 NAMED_NOBODY = "proxy_protocol_named_nobody"
 
 Address = tuple[str, int]
+# Takes a connection once its header is read (still plain: TLS, if any, follows), with what
+# makes its transports name the client.
+Enter = Callable[[asyncio.Transport, Callable[[asyncio.Transport], asyncio.Transport]], None]
 
 
 class ProxyProtocolError(Exception):
@@ -186,7 +188,7 @@ class AddressedTransport(asyncio.Transport):
     """A transport that reports the client the PROXY header named as its peer.
 
     Everything that asks for `peername` (aiohttp's `request.remote`, so the throttle, the access
-    log and X-Forwarded-For, and any per-client limit in a protocol's `connection_made`) sees
+    log and X-Forwarded-For, and the per-client connection limit at accept) sees
     the client instead of the balancer; `balancer` keeps the socket's own peer.
     """
 
@@ -248,24 +250,28 @@ class AddressedTransport(asyncio.Transport):
         return self._transport.get_write_buffer_limits()
 
 
-class _HandOver(asyncio.Protocol):
-    """Gives the new transport to the real protocol, wrapped to report whom the header named."""
+def addressing(header: ProxyHeader) -> Callable[[asyncio.Transport], asyncio.Transport]:
+    """Wraps a transport of this connection to report the client `header` named as its peer."""
 
-    def __init__(self, make: Callable[[], asyncio.BaseProtocol], client: Address | None) -> None:
-        self._make = make
-        self._client = client
+    def wrap(transport: asyncio.Transport) -> asyncio.Transport:
+        peer = transport.get_extra_info("peername")
+        if header.source is not None:
+            return AddressedTransport(transport, header.source, peer)
+        return AddressedTransport(transport, peer, peer, named=False)
+
+    return wrap
+
+
+class _Entering(asyncio.Protocol):
+    """The new transport, after the header, handed to `enter` with the header's wrapping."""
+
+    def __init__(self, enter: Enter, header: ProxyHeader) -> None:
+        self._enter = enter
+        self._header = header
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        protocol = self._make()
-        # From now on the transport talks to the real protocol directly.
-        transport.set_protocol(protocol)
-        peer = transport.get_extra_info("peername")
-        if self._client is not None:
-            transport = AddressedTransport(transport, self._client, peer)
-        else:
-            transport = AddressedTransport(transport, peer, peer, named=False)
-        protocol.connection_made(transport)
+        self._enter(transport, addressing(self._header))
 
 
 def _is_trusted(peer: Any, trusted: Sequence[Network]) -> bool:
@@ -286,19 +292,17 @@ class _Dropped(asyncio.Protocol):
 
 class ProxyProtocolListener:
     """Protocol factory for `create_server`: checks the peer, reads the header, then hands the
-    connection (TLS first, when `ssl_context` is set) to protocols from `make`."""
+    connection, still plain, to `enter` (which counts it, and starts TLS when it is set)."""
 
     def __init__(
         self,
-        make: Callable[[], asyncio.BaseProtocol],
+        enter: Enter,
         trusted: Sequence[Network],
-        ssl_context: ssl.SSLContext | None,
         on_rejected: Callable[[str], None],
         deadline: float = HEADER_DEADLINE,
     ) -> None:
-        self._make = make
+        self._enter = enter
         self._trusted = tuple(trusted)
-        self._ssl_context = ssl_context
         self._on_rejected = on_rejected
         self._deadline = deadline
         self._pending: set[asyncio.Task[None]] = set()
@@ -344,12 +348,9 @@ class ProxyProtocolListener:
             raise
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(
-                lambda: _HandOver(self._make, header.source), sock, ssl=self._ssl_context
-            )
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            # A failed TLS handshake, as without the PROXY protocol: nothing to answer.
-            log.debug("connection from %s failed before HTTP: %s", peer[0], exc)
+            await loop.connect_accepted_socket(lambda: _Entering(self._enter, header), sock)
+        except OSError as exc:
+            log.debug("connection from %s failed after its PROXY header: %s", peer[0], exc)
             sock.close()
 
     def close(self) -> None:
