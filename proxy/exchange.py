@@ -33,6 +33,8 @@ class Exchange:
     scheme: str
     target: Target
     user: str | None = None
+    # The user name a refused login tried (never its password), for the audit line.
+    tried_user: str | None = None
     # Set once authentication ran: its outcome, and the identity if one was established.
     auth_outcome: AuthOutcome | None = None
     identity: Identity | None = None

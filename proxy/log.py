@@ -31,6 +31,7 @@ _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u206
 _USER_AGENT_LIMIT = 256
 _PATH_LIMIT = 2048
 _FIELD_LIMIT = 256
+_TRIED_USER_LIMIT = 64
 
 
 def _escape_one(match: re.Match[str]) -> str:
@@ -52,6 +53,16 @@ def bounded(text: str | None, limit: int = _FIELD_LIMIT) -> str | None:
         return None
     safe = escape(text)
     return safe if len(safe) <= limit else safe[:limit] + "..."
+
+
+def cut(text: str | None, limit: int) -> str | None:
+    """The first `limit` characters as sent, then escaped (a trailing `...` says it was cut).
+
+    Cut before escaping, so no escape is ever split and the field shows what the client sent.
+    """
+    if text is None:
+        return None
+    return escape(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 class EscapingFormatter(logging.Formatter):
@@ -163,6 +174,7 @@ def access_record(
         "request_id": exchange.request_id,
         "client": exchange.client,
         "user": bounded(exchange.user),
+        "tried_user": cut(exchange.tried_user, _TRIED_USER_LIMIT),
         "method": bounded(method, 32),
         "path": bounded(path, _PATH_LIMIT),
         "action": str(target.action),

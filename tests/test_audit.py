@@ -38,7 +38,7 @@ from tests.support import (
 )
 
 FIELDS = [
-    "time", "request_id", "client", "user", "method", "path", "action", "repository",
+    "time", "request_id", "client", "user", "tried_user", "method", "path", "action", "repository",
     "reference", "digest", "event", "mount_from", "status", "upstream_status", "bytes_in",
     "bytes_out", "duration_ms", "upstream_ms", "user_agent", "auth", "decision", "reason",
 ]  # fmt: skip

@@ -42,7 +42,10 @@ class HtpasswdAuthenticator:
         if credentials is None:
             # Malformed: no password was checked, so nothing counts as a guess.
             return self._refuse(AuthOutcome.BAD_CREDENTIALS)
-        return await self._check_password(exchange, *credentials)
+        result = await self._check_password(exchange, *credentials)
+        if isinstance(result, AuthFailure):
+            exchange.tried_user = credentials[0]
+        return result
 
     def _refuse(self, how: AuthOutcome, retry_after: float = 0.0) -> AuthFailure:
         return AuthFailure(how, self.challenge, retry_after)
