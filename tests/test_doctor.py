@@ -10,6 +10,7 @@ plain-HTTP check finds no listener there unless a test starts one.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import os
@@ -23,7 +24,8 @@ import pytest
 import trustme
 
 from proxy import cli
-from tests.support import Edge, Proxy, Registry, free_port
+from proxy.doctor import Probe, Result, Status, check_headers, check_plain_http, parse_target
+from tests.support import Edge, Process, Proxy, Registry, fake_upstream, free_port, wait_until
 
 DEPLOYED = "127.0.0.5"
 ALL_CHECKS = [
@@ -293,6 +295,52 @@ def test_an_upload_location_on_another_host_fails(
         internal.stop()
 
 
+def test_a_port_80_that_redirects_to_https_passes(
+    deploy: Callable[..., str], registry: Registry, ca_file: str, tmp_path: Path
+) -> None:
+    """Guards the plain-HTTP check's other side: nginx on port 80 answering every request with
+    a redirect to https:// is the right setup, not a failure."""
+    if not can_bind_port_80(DEPLOYED):
+        pytest.skip("cannot bind port 80 here (not root, no CAP_NET_BIND_SERVICE)")
+    url = deploy()
+    config = tmp_path / "nginx.conf"
+    config.write_text(
+        f"""daemon off;
+master_process off;
+error_log {tmp_path}/error.log info;
+pid {tmp_path}/nginx.pid;
+events {{ worker_connections 16; }}
+http {{
+    access_log off;
+    server {{
+        listen {DEPLOYED}:80;
+        return 301 https://$host$request_uri;
+    }}
+}}
+"""
+    )
+    nginx = Process(["/usr/sbin/nginx", "-p", str(tmp_path), "-c", str(config)], tmp_path / "log")
+    nginx.start()
+    try:
+        wait_until(lambda: nginx.check_alive() is None and accepts(DEPLOYED, 80), "nginx on :80")
+        result = doctor(url, "--ca-file", ca_file, "--registry-port", str(registry.port), "--json")
+    finally:
+        nginx.stop()
+    only_failing(result)
+    assert (
+        f"http://{DEPLOYED}:80/v2/ redirects to https://{DEPLOYED}/v2/"
+        in (details(result)["plain-http"]["detail"])
+    )
+
+
+def accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def start_tls_nginx(workdir: Path, backend_port: int, tls: dict[str, str]) -> Edge:
     """nginx with its defaults (version banner included) terminating TLS in front of the proxy."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -420,3 +468,60 @@ def test_argument_errors_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(["doctor", *argv])
     assert exited.value.code == 2
+
+
+async def check_against(
+    check: Callable[[Probe], Result], status: int, headers: dict[str, str]
+) -> Result:
+    """`check` run against a plain-HTTP fake answering every request `status` with `headers`."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            writer.write(f"HTTP/1.1 {status} X\r\n{head}Content-Length: 0\r\n\r\n".encode())
+            await writer.drain()
+
+    async with fake_upstream(answer) as url:
+        # The doctor blocks: it runs in a thread while the fake serves on this loop.
+        return await asyncio.to_thread(check, Probe(parse_target(url, timeout=2.0)))
+
+
+API = {"Docker-Distribution-Api-Version": "registry/2.0", "WWW-Authenticate": 'Basic realm="R"'}
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (API, Status.PASS),
+        ({**API, "Server": "nginx"}, Status.WARN),
+        ({**API, "Server": "nginx/1.22.1"}, Status.FAIL),
+        ({**API, "X-Powered-By": "Express"}, Status.FAIL),
+        ({"WWW-Authenticate": 'Basic realm="R"'}, Status.FAIL),
+    ],
+    ids=["clean", "bare-server-name", "server-version", "x-powered-by", "no-api-version"],
+)
+async def test_headers_check_tells_a_banner_from_a_bare_name(
+    headers: dict[str, str], expected: Status
+) -> None:
+    """Guards the banner rule: a version or X-Powered-By fails, a bare name only warns, and
+    the API version header must be there."""
+    assert (await check_against(check_headers, 401, headers)).status is expected
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (301, {"Location": "https://registry.example.com/v2/"}, Status.PASS),
+        (301, {"Location": "http://registry.example.com:8080/v2/"}, Status.FAIL),
+        (401, API, Status.FAIL),
+        (200, {}, Status.FAIL),
+        (400, {}, Status.PASS),
+        (404, {}, Status.PASS),
+    ],
+    ids=["redirect-https", "redirect-http", "challenge", "open", "bad-request", "not-found"],
+)
+async def test_plain_http_check_passes_only_what_takes_no_credentials(
+    status: int, headers: dict[str, str], expected: Status
+) -> None:
+    """Guards the plain-HTTP rule: a 2xx, a Basic challenge or a redirect to http:// fails."""
+    assert (await check_against(check_plain_http, status, headers)).status is expected
