@@ -128,8 +128,7 @@ def _add_doctor_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     doctor.add_argument(
         "--registry-port",
         metavar="N",
-        type=int,
-        choices=range(1, 65536),
+        type=_port,
         default=DEFAULT_REGISTRY_PORT,
         help="the registry's own port on the same host, which must be closed "
         f"(default: {DEFAULT_REGISTRY_PORT})",
@@ -151,6 +150,16 @@ def _add_doctor_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help=f"where the upload check starts its upload (default: {DEFAULT_REPOSITORY})",
     )
     doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port, 1 to 65535, got {text!r}")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:

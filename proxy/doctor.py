@@ -11,6 +11,7 @@ import base64
 import contextlib
 import http.client
 import json
+import re
 import socket
 import ssl
 import time
@@ -23,6 +24,10 @@ from urllib.parse import urljoin, urlsplit
 
 DEFAULT_REGISTRY_PORT = 5000
 DEFAULT_REPOSITORY = "doctor/probe"
+# The distribution spec's repository name grammar.
+REPOSITORY_NAME = re.compile(
+    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
+)
 TIMEOUT = 5.0
 # A certificate expiring within this many days fails: renewal has visibly stalled.
 MIN_DAYS_LEFT = 14
@@ -85,8 +90,19 @@ class Target:
         return f"{self.scheme}://{self.netloc}"
 
 
-def parse_target(url: str, **options: object) -> Target:
+def parse_target(
+    url: str,
+    *,
+    ca_file: Path | None = None,
+    registry_port: int = DEFAULT_REGISTRY_PORT,
+    user: str | None = None,
+    password: str | None = None,
+    repository: str = DEFAULT_REPOSITORY,
+    timeout: float = TIMEOUT,
+) -> Target:
     """A `Target` for `url` (scheme://host[:port], nothing else); UsageError names the problem."""
+    if not REPOSITORY_NAME.fullmatch(repository):
+        raise UsageError(f"--repository {repository!r}: not a repository name")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UsageError(f"{url!r}: expected an https:// (or http://) URL")
@@ -100,13 +116,22 @@ def parse_target(url: str, **options: object) -> Target:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise UsageError(f"{url!r}: invalid port") from None
-    target = Target(parts.scheme, parts.hostname, port, **options)  # type: ignore[arg-type]
-    if target.ca_file is not None:
+    if ca_file is not None:
         try:
-            ssl.create_default_context(cafile=target.ca_file)
+            ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"--ca-file {target.ca_file}: cannot load: {exc}") from None
-    return target
+            raise UsageError(f"--ca-file {ca_file}: cannot load: {exc}") from None
+    return Target(
+        parts.scheme,
+        parts.hostname,
+        port,
+        ca_file,
+        registry_port,
+        user,
+        password,
+        repository,
+        timeout,
+    )
 
 
 # --- probing ---------------------------------------------------------------------------------
@@ -205,7 +230,7 @@ class Probe:
     """The target and the answers several checks share: /v2/ and the catalog, unauthenticated."""
 
     target: Target
-    _answers: dict[str, Response | ProbeError] = field(default_factory=dict)
+    _answers: dict[str, Response | ProbeError] = field(default_factory=dict, init=False)
 
     def get(self, path: str) -> Response:
         """GET `path` without credentials, once; ProbeError when nothing answered."""
