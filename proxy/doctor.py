@@ -104,10 +104,11 @@ def parse_target(
     if not REPOSITORY_NAME.fullmatch(repository):
         raise UsageError(f"--repository {repository!r}: not a repository name")
     parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # Not echoed: the URL holds a password.
+        raise UsageError("no credentials in the URL; use --user and --password-stdin")
     if parts.scheme not in ("http", "https"):
         raise UsageError(f"{url!r}: expected an https:// (or http://) URL")
-    if parts.username is not None or parts.password is not None:
-        raise UsageError(f"{url!r}: no credentials in the URL; use --user and --password-stdin")
     if not parts.hostname:
         raise UsageError(f"{url!r}: no host name")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -202,7 +203,7 @@ def request(
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
+    if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"

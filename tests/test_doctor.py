@@ -457,7 +457,7 @@ def test_a_catalog_granted_to_anonymous_clients_only_warns(
         ["ftp://registry.example.com"],
         ["registry.example.com"],
         ["https://registry.example.com/v2/"],
-        ["https://user:pw@registry.example.com"],
+        ["ftp://user:secret-pw@registry.example.com"],
         ["https://registry.example.com", "--password-stdin"],
         ["https://registry.example.com", "--ca-file", "/nonexistent/ca.pem"],
         ["https://registry.example.com", "--repository", "Team/../app"],
@@ -468,7 +468,9 @@ def test_a_command_line_it_cannot_probe_exits_2(
 ) -> None:
     """Guards exit status 2 for usage errors, before any probe is sent."""
     assert cli.main(["doctor", *argv]) == 2
-    assert capsys.readouterr().err.startswith("registry-proxy: doctor: ")
+    err = capsys.readouterr().err
+    assert err.startswith("registry-proxy: doctor: ")
+    assert "secret-pw" not in err
 
 
 @pytest.mark.parametrize(
