@@ -1,4 +1,4 @@
-"""The `registry-proxy` command: `serve`, `check-config` and `passwd`."""
+"""The `registry-proxy` command: `serve`, `check-config`, `passwd` and `doctor`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from proxy import __version__
+from proxy import __version__, doctor
 from proxy.auth.htpasswd_file import HtpasswdError
 from proxy.auth.passwd import (
     DEFAULT_COST,
@@ -25,6 +25,7 @@ from proxy.auth.passwd import (
     set_password,
 )
 from proxy.config import CONFIG_ENV, ConfigError, describe, load_config
+from proxy.doctor import DEFAULT_REGISTRY_PORT, DEFAULT_REPOSITORY, UsageError, parse_target
 from proxy.log import count, setup_logging
 from proxy.preflight import check_startable, startup_warnings
 
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         help="validate the configuration and htpasswd file, print the effective settings",
     )
     _add_passwd_parser(commands, common)
+    _add_doctor_parser(commands)
     return parser
 
 
@@ -109,12 +111,65 @@ def _add_passwd_parser(
     check.add_argument("user")
 
 
+def _add_doctor_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    doctor = commands.add_parser(
+        "doctor",
+        help="probe a running deployment from outside; exit 0 if every check passes, 1 if not",
+    )
+    doctor.add_argument(
+        "url", metavar="URL", help="the public URL, e.g. https://registry.example.com"
+    )
+    doctor.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        type=Path,
+        help="trust only this CA for the certificate (default: the system's trust store)",
+    )
+    doctor.add_argument(
+        "--registry-port",
+        metavar="N",
+        type=_port,
+        default=DEFAULT_REGISTRY_PORT,
+        help="the registry's own port on the same host, which must be closed "
+        f"(default: {DEFAULT_REGISTRY_PORT})",
+    )
+    doctor.add_argument(
+        "--user",
+        metavar="NAME",
+        help="log in as NAME to start (and cancel) an upload; without it that check is skipped",
+    )
+    doctor.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read --user's password from the first line of stdin instead of prompting",
+    )
+    doctor.add_argument(
+        "--repository",
+        metavar="NAME",
+        default=DEFAULT_REPOSITORY,
+        help=f"where the upload check starts its upload (default: {DEFAULT_REPOSITORY})",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port, 1 to 65535, got {text!r}")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and `python -m proxy`."""
     args = _parser().parse_args(argv)
     config_path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or None
     if args.command == "passwd":
         return _passwd(args, config_path)
+    if args.command == "doctor":
+        return _doctor(args)
     path = Path(config_path) if config_path else None
     try:
         config = load_config(path)
@@ -190,6 +245,33 @@ def _passwd(args: argparse.Namespace, config_path: str | None) -> int:
         print(f"registry-proxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """`doctor URL`: needs no configuration; 2 for a command line it cannot probe."""
+    try:
+        if args.password_stdin and args.user is None:
+            raise UsageError("--password-stdin needs --user")
+        password = None
+        if args.user is not None:
+            password = _read_password(args.password_stdin, confirm=False)
+            if not password:
+                raise UsageError("no password given")
+        target = parse_target(
+            args.url,
+            ca_file=args.ca_file,
+            registry_port=args.registry_port,
+            user=args.user,
+            password=password,
+            repository=args.repository,
+        )
+    except (UsageError, PasswdError) as exc:
+        print(f"registry-proxy: doctor: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    results = doctor.run(target)
+    render = doctor.render_json if args.json else doctor.render_text
+    sys.stdout.write(render(target, results))
+    return doctor.exit_status(results)
 
 
 def _htpasswd_path(given: str | None, config_path: str | None) -> Path:
