@@ -1,0 +1,89 @@
+"""CORS for browser clients on listed origins: preflights answered here, headers on every answer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from proxy.exchange import REQUEST_ID_HEADER
+
+# Only the registry API is shared with other origins; the proxy's own pages never are.
+_API_PREFIX = "/v2/"
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE"
+# Range for partial blob reads, Content-Range for chunked uploads.
+ALLOWED_HEADERS = "Authorization, Accept, Content-Type, Range, Content-Range"
+EXPOSED_HEADERS = ", ".join(
+    [
+        "Docker-Content-Digest",
+        "Docker-Distribution-Api-Version",
+        "Docker-Upload-UUID",
+        "Link",
+        "Location",
+        "Range",
+        "Retry-After",
+        "WWW-Authenticate",
+        REQUEST_ID_HEADER,
+    ]
+)
+# Ten minutes: long enough to spare most preflights, short enough for a changed list to apply.
+MAX_AGE = "600"
+_OWN_PREFIX = "access-control-"
+
+
+class CrossOrigin:
+    """Which origins may read the API with credentials, and the headers that tell browsers so."""
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self._allowed = frozenset(allowed)
+
+    def listed_origin(self, request: web.BaseRequest) -> str | None:
+        """The request's `Origin` if it is one of ours and the target is the API, else None."""
+        if not self._allowed or not request.raw_path.startswith(_API_PREFIX):
+            return None
+        given = request.headers.getall("Origin", ())
+        if len(given) == 1 and given[0] in self._allowed:
+            return given[0]
+        return None
+
+    def preflight(self, request: web.BaseRequest) -> web.Response | None:
+        """The answer to a listed origin's preflight (before any credentials), or None."""
+        if (
+            request.method != "OPTIONS"
+            or "Access-Control-Request-Method" not in request.headers
+            # Browsers send none; one with a body is not a preflight and meets the gate.
+            or request.body_exists
+            or self.listed_origin(request) is None
+        ):
+            return None
+        return web.Response(status=204)
+
+    async def on_response_prepare(
+        self, request: web.BaseRequest, response: web.StreamResponse
+    ) -> None:
+        """Our CORS headers replace the upstream's: the listed origin's, or none at all."""
+        if not self._allowed:
+            return
+        headers = response.headers
+        for name in {name for name in headers if name.lower().startswith(_OWN_PREFIX)}:
+            del headers[name]
+        _vary_on_origin(response)
+        listed = self.listed_origin(request)
+        if listed is None:
+            return
+        headers["Access-Control-Allow-Origin"] = listed
+        headers["Access-Control-Allow-Credentials"] = "true"
+        headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+        if self.preflight(request) is not None:
+            headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
+            headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+            headers["Access-Control-Max-Age"] = MAX_AGE
+
+
+def _vary_on_origin(response: web.StreamResponse) -> None:
+    """Every answer varies by `Origin`, so that no cache gives one origin's answer to another."""
+    given = ", ".join(response.headers.getall("Vary", ()))
+    named = {name.strip().lower() for name in given.split(",")}
+    if "origin" in named or "*" in named:
+        return
+    response.headers["Vary"] = f"{given}, Origin" if given else "Origin"
