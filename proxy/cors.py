@@ -11,8 +11,9 @@ from proxy.exchange import REQUEST_ID_HEADER
 # Only the registry API is shared with other origins; the proxy's own pages never are.
 _API_PREFIX = "/v2/"
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE"
-# Range for partial blob reads, Content-Range for chunked uploads.
-ALLOWED_HEADERS = "Authorization, Accept, Content-Type, Range, Content-Range"
+# Range for partial blob reads, Content-Range for chunked uploads; docker-registry-ui sends
+# Cache-Control with its USE_CONTROL_CACHE_HEADER option.
+ALLOWED_HEADERS = "Authorization, Accept, Content-Type, Range, Content-Range, Cache-Control"
 EXPOSED_HEADERS = ", ".join(
     [
         "Docker-Content-Digest",

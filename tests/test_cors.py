@@ -115,7 +115,7 @@ def test_docker_registry_ui_deletes_a_manifest_from_a_listed_origin(
         m.upper() for m in listed(found["access-control-allow-methods"])
     }
     allowed_headers = listed(found["access-control-allow-headers"])
-    assert {"authorization", "accept", "content-type"} <= allowed_headers
+    assert {"authorization", "accept", "content-type", "cache-control"} <= allowed_headers
     assert 0 < int(found["access-control-max-age"]) <= 7200
     assert "WWW-Authenticate" not in reply
     assert_never_reached(registry, f"/v2/{repo}/manifests/{digest}", cors_proxy, alice)
