@@ -196,7 +196,7 @@ def test_an_unlisted_origin_gets_no_cors_headers_and_its_preflight_meets_the_gat
 
 
 UPSTREAM_CORS = (
-    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nAccess-Control-Allow-Origin: *\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nAccess-Control-Allow-Origin: *\r\nVary: Accept\r\n"
     b"Access-Control-Allow-Methods: GET\r\nAccess-Control-Allow-Credentials: false\r\n\r\n{}"
 )
 
@@ -206,7 +206,8 @@ async def test_the_upstreams_cors_headers_give_way_to_the_proxys(
     htpasswd_file: Path, tmp_path: Path, users: dict[str, str]
 ) -> None:
     """Guards a registry's own Access-Control-* headers (its `http.headers`) reaching browsers
-    next to ours: `*` would open the API to every origin, a second Allow-Origin breaks it."""
+    next to ours: `*` would open the API to every origin, a second Allow-Origin breaks it; and
+    the registry's own Vary lost to ours."""
     requests: list[bytes] = []
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -228,6 +229,7 @@ async def test_the_upstreams_cors_headers_give_way_to_the_proxys(
                     assert response.headers.getall("Access-Control-Allow-Origin") == [UI]
                     assert response.headers["Access-Control-Allow-Credentials"] == "true"
                     assert "Access-Control-Allow-Methods" not in response.headers
+                    assert listed(response.headers["Vary"]) == {"accept", "origin"}
                 async with session.get(url, headers={**auth, "Origin": OTHER}) as response:
                     assert response.status == 200
                     assert cors_headers(response.headers) == {}
