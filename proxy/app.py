@@ -24,6 +24,7 @@ from proxy.auth.credentials import CredentialChecker
 from proxy.auth.htpasswd import HtpasswdAuthenticator
 from proxy.auth.pacing import RefusalPacer
 from proxy.config import Config
+from proxy.cors import CrossOrigin
 from proxy.edge.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.gate import AccessControl, Gate
@@ -90,6 +91,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 GATE = web.AppKey("gate", Gate)
 BLOB_RELAY = web.AppKey("blob_relay", BlobRelay)
 SLOTS = web.AppKey("slots", UpstreamSlots)
+CROSS_ORIGIN = web.AppKey("cross_origin", CrossOrigin)
 
 
 def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> None:
@@ -159,6 +161,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Every request on the public listener: authenticate first, then forward or 404."""
     state = request.app[STATE]
     exchange = _exchange(request)
+    # A browser sends its preflight without credentials: answered here, never forwarded.
+    preflight = request.app[CROSS_ORIGIN].preflight(request)
+    if preflight is not None:
+        return preflight
     in_flight = request.app[METRICS].in_flight.labels(exchange.target.action)
     state.enter()
     in_flight.inc()
@@ -351,8 +357,11 @@ def create_app(
     )
     app[GATE] = Gate(authenticator, access, metrics)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
+    app[CROSS_ORIGIN] = cross_origin = CrossOrigin(config.cors_origins)
     app.cleanup_ctx.extend([_throttle_stores(host_store), _upstream_session, _background_tasks])
-    app.on_response_prepare.extend([_send_request_id, drop_server_banner])
+    app.on_response_prepare.extend(
+        [_send_request_id, drop_server_banner, cross_origin.on_response_prepare]
+    )
     # `.` skips a decoded newline (`/v2/%0a`): aiohttp would answer such paths itself, unchecked.
     app.router.add_route("*", r"/{tail:[\s\S]*}", handle, expect_handler=_expect_handler)
     return app

@@ -162,6 +162,53 @@ def _networks(value: object) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+_ORIGIN_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(value: object) -> str:
+    """An origin as browsers send it: lower-case `scheme://host`, the port only if not default."""
+    text = str(value).strip()
+    if "*" in text:
+        raise ValueError(
+            f"expected named origins, got {value!r}: credentials are allowed, so no wildcard"
+        )
+    expected = f"expected scheme://host[:port] with http or https and no path, got {value!r}"
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(expected) from None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if (
+        scheme not in _ORIGIN_DEFAULT_PORTS
+        or not host
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or "?" in text
+        or "#" in text
+        or port == 0
+    ):
+        raise ValueError(expected)
+    if not host.isascii() or not host.isprintable() or " " in host:
+        raise ValueError(f"expected an ASCII (punycode) host as browsers send it, got {value!r}")
+    if ":" in host:
+        host = f"[{host}]"
+    suffix = "" if port is None or port == _ORIGIN_DEFAULT_PORTS[scheme] else f":{port}"
+    return f"{scheme}://{host}{suffix}"
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    """A list of origins (or one, or several separated by commas), normalised, without repeats."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError(f"expected a list of origins like https://ui.example.com, got {value!r}")
+    return tuple(dict.fromkeys(_origin(item) for item in items if str(item).strip()))
+
+
 def _bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -353,6 +400,8 @@ class Config:
     fast_blob_relay: bool = field(metadata=setting(_bool, True))
     # redis://HOST:PORT/DB: the throttle's counts shared by every proxy naming it (or None).
     shared_state: str | None = field(metadata=setting(_shared_state, show=_redacted_or_empty))
+    # Browser origins allowed to call the API with credentials (CORS); none by default.
+    cors_origins: tuple[str, ...] = field(metadata=setting(_origins, show=_texts, structured=True))
     tls: TLSConfig = field(metadata=section(TLSConfig))
 
     @cached_property

@@ -63,6 +63,7 @@ CHANGED = {
     "fast_blob_relay": "false",
     # Only the password: check-config redacts it, the comparison must not.
     "shared_state": "redis://:new-password@redis:6379/0",
+    "cors_origins": "[https://ui.example.com]",
     "tls.cert": "/other-cert.pem",
     "tls.key": "/other-key.pem",
 }
