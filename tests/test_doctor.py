@@ -25,7 +25,15 @@ import trustme
 
 from proxy import cli
 from proxy.doctor import Probe, Result, Status, check_headers, check_plain_http, parse_target
-from tests.support import Edge, Process, Proxy, Registry, fake_upstream, free_port, wait_until
+from tests.support import (
+    Process,
+    Proxy,
+    Registry,
+    fake_upstream,
+    free_port,
+    start_nginx,
+    wait_until,
+)
 
 DEPLOYED = "127.0.0.5"
 NGINX = "/usr/sbin/nginx"
@@ -352,46 +360,6 @@ def accepts(host: str, port: int) -> bool:
     return True
 
 
-def start_tls_nginx(workdir: Path, backend_port: int, tls: dict[str, str]) -> Edge:
-    """nginx with its defaults (version banner included) terminating TLS in front of the proxy."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    edge = Edge(workdir)
-    config = workdir / "nginx.conf"
-    config.write_text(
-        f"""daemon off;
-master_process off;
-error_log {workdir}/error.log info;
-pid {workdir}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log {workdir}/access.log;
-    client_body_temp_path {workdir}/body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
-    server {{
-        listen 127.0.0.1:{edge.port} ssl;
-        ssl_certificate {tls["PROXY_TLS_CERT"]};
-        ssl_certificate_key {tls["PROXY_TLS_KEY"]};
-        client_max_body_size 0;
-        location / {{
-            proxy_pass http://127.0.0.1:{backend_port};
-            proxy_http_version 1.1;
-            proxy_request_buffering off;
-            proxy_buffering off;
-            proxy_set_header Host $http_host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-        }}
-    }}
-}}
-"""
-    )
-    edge.run([NGINX, "-p", str(workdir), "-c", str(config)])
-    return edge
-
-
 def test_a_server_banner_from_an_edge_fails(
     start_proxy: Callable[..., Proxy],
     registry: Registry,
@@ -403,7 +371,7 @@ def test_a_server_banner_from_an_edge_fails(
     """Guards the banner check: nginx's default `Server: nginx/1.x` in front of the proxy."""
     need_nginx()
     proxy = start_proxy(registry.url, PROXY_TRUSTED_PROXIES="127.0.0.1/32")
-    edge = start_tls_nginx(tmp_path / "nginx", proxy.port, issue(ca, tmp_path / "tls", "127.0.0.1"))
+    edge = start_nginx(tmp_path / "nginx", proxy.port, issue(ca, tmp_path / "tls", "127.0.0.1"))
     try:
         result = doctor(
             f"https://127.0.0.1:{edge.port}",

@@ -15,6 +15,7 @@ from proxy.throttle.store import RESERVATION_LEASE, MemoryStore, ThrottleStore
 from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 from tests.support import RedisServer
 from tests.support.clock import Clock
+from tests.support.doubles import fail, retry_after
 
 
 @pytest.fixture
@@ -60,20 +61,6 @@ def make(store: ThrottleStore) -> Callable[..., Throttle]:
         return Throttle(max_failures, window=60, block=300, clock=clock, **kwargs)
 
     return make
-
-
-async def fail(throttle: Throttle, address: str, user: str, times: int = 1) -> None:
-    for _ in range(times):
-        await (await throttle.admit(address, user)).failed()
-
-
-async def retry_after(throttle: Throttle, address: str, user: str) -> float | None:
-    """Seconds the throttle asks to wait, or None when a check may run (given back at once)."""
-    try:
-        await (await throttle.admit(address, user)).release()
-    except Throttled as refusal:
-        return refusal.retry_after
-    return None
 
 
 async def test_a_pair_is_blocked_after_max_failures(

@@ -78,11 +78,16 @@ backend proxy
     return edge
 
 
-def start_nginx(workdir: Path, backend_port: int) -> Edge:
-    """nginx as the usual reverse proxy: `proxy_add_x_forwarded_for`, streaming both ways."""
+def start_nginx(workdir: Path, backend_port: int, tls: dict[str, str] | None = None) -> Edge:
+    """nginx as the usual reverse proxy: `proxy_add_x_forwarded_for`, streaming both ways; with
+    `tls` (PROXY_TLS_CERT and PROXY_TLS_KEY), terminating TLS with its defaults (banner too)."""
     workdir.mkdir(parents=True, exist_ok=True)
     edge = Edge(workdir)
     config = workdir / "nginx.conf"
+    listen = f"127.0.0.1:{edge.port}"
+    if tls:
+        listen += f" ssl;\n        ssl_certificate {tls['PROXY_TLS_CERT']}"
+        listen += f";\n        ssl_certificate_key {tls['PROXY_TLS_KEY']}"
     config.write_text(
         f"""daemon off;
 master_process off;
@@ -97,7 +102,7 @@ http {{
     uwsgi_temp_path {workdir}/uwsgi;
     scgi_temp_path {workdir}/scgi;
     server {{
-        listen 127.0.0.1:{edge.port};
+        listen {listen};
         client_max_body_size 0;
         location / {{
             proxy_pass http://127.0.0.1:{backend_port};
