@@ -258,6 +258,7 @@ def write_secrets(directory: Path, ca: trustme.CA, users: Mapping[str, str]) -> 
         (directory / name).chmod(0o640)
 
 
+@pytest.mark.image
 def test_podman_compose_runs_it_and_skopeo_pushes_and_pulls_over_tls(
     podman: RootPodman,
     registry_stand_in: tuple[str, str],
