@@ -5,8 +5,8 @@
 - `polling`: `wait_until` (blocking) and `eventually` (awaited), one polling loop.
 - `client`: requests as the tests send them; `metrics`: what /metrics says.
 - `upstreams`: fake upstreams; `edges`: HAProxy and nginx in front; `clients`: docker, skopeo
-  and podman in sealed environments; `images`: OCI images from bytes; `tls`: certificates;
-  `clock`: a clock the test moves by hand.
+  and podman in sealed environments; `containers`: root podman and the stand-in base image;
+  `images`: OCI images from bytes; `tls`: certificates; `clock`: a clock the test moves by hand.
 
 Fixtures live in tests/conftest.py. A test module imports from here, never from another test
 module (tests/test_suite.py checks it).
@@ -24,6 +24,12 @@ from tests.support.client import (
     token,
 )
 from tests.support.clients import CLIENT_TIMEOUT, Clients, Podman
+from tests.support.containers import (
+    CONTAINERS_CONF,
+    RootPodman,
+    build_stand_in_base,
+    why_unavailable,
+)
 from tests.support.edges import Edge, start_haproxy, start_nginx
 from tests.support.harness import (
     HTPASSWD_BIN,
@@ -51,6 +57,7 @@ REGISTRY_BINARY = REGISTRY_BIN
 
 __all__ = [
     "CLIENT_TIMEOUT",
+    "CONTAINERS_CONF",
     "HTPASSWD_BIN",
     "NO_CACHE",
     "OCI_MANIFEST",
@@ -67,9 +74,11 @@ __all__ = [
     "Proxy",
     "RedisServer",
     "Registry",
+    "RootPodman",
     "Samples",
     "access_records",
     "basic_auth",
+    "build_stand_in_base",
     "call",
     "counting_upstream",
     "eventually",
@@ -96,6 +105,7 @@ __all__ = [
     "unread_bytes",
     "value",
     "wait_until",
+    "why_unavailable",
     "worker_pids",
     "write_certificate",
     "write_oci_layout",
