@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import SETTINGS
+from proxy.config import SETTINGS, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted(
@@ -82,3 +82,13 @@ def test_user_documentation_names_no_issue_numbers_or_in_house_names() -> None:
     for page in [ROOT / "README.md", ROOT / "SECURITY.md", *(ROOT / "docs").glob("*.md")]:
         text = page.read_text()
         assert not re.search(r"\bissue \d+|second door", text, re.IGNORECASE), page
+
+
+def test_readme_configuration_examples_load(tmp_path: Path) -> None:
+    """Guards a YAML example in README that the proxy would refuse to start with."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert blocks
+    for block in blocks:
+        config = tmp_path / "proxy.yml"
+        config.write_text(block if "htpasswd:" in block else f"htpasswd: /h\n{block}")
+        load_config(config, {})
