@@ -1,5 +1,5 @@
 # registry-proxy image:  docker build -t registry-proxy:0.1.0 .
-# In production pin the base by digest and label the build (README.md, "Production deployment",
+# In production pin the base by digest and label the build (docs/swarm.md, "Step by step",
 # step 2):
 #   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:... \
 #       --build-arg REVISION="$(git rev-parse HEAD)" --build-arg SOURCE=https://... -t ... .
@@ -11,7 +11,7 @@
 # the files in ./secrets stay yours):
 #   docker run --rm -it -u "$(id -u):$(id -g)" -v "$PWD/secrets:/run/secrets" IMAGE passwd add alice
 #   docker run --rm -u "$(id -u):$(id -g)" -v "$PWD/secrets:/run/secrets" IMAGE check-config
-# deploy/stack.yml runs it on Docker Swarm (README.md, "Production deployment (Docker Swarm)").
+# deploy/stack.yml runs it on Docker Swarm (docs/swarm.md).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -36,7 +36,7 @@ EXIT_LISTEN = 1
 # `passwd check`: wrong password; `passwd check` and `passwd remove`: no such user.
 EXIT_NO_MATCH = 1
 HTPASSWD_ENV = "PROXY_HTPASSWD"
-# README: use at least this bcrypt cost; lower ones are for tests.
+# docs/users.md: use at least this bcrypt cost; lower ones are for tests.
 RECOMMENDED_COST = 10
 
 

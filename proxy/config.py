@@ -584,7 +584,7 @@ def _suggestion(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     if close:
         return f"; did you mean {close[0]!r}?"
-    return " (see the configuration reference in README.md or config/proxy.yml)"
+    return " (see docs/configuration.md or config/proxy.yml)"
 
 
 def _env_suggestion(name: str) -> str:
@@ -593,7 +593,7 @@ def _env_suggestion(name: str) -> str:
     close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX).lower(), keys, n=1, cutoff=0.6)
     if close:
         return f"; did you mean {env_name(keys[close[0]])}?"
-    return " (see the configuration reference in README.md)"
+    return " (see docs/configuration.md)"
 
 
 def _required_message(key: str, path: Path | None) -> str:

@@ -286,7 +286,7 @@ def check_challenge(probe: Probe) -> Result:
 
 
 def firewall_rule(port: int) -> str:
-    """The DOCKER-USER rule README gives for the registry's own port, for `port`."""
+    """The DOCKER-USER rule docs/swarm.md gives for the registry's own port, for `port`."""
     return (
         "iptables -I DOCKER-USER -o docker_gwbridge -p tcp -m conntrack "
         f"--ctorigdstport {port} --ctdir ORIGINAL -j DROP"
@@ -321,7 +321,7 @@ def check_registry_port(probe: Probe) -> Result:
         f"{where} accepts connections{seen}: the registry's own port allows everything the "
         "registry does, without the proxy's logins and access rules",
         "close it to the outside. Compose: do not publish the registry's port. Swarm stack: on "
-        f"every node, `{firewall_rule(port)}` (README: the registry's own port); or a cloud "
+        f"every node, `{firewall_rule(port)}` (docs/swarm.md: the registry's own port); or a cloud "
         f"firewall that allows nothing on {port}",
     )
 

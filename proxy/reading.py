@@ -4,7 +4,7 @@ The registry is Go (net/http, net/url, mime, gorilla/mux, go-digest); the proxy 
 yarl. Wherever the two could read the same bytes differently, an attacker picks the reading that
 passes the access rules and gets the other one carried out, so such requests get a 400 and are
 never forwarded: framing and target before authentication, the body's type after it (a request
-without credentials still gets its 401). Decisions (README, Security model, has them as a table):
+without credentials still gets its 401). Decisions (docs/security.md has them as a table):
 
 - Request target: origin-form only (Go also takes `http://host/...`). `#` is refused (Go keeps
   it in the path or query, yarl drops it), and so is any byte outside RFC 3986 (llhttp already

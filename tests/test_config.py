@@ -147,7 +147,7 @@ def test_unknown_key_without_a_near_one_points_to_the_reference(
     with pytest.raises(ConfigError) as raised:
         load_config(path, {"PROXY_HTPASSWD": "/h", **environ})
     assert "did you mean" not in str(raised.value)
-    assert "README.md" in str(raised.value)
+    assert "docs/configuration.md" in str(raised.value)
     assert "connect_timeout" not in str(raised.value)
 
 

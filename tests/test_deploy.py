@@ -1008,16 +1008,16 @@ def test_dashboard_and_alert_metrics_are_exported_by_the_proxy_or_the_registry(
                 assert job in jobs, expr
 
 
-# --- README runbooks against the stack -----------------------------------------------------------
+# --- The Swarm runbooks (docs/swarm.md) against the stack -----------------------------------------
 
-README = ROOT / "README.md"
+SWARM_DOC = ROOT / "docs" / "swarm.md"
 
 
-def readme_section(title: str) -> str:
-    text = README.read_text()
-    start = text.index(f"\n### {title}\n")
-    end = min(i for i in (text.find("\n### ", start + 1), text.find("\n## ", start + 1)) if i > 0)
-    return text[start:end]
+def swarm_doc_section(title: str) -> str:
+    text = SWARM_DOC.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else len(text)]
 
 
 def shell_lines(section: str) -> list[str]:
@@ -1030,7 +1030,7 @@ def shell_lines(section: str) -> list[str]:
 def stack_name() -> str:
     names: set[str] = set(
         re.findall(
-            r"docker stack deploy -c deploy/stack\.yml (?:-c \S+ )?(\w+)", README.read_text()
+            r"docker stack deploy -c deploy/stack\.yml (?:-c \S+ )?(\w+)", SWARM_DOC.read_text()
         )
     )
     assert len(names) == 1, names
@@ -1039,7 +1039,7 @@ def stack_name() -> str:
 
 def test_gc_runbook_names_the_stacks_registry_service_and_config() -> None:
     """The runbook's service names and config path are the ones the stack creates."""
-    commands = shell_lines(readme_section("Garbage collection"))
+    commands = shell_lines(swarm_doc_section("Garbage collection"))
     service_name = f"{stack_name()}_registry"
     assert "registry" in stack()["services"]
     updates = [c for c in commands if c.startswith("docker service update")]
@@ -1061,7 +1061,7 @@ def test_gc_runbook_names_the_stacks_registry_service_and_config() -> None:
 def test_gc_runbook_works_on_the_real_registry(tmp_path: Path) -> None:
     """The runbook's maintenance variable makes the real registry refuse writes while pulls go
     on, and its garbage-collect command line collects in that state."""
-    commands = shell_lines(readme_section("Garbage collection"))
+    commands = shell_lines(swarm_doc_section("Garbage collection"))
     add = next(c for c in commands if "--env-add" in c)
     words = shlex.split(add)
     name, _, value = words[words.index("--env-add") + 1].partition("=")
@@ -1105,7 +1105,7 @@ def iptables_rules(text: str) -> list[str]:
 
 def test_port_5000_rule_covers_every_forwarded_path_and_the_unit_matches() -> None:
     """The DROP rule is not limited to one input interface, and the boot unit adds the same."""
-    section = readme_section("The second door: port 5000")
+    section = swarm_doc_section("The registry's own port")
     rules = iptables_rules(section)
     drops = {rule for rule in rules if rule.endswith("-j DROP")}
     assert len(drops) == 1, drops

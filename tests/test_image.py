@@ -439,7 +439,7 @@ def test_skopeo_pushes_and_pulls_through_the_container(
         assert hashlib.sha256(pulled.read_bytes()).hexdigest() == hex_digest
 
 
-# --- the commands README's `docker run` lines use ------------------------------------------------
+# --- the commands docs/swarm.md's `docker run` lines use -----------------------------------------
 
 
 def run_with_tty(command: list[str], env: dict[str, str], answers: list[str]) -> tuple[int, str]:
@@ -477,7 +477,7 @@ def run_with_tty(command: list[str], env: dict[str, str], answers: list[str]) ->
 def test_passwd_add_and_check_config_as_the_readme_says(
     podman: RootPodman, image: str, tmp_path: Path
 ) -> None:
-    """Guards README's `docker run -u "$(id -u):$(id -g)" -v "$PWD/secrets:..."` lines."""
+    """Guards docs/swarm.md's `docker run -u "$(id -u):$(id -g)" -v "$PWD/secrets:..."` lines."""
     uid = gid = 4321  # "yourself": not root, not the image's user
     secrets = tmp_path / "secrets"
     secrets.mkdir(mode=0o700)
@@ -492,7 +492,7 @@ def test_passwd_add_and_check_config_as_the_readme_says(
     htpasswd = secrets / "htpasswd"
     assert (htpasswd.stat().st_uid, htpasswd.stat().st_gid) == (uid, gid), "the file stays yours"
     assert htpasswd.stat().st_mode & 0o777 == 0o640
-    # README step 3: another mount point, --file, and the password piped in.
+    # docs/swarm.md step 3: another mount point, --file, and the password piped in.
     podman.run("run", "-i", *as_yourself, "--volume", f"{secrets}:/secrets", image, "passwd",
                "add", "--file", "/secrets/htpasswd", "ci-bot", "--password-stdin",
                stdin="bot-token\n")  # fmt: skip

@@ -459,7 +459,7 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     ("cost", "warned"), [("4", True), ("9", True), ("10", False), ("12", False)]
 )
 def test_cost_below_10_warns(tmp_path: Path, monkeypatch, capsys, cost: str, warned: bool) -> None:
-    """Guards a silent `--cost 4` in production: README says use 10 or more."""
+    """Guards a silent `--cost 4` in production: docs/users.md says use 10 or more."""
     args = ["passwd", "--file", str(tmp_path / "h"), "add", "alice", "--password-stdin"]
     status, _, err = run(monkeypatch, capsys, *args, "--cost", cost, stdin=b"pw\n")
     assert status == 0

@@ -27,7 +27,7 @@ log = logging.getLogger("registry_proxy.forward")
 # A relay used instead of the normal one (proxy/relay/blob.py); it answers whatever comes back.
 FastPath = Callable[[web.Request, Exchange, str | None], Awaitable[web.StreamResponse]]
 
-# The best relay buffer measured on loopback (see README, Performance).
+# The best relay buffer measured on loopback (see docs/performance.md).
 READ_BUFSIZE = 1 << 20
 
 
