@@ -34,7 +34,7 @@ from proxy.metrics import Metrics
 from proxy.paths import Action
 from proxy.refusal import Refusal
 from proxy.relay.blob import BlobRelay
-from proxy.relay.failure import UPSTREAM_ERRORS
+from proxy.relay.failure import UPSTREAM_ERRORS, abort_client, client_gone
 from proxy.relay.forward import Forwarder, create_session
 from proxy.relay.slots import UpstreamSlots
 from proxy.reload import CredentialReloader
@@ -107,6 +107,12 @@ def _exchange(request: web.Request) -> Exchange:
 
 def _failed(request: web.Request, exc: Exception) -> web.StreamResponse:
     """Log a bug that ended a request, once, with its traceback and request id; the answer."""
+    if isinstance(exc, ConnectionError) and client_gone(request):
+        # The client closed its connection while its answer was written: no bug, and no one
+        # left to answer.
+        log.debug("request %s: the client went away", _exchange(request).request_id)
+        abort_client(request)
+        return errors.protocol_error(500)
     log.error(
         "request %s failed: %s %s",
         _exchange(request).request_id,
