@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import aiohttp
 from prometheus_client import (
@@ -189,6 +189,25 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=r,
         )
+        self.token_expiry = Gauge(
+            f"{PREFIX}_token_expiry_timestamp_seconds",
+            "Unix time each access token in the tokens file expires (revoked ones left out).",
+            ["token"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.token_refusals = Counter(
+            f"{PREFIX}_token_refusals",
+            "Logins with an access token's right secret refused because it expired or was revoked.",
+            ["token", "reason"],
+            registry=r,
+        )
+        self.token_reloads = Counter(
+            f"{PREFIX}_token_reloads",
+            "Tokens file reloads by result; a failure keeps the last good table.",
+            ["result"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads",
             "Configuration file reloads on SIGHUP by result; a failure keeps the rules in force.",
@@ -272,6 +291,7 @@ class Metrics:
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
             self.config_reloads.labels(result)
+            self.token_reloads.labels(result)
             self.tls_reloads.labels(result)
         for reason in REJECT_REASONS:
             self.proxy_protocol_rejected.labels(reason)
@@ -283,6 +303,12 @@ class Metrics:
         self.throttle_store_up.labels(store).set(1 if up else 0)
         if not up:
             self.throttle_store_failures.labels(store).inc()
+
+    def observe_tokens(self, expiries: Mapping[str, float]) -> None:
+        """Export each token's expiry time; tokens no longer listed disappear."""
+        self.token_expiry.clear()
+        for name, expires in expiries.items():
+            self.token_expiry.labels(name).set(expires)
 
     def observe_pool(self, in_use: int, limit: int) -> None:
         """Record the upstream slots taken (proxy/relay/slots.py) and how many there are."""
