@@ -31,6 +31,7 @@ from proxy.edge.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.gate import AccessControl, Gate
 from proxy.host_share import worker_share
+from proxy.identity import AuthOutcome
 from proxy.log import bounded
 from proxy.metrics import Metrics
 from proxy.paths import Action
@@ -39,7 +40,6 @@ from proxy.relay.blob import BlobRelay
 from proxy.relay.failure import UPSTREAM_ERRORS
 from proxy.relay.forward import Forwarder, create_session
 from proxy.relay.slots import UpstreamSlots
-from proxy.identity import AuthOutcome
 from proxy.reload import CredentialReloader, TokenReloader
 from proxy.throttle.fallback import store_chain
 from proxy.throttle.policy import Throttle

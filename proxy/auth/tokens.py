@@ -1,4 +1,4 @@
-"""Access tokens: Basic with a token's name and secret, limited to its scope and its owner's rights."""
+"""Access tokens: Basic with a token's name and secret, within its scope and its owner's rights."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import ipaddress
@@ -106,7 +107,9 @@ def check_name(name: str) -> None:
         )
 
 
-def check_scope(repositories: Iterable[str], actions: Iterable[str], networks: Iterable[str]) -> None:
+def check_scope(
+    repositories: Iterable[str], actions: Iterable[str], networks: Iterable[str]
+) -> None:
     """Raise TokensError naming the first glob, action or network the access rules would refuse."""
     try:
         for pattern in repositories:
@@ -193,10 +196,8 @@ def write_tokens(path: Path, tokens: Mapping[str, Token]) -> None:
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        except FileNotFoundError:
-            pass
         raise
 
 
