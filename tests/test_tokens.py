@@ -180,7 +180,7 @@ def test_docker_login_and_skopeo_with_a_token_within_its_scope(
     scope; the owner's push right outside the token's scope is refused with 403."""
     secret = create(tokens_path, "ci-robot", repositories=("tok/**",), actions="pull,push")
     narrow = create(tokens_path, "reader", repositories=("tok/**",), actions="pull")
-    wait_until(lambda: ping(token_proxy, "ci-robot", secret) == 200, "the new token to load")
+    wait_until(lambda: ping(token_proxy, "reader", narrow) == 200, "the new tokens to load")
     clients = Clients(tmp_path / "clients", token_proxy)
     clients.ok("docker", "login", token_proxy.host, "-u", "ci-robot", "--password-stdin",
                stdin=secret)  # fmt: skip

@@ -190,6 +190,7 @@ def write_tokens(path: Path, tokens: Mapping[str, Token]) -> None:
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
         os.fchmod(fd, 0o600)
+        _keep_owner(fd, path)
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()
@@ -199,6 +200,30 @@ def write_tokens(path: Path, tokens: Mapping[str, Token]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+    # The rename itself is durable only once the directory is synced.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _keep_owner(fd: int, path: Path) -> None:
+    """A rewrite keeps the file's owner: the proxy reading it may run as another user."""
+    try:
+        old = path.stat()
+    except FileNotFoundError:
+        return
+    current = os.fstat(fd)
+    if (current.st_uid, current.st_gid) == (old.st_uid, old.st_gid):
+        return
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except PermissionError:
+        raise TokensError(
+            f"{path}: cannot keep its owner {old.st_uid}:{old.st_gid}; run as root or as the owner"
+        ) from None
 
 
 def _iso(moment: float) -> str:
