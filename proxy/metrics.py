@@ -90,6 +90,25 @@ class CertificateExpiry(Collector):
         yield family
 
 
+class TokenExpiry(Collector):
+    """Each unrevoked access token's expiry, read at each scrape: a revoked one disappears."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self.source: Callable[[], Mapping[str, float]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            self._name,
+            "Unix time each access token in the tokens file expires (revoked ones left out).",
+            labels=["token"],
+        )
+        if self.source is not None:
+            for name, expires in sorted(self.source().items()):
+                family.add_metric([name], expires)
+        yield family
+
+
 class Metrics:
     """Every metric the proxy exports."""
 
@@ -189,13 +208,8 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=r,
         )
-        self.token_expiry = Gauge(
-            f"{PREFIX}_token_expiry_timestamp_seconds",
-            "Unix time each access token in the tokens file expires (revoked ones left out).",
-            ["token"],
-            multiprocess_mode="livemax",
-            registry=r,
-        )
+        self.token_expiry = TokenExpiry(f"{PREFIX}_token_expiry_timestamp_seconds")
+        r.register(self.token_expiry)
         self.token_refusals = Counter(
             f"{PREFIX}_token_refusals",
             "Logins with an access token's right secret refused because it expired or was revoked.",
@@ -303,12 +317,6 @@ class Metrics:
         self.throttle_store_up.labels(store).set(1 if up else 0)
         if not up:
             self.throttle_store_failures.labels(store).inc()
-
-    def observe_tokens(self, expiries: Mapping[str, float]) -> None:
-        """Export each token's expiry time; tokens no longer listed disappear."""
-        self.token_expiry.clear()
-        for name, expires in expiries.items():
-            self.token_expiry.labels(name).set(expires)
 
     def observe_pool(self, in_use: int, limit: int) -> None:
         """Record the upstream slots taken (proxy/relay/slots.py) and how many there are."""

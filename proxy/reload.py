@@ -52,6 +52,19 @@ def name_clash(users: Mapping[str, str], tokens: Mapping[str, Token]) -> list[st
     return sorted(set(users) & set(tokens))
 
 
+def token_expiries(tokens: Mapping[str, Token]) -> dict[str, float]:
+    """Token name -> expiry, for the tokens not revoked."""
+    return {t.name: t.expires for t in tokens.values() if t.revoked is None}
+
+
+def read_token_expiries(path: Path) -> dict[str, float]:
+    """`token_expiries` of the file as it is now; nothing if it cannot be read."""
+    try:
+        return token_expiries(load_tokens(path))
+    except TokensError:
+        return {}
+
+
 class CredentialReloader:
     """Swaps in a re-read htpasswd table; a bad file keeps the last good one.
 
@@ -129,7 +142,7 @@ class TokenReloader:
         self._metrics = metrics
         self._htpasswd = htpasswd
         self._lock = asyncio.Lock()
-        self._export()
+        metrics.token_expiry.source = lambda: token_expiries(self._table.tokens)
 
     async def reload(self, reason: str) -> None:
         """Re-read the tokens file off the event loop."""
@@ -150,12 +163,7 @@ class TokenReloader:
                 return
             self._table.replace(fresh.tokens)
             self._metrics.token_reloads.labels("success").inc()
-            self._export()
             log.info("tokens reloaded (%s): %s", reason, count(len(tokens), "token"))
-
-    def _export(self) -> None:
-        tokens = self._table.tokens.values()
-        self._metrics.observe_tokens({t.name: t.expires for t in tokens if t.revoked is None})
 
     async def watch(self) -> None:
         """Reload whenever the file changes."""
