@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from proxy.auth.tokens_file import load_tokens, write_tokens
@@ -24,6 +25,7 @@ from tests.support import (
     access_records,
     basic_auth,
     call,
+    counting_upstream,
     htpasswd,
     scrape,
     value,
@@ -320,3 +322,22 @@ def test_a_revocation_reaches_two_proxies_sharing_the_file_within_10_seconds(
         assert secret not in proxy.log()
         status, _, metrics = call(proxy.admin_url + "/metrics")
         assert status == 200 and secret.encode() not in metrics
+
+
+async def test_the_secret_never_reaches_the_upstream(
+    start_proxy: Callable[..., Proxy], tokens_path: Path
+) -> None:
+    """Guards the upstream request: neither the secret nor its Authorization header is forwarded
+    for a token's requests."""
+    secret = create(tokens_path, "quiet-robot")
+    async with counting_upstream() as (upstream, url):
+        proxy = start_proxy(url, PROXY_TOKENS=str(tokens_path))
+        headers = basic_auth("quiet-robot", secret)
+        async with aiohttp.ClientSession() as session:
+            for path in ("/v2/tok/app/tags/list", "/v2/tok/app/manifests/v1"):
+                async with session.get(proxy.url + path, headers=headers) as response:
+                    assert response.status == 200
+                    await response.read()
+    assert len(upstream.heads) == 2
+    for head in upstream.heads:
+        assert secret.encode() not in head and b"authorization" not in head.lower()
