@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         sys.stdout.write(yaml.safe_dump(describe(config), sort_keys=False))
         print(f"# configuration valid; {count(len(users), 'user')} in {config.htpasswd}")
+        if config.tokens is not None:
+            tokens = load_tokens(config.tokens)
+            print(f"# {count(len(tokens), 'token')} in {config.tokens}")
         return 0
 
     from proxy.server import ListenError, run
