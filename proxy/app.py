@@ -23,12 +23,15 @@ from proxy.auth.backend import Authenticators
 from proxy.auth.credentials import CredentialChecker
 from proxy.auth.htpasswd import HtpasswdAuthenticator
 from proxy.auth.pacing import RefusalPacer
+from proxy.auth.tokens import TokenAuthenticator, TokenTable
+from proxy.auth.tokens_file import load_tokens
 from proxy.config import Config
 from proxy.cors import CrossOrigin
 from proxy.edge.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
 from proxy.gate import AccessControl, Gate
 from proxy.host_share import worker_share
+from proxy.identity import AuthOutcome
 from proxy.log import bounded
 from proxy.metrics import Metrics
 from proxy.paths import Action
@@ -37,7 +40,7 @@ from proxy.relay.blob import BlobRelay
 from proxy.relay.failure import UPSTREAM_ERRORS, abort_client, client_gone
 from proxy.relay.forward import Forwarder, create_session
 from proxy.relay.slots import UpstreamSlots
-from proxy.reload import CredentialReloader
+from proxy.reload import CredentialReloader, TokenReloader
 from proxy.throttle.fallback import store_chain
 from proxy.throttle.policy import Throttle
 
@@ -86,6 +89,8 @@ THROTTLE = web.AppKey("throttle", Throttle)
 PACER = web.AppKey("pacer", RefusalPacer)
 ACCESS = web.AppKey("access", AccessControl)
 RELOADER = web.AppKey("reloader", CredentialReloader)
+# Only with a `tokens` file configured.
+TOKEN_RELOADER = web.AppKey("token_reloader", TokenReloader)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 GATE = web.AppKey("gate", Gate)
@@ -99,6 +104,12 @@ def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> 
     unknown = sorted(policy.named_users - set(users))
     if unknown:
         log.warning("access rules name users not in the htpasswd file: %s", ", ".join(unknown))
+
+
+def _restricted(policy: AccessPolicy, exchange: Exchange) -> bool:
+    """Whether the catalog must be filtered: rules, or a token's scope."""
+    identity = exchange.identity
+    return not policy.unrestricted or (identity is not None and identity.scope is not None)
 
 
 def _exchange(request: web.Request) -> Exchange:
@@ -181,7 +192,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return refusal
         forwarder = request.app[FORWARDER]
         policy = request.app[ACCESS].policy
-        if exchange.target.action is Action.CATALOG and not policy.unrestricted:
+        if exchange.target.action is Action.CATALOG and _restricted(policy, exchange):
             return await catalog.filtered(forwarder, request, exchange, policy)
         fast = request.app[BLOB_RELAY] if _takes_fast_path(request, exchange) else None
         return await forwarder(request, exchange, exchange.upstream_query, fast=fast)
@@ -291,6 +302,8 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(_probe_upstream_forever(app)),
         asyncio.create_task(app[RELOADER].watch()),
     ]
+    if TOKEN_RELOADER in app:
+        tasks.append(asyncio.create_task(app[TOKEN_RELOADER].watch()))
     try:
         yield
     finally:
@@ -358,11 +371,27 @@ def create_app(
     app[PACER] = RefusalPacer(workers=config.workers)
     app[ACCESS] = access = AccessControl(config.access, config.read_only, config.immutable_tags)
     passwords = HtpasswdAuthenticator(checker, app[THROTTLE], app[PACER], config.realm)
+    table = TokenTable(load_tokens(config.tokens) if config.tokens is not None else {})
+
+    def count_token_refusal(name: str, how: AuthOutcome) -> None:
+        metrics.token_refusals.labels(name, how).inc()
+
+    tokens = TokenAuthenticator(
+        table,
+        lambda: checker.users,
+        app[THROTTLE],
+        app[PACER],
+        config.realm,
+        on_refused=count_token_refusal,
+    )
     authenticator = Authenticators(
-        [passwords, AnonymousAuthenticator(lambda: access.policy.public)], passwords.challenge
+        [tokens, passwords, AnonymousAuthenticator(lambda: access.policy.public)],
+        passwords.challenge,
     )
     app[GATE] = Gate(authenticator, access, metrics)
-    app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics)
+    app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics, table, config.tokens)
+    if config.tokens is not None:
+        app[TOKEN_RELOADER] = TokenReloader(config.tokens, table, checker, metrics, config.htpasswd)
     app[CROSS_ORIGIN] = cross_origin = CrossOrigin(config.cors_origins)
     app.cleanup_ctx.extend([_throttle_stores(host_store), _upstream_session, _background_tasks])
     app.on_response_prepare.extend(

@@ -1,17 +1,21 @@
-"""The `registry-proxy` command: `serve`, `check-config`, `passwd` and `doctor`."""
+"""The `registry-proxy` command: `serve`, `check-config`, `passwd`, `token` and `doctor`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import getpass
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
 from proxy import __version__, doctor
-from proxy.auth.htpasswd_file import HtpasswdError
+from proxy.auth.htpasswd_file import HtpasswdError, load_htpasswd
 from proxy.auth.passwd import (
     DEFAULT_COST,
     MAX_COST,
@@ -24,7 +28,18 @@ from proxy.auth.passwd import (
     remove_user,
     set_password,
 )
-from proxy.config import CONFIG_ENV, ConfigError, describe, load_config
+from proxy.auth.tokens_file import (
+    DEFAULT_MAX_LIFETIME,
+    Token,
+    TokensError,
+    check_name,
+    check_scope,
+    load_tokens,
+    new_secret,
+    parse_expiry,
+    write_tokens,
+)
+from proxy.config import CONFIG_ENV, ConfigError, describe, load_config, parse_duration
 from proxy.doctor import DEFAULT_REGISTRY_PORT, DEFAULT_REPOSITORY, UsageError, parse_target
 from proxy.log import count, setup_logging
 from proxy.preflight import check_startable, startup_warnings
@@ -36,6 +51,8 @@ EXIT_LISTEN = 1
 # `passwd check`: wrong password; `passwd check` and `passwd remove`: no such user.
 EXIT_NO_MATCH = 1
 HTPASSWD_ENV = "PROXY_HTPASSWD"
+TOKENS_ENV = "PROXY_TOKENS"
+MAX_LIFETIME_ENV = "PROXY_TOKEN_MAX_LIFETIME"
 # docs/users.md: use at least this bcrypt cost; lower ones are for tests.
 RECOMMENDED_COST = 10
 
@@ -62,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         help="validate the configuration and htpasswd file, print the effective settings",
     )
     _add_passwd_parser(commands, common)
+    _add_token_parser(commands, common)
     _add_doctor_parser(commands)
     return parser
 
@@ -109,6 +127,48 @@ def _add_passwd_parser(
         help="exit 0 if the password is the user's, 1 if not (2 on errors)",
     )
     check.add_argument("user")
+
+
+def _add_token_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    file = argparse.ArgumentParser(add_help=False)
+    file.add_argument(
+        "--file",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"tokens file (default: ${TOKENS_ENV}, else `tokens` in the configuration)",
+    )
+    parents = [common, file]
+    token = commands.add_parser(
+        "token", parents=parents, help="manage access tokens (CI robots, personal tokens)"
+    )
+    actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        parents=parents,
+        help="make a token; its secret is printed once, alone on the last line of stdout",
+    )
+    create.add_argument("name")
+    create.add_argument("--owner", required=True, metavar="USER", help="the htpasswd user")
+    create.add_argument(
+        "--repositories", required=True, nargs="+", metavar="GLOB", help="repository globs"
+    )
+    create.add_argument(
+        "--actions", required=True, metavar="LIST", help="pull[,push,delete,catalog]"
+    )
+    create.add_argument(
+        "--expires",
+        required=True,
+        metavar="WHEN",
+        help="90d, 12h, 30m, or an ISO 8601 date (at most token_max_lifetime away)",
+    )
+    create.add_argument("--networks", nargs="+", default=[], metavar="CIDR")
+    listing = actions.add_parser("list", parents=parents, help="print the tokens")
+    listing.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+    revoke = actions.add_parser("revoke", parents=parents, help="revoke a token (kept, marked)")
+    revoke.add_argument("name")
 
 
 def _add_doctor_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -168,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     config_path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or None
     if args.command == "passwd":
         return _passwd(args, config_path)
+    if args.command == "token":
+        return _token(args, config_path)
     if args.command == "doctor":
         return _doctor(args)
     path = Path(config_path) if config_path else None
@@ -184,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         sys.stdout.write(yaml.safe_dump(describe(config), sort_keys=False))
         print(f"# configuration valid; {count(len(users), 'user')} in {config.htpasswd}")
+        if config.tokens is not None:
+            tokens = load_tokens(config.tokens)
+            print(f"# {count(len(tokens), 'token')} in {config.tokens}")
         return 0
 
     from proxy.server import ListenError, run
@@ -247,6 +312,130 @@ def _passwd(args: argparse.Namespace, config_path: str | None) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace, config_path: str | None) -> int:
+    """`token ACTION`: works without a valid configuration, like `passwd`."""
+    try:
+        path = _file_path(getattr(args, "file", None), TOKENS_ENV, "tokens", config_path)
+        tokens = load_tokens(path)
+        now = time.time()
+        if args.token_command == "list":
+            _print_tokens(tokens, now, as_json=args.json)
+        elif args.token_command == "revoke":
+            token = tokens.get(args.name)
+            if token is None:
+                print(f"registry-proxy: {path}: no token {args.name!r}", file=sys.stderr)
+                return EXIT_NO_MATCH
+            if token.revoked is None:
+                tokens[args.name] = dataclasses.replace(token, revoked=now)
+                write_tokens(path, tokens)
+            print(f"{path}: revoked {args.name}", file=sys.stderr)
+        else:
+            token, secret = _new_token(args, tokens, now, config_path)
+            tokens[token.name] = token
+            write_tokens(path, tokens)
+            print(f"{path}: created {token.name}, expires {_when(token.expires)}", file=sys.stderr)
+            print(secret)
+    except (PasswdError, TokensError, HtpasswdError) as exc:
+        print(f"registry-proxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
+def _new_token(
+    args: argparse.Namespace, tokens: dict[str, Token], now: float, config_path: str | None
+) -> tuple[Token, str]:
+    check_name(args.name)
+    if args.name in tokens:
+        raise TokensError(f"token {args.name!r} exists (revoked ones stay); choose another name")
+    actions = tuple(a.strip() for a in args.actions.split(",") if a.strip())
+    check_scope(args.repositories, actions, args.networks)
+    try:
+        expires = parse_expiry(args.expires, now)
+    except ValueError as exc:
+        raise TokensError(f"--expires: {exc}") from None
+    cap = _max_lifetime(config_path)
+    if expires <= now:
+        raise TokensError(f"--expires: {args.expires} is in the past")
+    if expires - now > cap:
+        raise TokensError(
+            f"--expires: {args.expires} is more than token_max_lifetime "
+            f"({cap / 86400:g} days) away; tokens must expire"
+        )
+    _check_owner_and_name(args.owner, args.name, config_path)
+    secret, digest = new_secret()
+    token = Token(
+        args.name, args.owner, tuple(args.repositories), actions, tuple(args.networks), now,
+        expires, digest,
+    )  # fmt: skip
+    return token, secret
+
+
+def _check_owner_and_name(owner: str, name: str, config_path: str | None) -> None:
+    """With a known htpasswd file: the owner must be a user, and the name must not be one."""
+    try:
+        htpasswd = _file_path(None, HTPASSWD_ENV, "htpasswd", config_path)
+    except PasswdError:
+        return
+    users = load_htpasswd(htpasswd)
+    if name in users:
+        raise TokensError(f"{name}: already a user in {htpasswd}; a token needs a name of its own")
+    if owner not in users:
+        raise TokensError(f"--owner: {owner!r} is not a user in {htpasswd}")
+
+
+def _max_lifetime(config_path: str | None) -> float:
+    given = os.environ.get(MAX_LIFETIME_ENV)
+    if not given and config_path:
+        value = _configured_value(Path(config_path), "token_max_lifetime")
+        given = None if value is None else str(value)
+    if not given:
+        return DEFAULT_MAX_LIFETIME
+    try:
+        return float(given)
+    except ValueError:
+        pass
+    try:
+        return parse_duration(given)
+    except ValueError as exc:
+        raise TokensError(f"token_max_lifetime: {exc}") from None
+
+
+def _when(moment: float) -> str:
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status(token: Token, now: float) -> str:
+    if token.revoked is not None:
+        return "revoked"
+    return "expired" if token.expired(now) else "active"
+
+
+def _print_tokens(tokens: dict[str, Token], now: float, *, as_json: bool) -> None:
+    if as_json:
+        entries = []
+        for token in tokens.values():
+            entry = token.as_json()
+            del entry["sha256"]
+            entry["expired"] = token.expired(now)
+            entry["status"] = _status(token, now)
+            entries.append(entry)
+        print(json.dumps(entries, indent=2))
+        return
+    rows = [("NAME", "OWNER", "SCOPE", "CREATED", "EXPIRES", "STATUS")]
+    for token in tokens.values():
+        scope = f"{','.join(token.actions)} on {' '.join(token.repositories)}"
+        if token.networks:
+            scope += f" from {' '.join(token.networks)}"
+        rows.append(
+            (token.name, token.owner, scope, _when(token.created), _when(token.expires),
+             _status(token, now))
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+
+
 def _doctor(args: argparse.Namespace) -> int:
     """`doctor URL`: needs no configuration; 2 for a command line it cannot probe."""
     try:
@@ -276,21 +465,28 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _htpasswd_path(given: str | None, config_path: str | None) -> Path:
     """--file, else $PROXY_HTPASSWD, else the configuration file's `htpasswd` key."""
-    for candidate in (given, os.environ.get(HTPASSWD_ENV)):
+    return _file_path(given, HTPASSWD_ENV, "htpasswd", config_path)
+
+
+def _file_path(given: str | None, env: str, key: str, config_path: str | None) -> Path:
+    """--file, else the environment variable, else the configuration file's key."""
+    for candidate in (given, os.environ.get(env)):
         if candidate and candidate.strip():
             return Path(candidate.strip())
     if config_path:
-        configured = _configured_htpasswd(Path(config_path))
-        if configured is not None:
-            return configured
+        value = _configured_value(Path(config_path), key)
+        if value is not None and not (isinstance(value, str) and not value.strip()):
+            if not isinstance(value, str):
+                raise PasswdError(f"{config_path}: {key}: expected a file path, got {value!r}")
+            return Path(value.strip())
     raise PasswdError(
-        f"no htpasswd file: use --file PATH, set {HTPASSWD_ENV}, or give a configuration "
-        f"(--config or ${CONFIG_ENV}) with an `htpasswd` key"
+        f"no {key} file: use --file PATH, set {env}, or give a configuration "
+        f"(--config or ${CONFIG_ENV}) with a `{key}` key"
     )
 
 
-def _configured_htpasswd(config_path: Path) -> Path | None:
-    """Only the `htpasswd` key: the rest of the configuration need not be valid yet."""
+def _configured_value(config_path: Path, key: str) -> object:
+    """Only `key`: the rest of the configuration need not be valid yet."""
     try:
         root = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
@@ -305,12 +501,7 @@ def _configured_htpasswd(config_path: Path) -> Path | None:
         return None
     if not isinstance(root, dict):
         raise PasswdError(f"{config_path}: expected a mapping of settings")
-    value = root.get("htpasswd")
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if not isinstance(value, str):
-        raise PasswdError(f"{config_path}: htpasswd: expected a file path, got {value!r}")
-    return Path(value.strip())
+    return root.get(key)
 
 
 def _read_password(from_stdin: bool, *, confirm: bool) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property, reduce
@@ -88,6 +89,30 @@ def _optional_path(value: object) -> Path | None:
     if value is None or str(value).strip() == "":
         return None
     return Path(str(value).strip())
+
+
+_DURATION = re.compile(r"([0-9]+)([dhm])")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `90d`, `12h` or `30m`; ValueError otherwise."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"expected a duration such as 90d, 12h or 30m, got {text!r}")
+    return float(int(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+def _lifetime(value: object) -> float:
+    """A duration (`90d`, `12h`, `30m`) or a number of seconds."""
+    try:
+        return _seconds(value)
+    except ValueError:
+        pass
+    try:
+        return parse_duration(str(value))
+    except ValueError:
+        raise ValueError(f"expected a duration such as 90d, 12h or 30m, got {value!r}") from None
 
 
 def _realm(value: object) -> str:
@@ -352,6 +377,9 @@ class Config:
     listen: Address = field(metadata=setting(_address, "0.0.0.0:8080", show=_text))
     upstream: URL = field(metadata=setting(_upstream, "http://127.0.0.1:5000", show=_text))
     htpasswd: Path = field(metadata=setting(_path, show=_text))
+    # The access tokens file (`registry-proxy token`), or None for no tokens.
+    tokens: Path | None = field(metadata=setting(_optional_path, show=_text_or_empty))
+    token_max_lifetime: float = field(metadata=setting(_lifetime, "90d"))
     realm: str = field(metadata=setting(_realm, "Registry"))
     admin_listen: Address | None = field(
         metadata=setting(_optional_address, "127.0.0.1:8081", show=_text_or_empty)

@@ -68,6 +68,9 @@ class Gate:
             exchange.auth_outcome = result.how
             if isinstance(result, Identity):
                 exchange.identity, exchange.user = result, result.name
+                if result.scope is not None:
+                    # The audit line names the token that logged in (its owner is in the file).
+                    exchange.user = result.scope.token
             else:
                 exchange.retry_after = result.retry_after
             self._metrics.auth.labels(exchange.auth_outcome).inc()
@@ -154,7 +157,7 @@ class Gate:
                 exchange.refusal = Refusal.NO_CREDENTIALS
                 return errors.challenge(self._authenticator.challenge)
             return errors.denied(decision.reason)
-        restricted = exchange.target.action is Action.CATALOG and not access.policy.unrestricted
+        restricted = exchange.target.action is Action.CATALOG and access.policy.restricts(identity)
         if restricted and request.method != "GET":
             # Filtering answers GET only; never send the registry another method than the client's.
             exchange.refusal = Refusal.METHOD_NOT_ALLOWED

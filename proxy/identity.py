@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from enum import StrEnum
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # The group every request without credentials belongs to, when a rule grants it anything.
 ANONYMOUS_GROUP = "anonymous"
@@ -24,6 +29,10 @@ class AuthOutcome(StrEnum):
     THROTTLED = "throttled"
     # No Authorization header, admitted as `@anonymous` for the access rules to decide.
     ANONYMOUS = "anonymous"
+    # An access token's right secret, past its expiry: refused like a wrong password.
+    TOKEN_EXPIRED = "token_expired"
+    # An access token's right secret, revoked: refused like a wrong password.
+    TOKEN_REVOKED = "token_revoked"
 
     @property
     def identified(self) -> bool:
@@ -31,12 +40,35 @@ class AuthOutcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class TokenScope:
+    """What an access token may do at most: its repositories, actions and networks."""
+
+    token: str
+    patterns: tuple[re.Pattern[str], ...]
+    # Action names as the access rules spell them (`pull`, `push`, `delete`, `catalog`).
+    actions: frozenset[str]
+    networks: tuple[Network, ...] = ()
+
+    def permits(self, action: str, repository: str | None, address: Address | None) -> bool:
+        """Whether the scope covers `action` on `repository` (None: catalog) from `address`."""
+        if action not in self.actions:
+            return False
+        if self.networks and (address is None or not any(address in n for n in self.networks)):
+            return False
+        return repository is None or any(p.fullmatch(repository) for p in self.patterns)
+
+
+@dataclass(frozen=True)
 class Identity:
-    """An established identity: a user name (None for anonymous), its groups, and how."""
+    """An established identity: a user name (None for anonymous), its groups, and how.
+
+    A token's identity is its owner's name, limited by the token's `scope`.
+    """
 
     name: str | None
     how: AuthOutcome
     groups: frozenset[str] = frozenset()
+    scope: TokenScope | None = None
 
     @property
     def anonymous(self) -> bool:

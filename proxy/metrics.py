@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import aiohttp
 from prometheus_client import (
@@ -87,6 +87,25 @@ class CertificateExpiry(Collector):
         )
         if self.source is not None:
             family.add_metric([], self.source())
+        yield family
+
+
+class TokenExpiry(Collector):
+    """Each unrevoked access token's expiry, read at each scrape: a revoked one disappears."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self.source: Callable[[], Mapping[str, float]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            self._name,
+            "Unix time each access token in the tokens file expires (revoked ones left out).",
+            labels=["token"],
+        )
+        if self.source is not None:
+            for name, expires in sorted(self.source().items()):
+                family.add_metric([name], expires)
         yield family
 
 
@@ -189,6 +208,20 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=r,
         )
+        self.token_expiry = TokenExpiry(f"{PREFIX}_token_expiry_timestamp_seconds")
+        r.register(self.token_expiry)
+        self.token_refusals = Counter(
+            f"{PREFIX}_token_refusals",
+            "Logins with an access token's right secret refused because it expired or was revoked.",
+            ["token", "reason"],
+            registry=r,
+        )
+        self.token_reloads = Counter(
+            f"{PREFIX}_token_reloads",
+            "Tokens file reloads by result; a failure keeps the last good table.",
+            ["result"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads",
             "Configuration file reloads on SIGHUP by result; a failure keeps the rules in force.",
@@ -272,6 +305,7 @@ class Metrics:
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
             self.config_reloads.labels(result)
+            self.token_reloads.labels(result)
             self.tls_reloads.labels(result)
         for reason in REJECT_REASONS:
             self.proxy_protocol_rejected.labels(reason)

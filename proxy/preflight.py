@@ -9,6 +9,7 @@ from pathlib import Path
 
 from proxy.app import warn_about_unknown_users
 from proxy.auth.htpasswd_file import HtpasswdError, HtpasswdUnreadableError, load_htpasswd
+from proxy.auth.tokens_file import TokensError, load_tokens
 from proxy.config import Address, Config, ConfigError, source_of
 from proxy.edge.internals import MissingInternal, require_private_names
 from proxy.edge.listen import c_parser_in_use
@@ -24,6 +25,7 @@ def check_startable(config: Config, config_path: Path | None) -> dict[str, str]:
     require_aiohttp()
     _check_listeners(config, config_path)
     users = _load_users(config, config_path)
+    _check_tokens(config, config_path, users)
     if config.tls.enabled:
         try:
             server_context(config.tls)
@@ -74,6 +76,22 @@ def _load_users(config: Config, config_path: Path | None) -> dict[str, str]:
         # A missing file is usually a wrong path: say which line or variable gave it.
         where = source_of("htpasswd", config_path)
         raise HtpasswdError(f"{where}: htpasswd: {exc}") from None
+
+
+def _check_tokens(config: Config, config_path: Path | None, users: Mapping[str, str]) -> None:
+    """The tokens file loads, and no token shares a name with a user."""
+    if config.tokens is None:
+        return
+    try:
+        tokens = load_tokens(config.tokens)
+    except TokensError as exc:
+        raise ConfigError(f"{source_of('tokens', config_path)}: tokens: {exc}") from None
+    clash = sorted(set(users) & set(tokens))
+    if clash:
+        raise ConfigError(
+            f"{', '.join(clash)}: both a user in {config.htpasswd} and a token in "
+            f"{config.tokens}; a login could not say which it means"
+        )
 
 
 def _is_loopback(host: str) -> bool:

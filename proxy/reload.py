@@ -1,4 +1,4 @@
-"""Picking up changed files without a restart: the htpasswd table and the TLS certificate."""
+"""Picking up changed files without a restart: htpasswd, the tokens file, the TLS certificate."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from proxy.auth.credentials import CredentialChecker, decoy_hash, measure_check
 from proxy.auth.htpasswd_file import HtpasswdError, load_htpasswd
+from proxy.auth.tokens import TokenTable
+from proxy.auth.tokens_file import Token, TokensError, load_tokens
 from proxy.config import ConfigError, TLSConfig
 from proxy.edge.tls import server_context
 from proxy.log import count
@@ -45,13 +47,43 @@ async def watch(paths: list[Path], on_change: Callable[[], Awaitable[None]]) -> 
             await on_change()
 
 
-class CredentialReloader:
-    """Swaps in a re-read htpasswd table; a bad file keeps the last good one."""
+def name_clash(users: Mapping[str, str], tokens: Mapping[str, Token]) -> list[str]:
+    """Names that are both a user and a token: a login could not say which it means."""
+    return sorted(set(users) & set(tokens))
 
-    def __init__(self, path: Path, checker: CredentialChecker, metrics: Metrics) -> None:
+
+def token_expiries(tokens: Mapping[str, Token]) -> dict[str, float]:
+    """Token name -> expiry, for the tokens not revoked."""
+    return {t.name: t.expires for t in tokens.values() if t.revoked is None}
+
+
+def read_token_expiries(path: Path) -> dict[str, float]:
+    """`token_expiries` of the file as it is now; nothing if it cannot be read."""
+    try:
+        return token_expiries(load_tokens(path))
+    except TokensError:
+        return {}
+
+
+class CredentialReloader:
+    """Swaps in a re-read htpasswd table; a bad file keeps the last good one.
+
+    So does a table naming a user that is also a token (`tokens`, when given).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        checker: CredentialChecker,
+        metrics: Metrics,
+        tokens: TokenTable | None = None,
+        tokens_path: Path | None = None,
+    ) -> None:
         self._path = path
         self._checker = checker
         self._metrics = metrics
+        self._tokens = tokens
+        self._tokens_path = tokens_path
         self._lock = asyncio.Lock()
         metrics.users.set(checker.user_count)
         metrics.last_reload.set(time.time())
@@ -66,6 +98,13 @@ class CredentialReloader:
                 log.error("htpasswd reload (%s) failed, keeping %s: %s",
                           reason, count(self._checker.user_count, "user"), exc)  # fmt: skip
                 return
+            clash = name_clash(users, self._tokens.tokens) if self._tokens is not None else []
+            if clash:
+                self._metrics.reloads.labels("failure").inc()
+                log.error("htpasswd reload (%s) failed, keeping %s: %s in %s are tokens in %s",
+                          reason, count(self._checker.user_count, "user"), ", ".join(clash),
+                          self._path, self._tokens_path)  # fmt: skip
+                return
             self._checker.replace_users(users, decoy, decoy_cost)
             self._metrics.reloads.labels("success").inc()
             self._metrics.users.set(len(users))
@@ -76,6 +115,55 @@ class CredentialReloader:
         users = load_htpasswd(self._path)
         decoy = decoy_hash(users)
         return users, decoy, measure_check(decoy)
+
+    async def watch(self) -> None:
+        """Reload whenever the file changes."""
+        await watch([self._path], lambda: self.reload("file changed"))
+
+
+class TokenReloader:
+    """Swaps in a re-read tokens file; a bad file, or one naming a user, keeps the last good one.
+
+    Polled like htpasswd: a revocation written to a file every proxy reads (a shared volume)
+    reaches them all within the poll interval.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        table: TokenTable,
+        checker: CredentialChecker,
+        metrics: Metrics,
+        htpasswd: Path,
+    ) -> None:
+        self._path = path
+        self._table = table
+        self._checker = checker
+        self._metrics = metrics
+        self._htpasswd = htpasswd
+        self._lock = asyncio.Lock()
+        metrics.token_expiry.source = lambda: token_expiries(self._table.tokens)
+
+    async def reload(self, reason: str) -> None:
+        """Re-read the tokens file off the event loop."""
+        async with self._lock:
+            kept = count(len(self._table.tokens), "token")
+            try:
+                tokens = await asyncio.to_thread(load_tokens, self._path)
+                fresh = TokenTable(tokens)
+            except (TokensError, ValueError) as exc:
+                self._metrics.token_reloads.labels("failure").inc()
+                log.error("tokens reload (%s) failed, keeping %s: %s", reason, kept, exc)
+                return
+            clash = name_clash(self._checker.users, tokens)
+            if clash:
+                self._metrics.token_reloads.labels("failure").inc()
+                log.error("tokens reload (%s) failed, keeping %s: %s in %s are users in %s",
+                          reason, kept, ", ".join(clash), self._path, self._htpasswd)  # fmt: skip
+                return
+            self._table.replace(fresh.tokens)
+            self._metrics.token_reloads.labels("success").inc()
+            log.info("tokens reloaded (%s): %s", reason, count(len(tokens), "token"))
 
     async def watch(self) -> None:
         """Reload whenever the file changes."""

@@ -22,6 +22,7 @@ from proxy.app import (
     METRICS,
     RELOADER,
     STATE,
+    TOKEN_RELOADER,
     create_admin_app,
     create_app,
     warn_about_unknown_users,
@@ -229,6 +230,8 @@ class _Server:
         def reload_all() -> None:
             _reload_access(app, self.config_path)
             coroutines = [app[RELOADER].reload("SIGHUP")]
+            if TOKEN_RELOADER in app:
+                coroutines.append(app[TOKEN_RELOADER].reload("SIGHUP"))
             if certificates is not None:
                 coroutines.append(certificates.reload("SIGHUP"))
             for coroutine in coroutines:

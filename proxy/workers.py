@@ -35,8 +35,14 @@ from prometheus_client import multiprocess
 
 from proxy.admin import create_admin_app
 from proxy.config import Address, Config, ConfigError
-from proxy.metrics import PREFIX, CertificateExpiry, ProcessesCollector, multiprocess_exposition
-from proxy.reload import certificate_expiry
+from proxy.metrics import (
+    PREFIX,
+    CertificateExpiry,
+    ProcessesCollector,
+    TokenExpiry,
+    multiprocess_exposition,
+)
+from proxy.reload import certificate_expiry, read_token_expiries
 from proxy.throttle.supervisor import HostStoreServer
 from proxy.worker import EXIT_CONFIG
 
@@ -298,9 +304,14 @@ class Supervisor:
 
             expiry.source = expires_at
 
+        tokens = TokenExpiry(f"{PREFIX}_token_expiry_timestamp_seconds")
+        tokens_path = self._config.tokens
+        if tokens_path is not None:
+            tokens.source = lambda: read_token_expiries(tokens_path)
+
         async def scrape() -> bytes:
             return await asyncio.to_thread(
-                multiprocess_exposition, self._metrics_dir, processes, expiry
+                multiprocess_exposition, self._metrics_dir, processes, expiry, tokens
             )
 
         return create_admin_app(not_ready, scrape)

@@ -64,6 +64,10 @@ WITH_WORKERS = {
         "test_haproxy_tcp_mode_tells_clients_apart",
         "test_many_connections_at_once_each_keep_their_own_client",
     ),
+    "test_tokens.py": (
+        "test_expired_and_revoked_tokens_get_a_401_and_the_audit_says_why",
+        "test_a_revocation_reaches_two_proxies_sharing_the_file_within_10_seconds",
+    ),
     "test_throttle_proxy.py": (
         "test_concurrency_parallel_guesses_run_no_more_checks_than_the_budget",
         "test_no_lockout_by_name_from_many_addresses_slows_guesses_not_the_owner",

@@ -33,6 +33,8 @@ CHANGED = {
     "listen": "127.0.0.1:7",
     "upstream": "http://other:7",
     "htpasswd": "/other",
+    "tokens": "/other-tokens",
+    "token_max_lifetime": "7d",
     "realm": "Other",
     "admin_listen": "",
     "connect_timeout": "7",

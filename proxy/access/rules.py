@@ -165,11 +165,27 @@ class AccessPolicy:
         """Whether some rule grants `@anonymous` anything (else no request is anonymous)."""
         return any(ANONYMOUS_GROUP in rule.groups for rule in self._rules)
 
+    def restricts(self, identity: Identity) -> bool:
+        """Whether some requests of `identity` may be refused (rules, or a token's scope)."""
+        return not self.unrestricted or identity.scope is not None
+
     def allows(self, who: Subject, right: Right, repository: str | None) -> bool:
-        """Whether `who` has `right`; no rule grants a repository right on `None`."""
+        """Whether `who` has `right`; no rule grants a repository right on `None`.
+
+        A token has the right only where its scope and its owner's rights both grant it.
+        """
+        context = _context(who)
+        scope = context.identity.scope
+        if scope is not None:
+            if right is not Right.CATALOG and (
+                repository is None or len(repository) > REPOSITORY_MAX_LENGTH
+            ):
+                return False
+            target = None if right is Right.CATALOG else repository
+            if not scope.permits(right, target, context.address):
+                return False
         if self.unrestricted:
             return True
-        context = _context(who)
         if right is Right.CATALOG:
             return any(right in rule.rights and rule.applies(context) for rule in self._rules)
         if repository is None or len(repository) > REPOSITORY_MAX_LENGTH:
@@ -182,6 +198,9 @@ class AccessPolicy:
     def may_pull_any(self, who: Subject) -> bool:
         """Whether any rule lets `who` pull some repository (else the catalog is empty)."""
         context = _context(who)
+        scope = context.identity.scope
+        if scope is not None and not (Right.PULL in scope.actions and scope.patterns):
+            return False
         return self.unrestricted or any(
             Right.PULL in rule.rights and rule.applies(context) and rule.patterns
             for rule in self._rules
@@ -423,7 +442,7 @@ def authorize(policy: AccessPolicy, context: RequestContext) -> Decision:
     method, target, raw_query = context.method, context.target, context.raw_query
     if target.action is Action.CATALOG:
         raw_query = cap_catalog_query(raw_query)
-    if policy.unrestricted:
+    if not policy.restricts(context.identity):
         return Decision(True, raw_query)
     for right, repository in required_rights(method, target, {}):
         if not policy.allows(context, right, repository):

@@ -2,9 +2,10 @@
 
 `backend.py` is the seam (`Authenticator`, and `Authenticators` asking them in order); each
 backend is one module (`htpasswd.py` for Basic against the user table, `anonymous.py` for
-`@anonymous`). `credentials.py` parses Basic and checks passwords with a cache, `hashpool.py`
-shares the hashing threads fairly, `pacing.py` slows clients that ignore 429s,
-`htpasswd_file.py` reads the user table and `passwd.py` edits it for the CLI.
+`@anonymous`, `tokens.py` for access tokens). `credentials.py` parses Basic and checks
+passwords with a cache, `hashpool.py` shares the hashing threads fairly, `pacing.py` slows
+clients that ignore 429s, `htpasswd_file.py` reads the user table and `passwd.py` edits it for
+the CLI; `tokens_file.py` reads and writes the tokens file.
 """
 
 from proxy.auth.anonymous import AnonymousAuthenticator
