@@ -1148,6 +1148,10 @@ def test_prometheus_in_the_stack_loads_the_alert_rules() -> None:
         "RegistryProxyRefusalSurge",
         "RegistryProxyCertificateExpiresSoon",
         "RegistryStorageErrors",
+        "RegistryProxyReloadFailed",
+        "RegistryProxyThrottleStoreDown",
+        "RegistryProxyBusy",
+        "RegistryProxyReadOnlyLeftOn",
     }
     tested = (DEPLOY / "alerts.test.yml").read_text()
     for name in names:
