@@ -16,6 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
 
+from proxy.edge.connection import TLS_HELLO
 from proxy.exchange import EXCHANGE_KEY, Exchange
 from proxy.metrics import Metrics, code_label, method_label, status_class
 from proxy.paths import Action, Target, is_digest
@@ -185,6 +186,15 @@ def _digest(
     return None
 
 
+def _unparsed_refusal(request: BaseRequest, status: int) -> Refusal:
+    """Why aiohttp answered a request it could not parse."""
+    if status in (413, 431):
+        return Refusal.TOO_LARGE
+    if request.get(TLS_HELLO):
+        return Refusal.TLS_ON_PLAIN_HTTP
+    return Refusal.BAD_REQUEST
+
+
 def access_record(
     request: BaseRequest, response: StreamResponse, seconds: float
 ) -> dict[str, object]:
@@ -194,12 +204,11 @@ def access_record(
     path: str | None = raw_path
     if not isinstance(exchange, Exchange):
         # aiohttp answered (a 400 for a malformed request) before the proxy saw it.
-        too_large = response.status in (413, 431)
         exchange = Exchange(
             request.remote or "",
             request.scheme,
             Target(Action.OTHER),
-            refusal=Refusal.TOO_LARGE if too_large else Refusal.BAD_REQUEST,
+            refusal=_unparsed_refusal(request, response.status),
         )
         path, raw_query = None, ""
     target = exchange.target
