@@ -1191,8 +1191,10 @@ def test_the_proxy_and_the_registry_have_cpu_and_memory_limits() -> None:
 
 def docker_size(text: str) -> int:
     """The json-file driver's `max-size` in bytes (its units are powers of 1024)."""
-    number, unit = re.fullmatch(r"(\d+)([kmg]?)", text.lower()).groups()  # type: ignore[union-attr]
-    return int(number) * 1024 ** " kmg".index(unit or " ")
+    found = re.fullmatch(r"(\d+)([kmg]?)", text.lower())
+    assert found, text
+    number, unit = found.groups()
+    return int(number) << 10 * " kmg".index(unit or " ")
 
 
 def test_the_stack_says_how_long_its_log_files_keep_the_access_log(
