@@ -1204,8 +1204,14 @@ def test_the_stack_says_how_long_its_log_files_keep_the_access_log(
     json-file settings hold must match a real access-log line as the driver stores it."""
     password = users["alice"]
     push_blob(proxy.url, "retention/probe", os.urandom(64), basic_auth("alice", password))
-    lines = [line for line in proxy.log().splitlines() if line.startswith('{"time"')]
-    pushed = max(lines, key=len)
+
+    def put_lines() -> list[str]:
+        lines = proxy.log().splitlines()
+        return [line for line in lines if '"method":"PUT","path":"/v2/retention/probe/' in line]
+
+    # The access line is written just after the answer is sent.
+    wait_until(lambda: bool(put_lines()), "the upload's access line")
+    pushed = put_lines()[-1]
     stored = json.dumps(
         {"log": pushed + "\n", "stream": "stdout", "time": "2026-12-03T10:09:20.931862341Z"},
         separators=(",", ":"),
