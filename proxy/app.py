@@ -7,6 +7,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -25,7 +26,7 @@ from proxy.auth.htpasswd import HtpasswdAuthenticator
 from proxy.auth.pacing import RefusalPacer
 from proxy.auth.tokens import TokenAuthenticator, TokenTable
 from proxy.auth.tokens_file import load_tokens
-from proxy.config import Config
+from proxy.config import Config, lines_naming
 from proxy.cors import CrossOrigin
 from proxy.edge.connection import drop_server_banner
 from proxy.exchange import EXCHANGE_KEY, REQUEST_ID_HEADER, Exchange, exchange_of
@@ -99,11 +100,17 @@ SLOTS = web.AppKey("slots", UpstreamSlots)
 CROSS_ORIGIN = web.AppKey("cross_origin", CrossOrigin)
 
 
-def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> None:
-    """Rules that name users the htpasswd file lacks are usually typos: say so once."""
-    unknown = sorted(policy.named_users - set(users))
-    if unknown:
-        log.warning("access rules name users not in the htpasswd file: %s", ", ".join(unknown))
+def warn_about_unknown_users(
+    policy: AccessPolicy, users: Mapping[str, str], config_path: Path | None
+) -> None:
+    """Rules that name users the htpasswd file lacks are usually typos: say so, and where."""
+    for name in sorted(policy.named_users - set(users)):
+        places = lines_naming(name, ("groups", "access"), config_path)
+        log.warning(
+            "%s: access rules name users not in the htpasswd file: %s",
+            ", ".join(places) or "access",
+            name,
+        )
 
 
 def _restricted(policy: AccessPolicy, exchange: Exchange) -> bool:
@@ -370,6 +377,7 @@ def create_app(
     )
     app[PACER] = RefusalPacer(workers=config.workers)
     app[ACCESS] = access = AccessControl(config.access, config.read_only, config.immutable_tags)
+    metrics.read_only.set(1 if config.read_only else 0)
     passwords = HtpasswdAuthenticator(checker, app[THROTTLE], app[PACER], config.realm)
     table = TokenTable(load_tokens(config.tokens) if config.tokens is not None else {})
 

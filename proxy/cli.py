@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, HtpasswdError) as exc:
         print(f"registry-proxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(config.log_level)
-    startup_warnings(config, users)
+    setup_logging(config.log_level, config.log_format)
+    startup_warnings(config, users, path)
 
     if args.command == "check-config":
         sys.stdout.write(yaml.safe_dump(describe(config), sort_keys=False))

@@ -160,12 +160,20 @@ def _log_level(value: object) -> str:
 
 
 _ACCESS_LOG_STYLES = ("json", "text", "off")
+_LOG_FORMATS = ("text", "json")
 
 
 def _access_log(value: object) -> str:
     text = str(value).strip().lower()
     if text not in _ACCESS_LOG_STYLES:
         raise ValueError(f"expected one of {', '.join(_ACCESS_LOG_STYLES)}, got {value!r}")
+    return text
+
+
+def _log_format(value: object) -> str:
+    text = str(value).strip().lower()
+    if text not in _LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(_LOG_FORMATS)}, got {value!r}")
     return text
 
 
@@ -400,6 +408,8 @@ class Config:
     auth_workers: int = field(metadata=setting(_count, 2))
     log_level: str = field(metadata=setting(_log_level, "info"))
     access_log: str = field(metadata=setting(_access_log, "json"))
+    # The proxy's own stderr lines: text, or one JSON object per line like the access log.
+    log_format: str = field(metadata=setting(_log_format, "text"))
     trusted_proxies: tuple[Network, ...] = field(
         metadata=setting(_networks, show=_texts, structured=True)
     )
@@ -537,8 +547,13 @@ def _check_together(config: Config, given: Mapping[str, tuple[object, str]]) -> 
     except ValueError as exc:
         raise ConfigError(f"{source('immutable_tags')}: {exc}") from None
     if (config.tls.cert is None) != (config.tls.key is None):
-        missing = "tls.key" if config.tls.key is None else "tls.cert"
-        raise ConfigError(f"{missing}: expected both tls.cert and tls.key, or neither")
+        given_key, missing = (
+            ("tls.cert", "tls.key") if config.tls.key is None else ("tls.key", "tls.cert")
+        )
+        raise ConfigError(
+            f"{source(given_key)}: {missing}: not set; expected both tls.cert and tls.key, "
+            f"or neither (set {missing} beside {given_key})"
+        )
 
 
 def _read_environment(environ: Mapping[str, str]) -> Iterator[tuple[str, tuple[object, str]]]:
@@ -644,6 +659,37 @@ def source_of(key: str, path: Path | None, environ: Mapping[str, str] | None = N
         with contextlib.suppress(ConfigError):
             return _read_yaml(path).get(key, (None, "default"))[1]
     return "default"
+
+
+def lines_naming(
+    word: str, keys: Iterable[str], path: Path | None, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """Where `word` is a value under one of the top-level `keys`: `file:line` for each place in
+    the file, `environment PROXY_X` for a key set there."""
+    environ = os.environ if environ is None else environ
+    found = [f"environment {env_name(k)}" for k in keys if env_name(k) in environ]
+    if path is None:
+        return found
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return found
+    if not isinstance(root, yaml.MappingNode):
+        return found
+    nodes = [
+        value
+        for key, value in root.value
+        if key.value in keys and env_name(key.value) not in environ
+    ]
+    while nodes:
+        node = nodes.pop(0)
+        if isinstance(node, yaml.ScalarNode) and node.value == word:
+            found.append(f"{path}:{node.start_mark.line + 1}")
+        elif isinstance(node, yaml.SequenceNode):
+            nodes.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            nodes.extend(value for _, value in node.value)
+    return found
 
 
 def restart_only_changes(running: Config, fresh: Config) -> list[str]:

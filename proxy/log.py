@@ -16,6 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
 
+from proxy.edge.connection import TLS_HELLO
 from proxy.exchange import EXCHANGE_KEY, Exchange
 from proxy.metrics import Metrics, code_label, method_label, status_class
 from proxy.paths import Action, Target, is_digest
@@ -94,10 +95,43 @@ def count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
-def setup_logging(level: str) -> None:
-    """The proxy's lines on stderr at `level`; access records on stdout, unprefixed."""
+class JsonFormatter(logging.Formatter):
+    """`log_format: json`: one JSON object per record and per line (json.dumps escapes every
+    control character), the traceback a field of its own rather than lines of its own."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, object] = {
+            "time": _stamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        if self._worker is not None:
+            fields["worker"] = self._worker
+        fields["message"] = record.getMessage()
+        if record.exc_info:
+            fields["traceback"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            fields["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(fields, separators=(",", ":"))
+
+
+def _formatter(log_format: str, worker: int | None) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter(worker)
+    # Every worker shares the supervisor's stderr: each line says which one wrote it.
+    tag = "" if worker is None else f"[worker {worker}] "
+    return EscapingFormatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+
+
+def setup_logging(level: str, log_format: str = "text", worker: int | None = None) -> None:
+    """The proxy's lines on stderr at `level` as `log_format` (text or json), tagged with the
+    `worker` index in a worker process; access records on stdout, unprefixed."""
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    stderr.setFormatter(_formatter(log_format, worker))
     logging.basicConfig(level=level.upper(), handlers=[stderr])
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, ClientFaultFilter) for f in server_log.filters):
@@ -109,10 +143,15 @@ def setup_logging(level: str) -> None:
     access_log.propagate = False
 
 
+def _stamp(seconds: float) -> str:
+    """RFC 3339 in UTC with milliseconds."""
+    milliseconds = int(seconds % 1 * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{milliseconds:03d}Z"
+
+
 def _now() -> str:
     """RFC 3339 in UTC with milliseconds."""
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return _stamp(time.time())
 
 
 def _event(method: str, status: int, exchange: Exchange, query: dict[str, str]) -> str | None:
@@ -147,6 +186,15 @@ def _digest(
     return None
 
 
+def _unparsed_refusal(request: BaseRequest, status: int) -> Refusal:
+    """Why aiohttp answered a request it could not parse."""
+    if status in (413, 431):
+        return Refusal.TOO_LARGE
+    if request.get(TLS_HELLO):
+        return Refusal.TLS_ON_PLAIN_HTTP
+    return Refusal.BAD_REQUEST
+
+
 def access_record(
     request: BaseRequest, response: StreamResponse, seconds: float
 ) -> dict[str, object]:
@@ -156,12 +204,11 @@ def access_record(
     path: str | None = raw_path
     if not isinstance(exchange, Exchange):
         # aiohttp answered (a 400 for a malformed request) before the proxy saw it.
-        too_large = response.status in (413, 431)
         exchange = Exchange(
             request.remote or "",
             request.scheme,
             Target(Action.OTHER),
-            refusal=Refusal.TOO_LARGE if too_large else Refusal.BAD_REQUEST,
+            refusal=_unparsed_refusal(request, response.status),
         )
         path, raw_query = None, ""
     target = exchange.target

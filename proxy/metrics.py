@@ -238,6 +238,12 @@ class Metrics:
             f"{PREFIX}_tls_certificate_expiry_timestamp_seconds"
         )
         r.register(self.certificate_expiry)
+        self.read_only = Gauge(
+            f"{PREFIX}_read_only",
+            "1 while read_only is on (every write refused with 405), else 0; follows SIGHUP.",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.upstream_up = Gauge(
             f"{PREFIX}_upstream_up",
             "1 when the upstream answered its last /v2/ probe, else 0.",

@@ -115,7 +115,7 @@ def warn_about_cleartext(config: Config) -> None:
     )
 
 
-def startup_warnings(config: Config, users: Mapping[str, str]) -> None:
+def startup_warnings(config: Config, users: Mapping[str, str], config_path: Path | None) -> None:
     """Log what `serve` warns about at start (`check-config` too)."""
     warn_about_cleartext(config)
-    warn_about_unknown_users(config.access, users)
+    warn_about_unknown_users(config.access, users, config_path)

@@ -29,6 +29,8 @@ class Refusal(StrEnum):
     TOO_LARGE = "too_large"
     # 400: a request that could be read in two ways, or that aiohttp could not parse.
     BAD_REQUEST = "bad_request"
+    # 400: a TLS handshake (a client speaking HTTPS) on a plain-HTTP listener.
+    TLS_ON_PLAIN_HTTP = "tls_on_plain_http"
     # 405: a method the proxy does not pass on for this path (the filtered catalog answers GET).
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # 417: an Expect header other than 100-continue.

@@ -96,8 +96,9 @@ def _reload_access(app: web.Application, config_path: Path | None) -> None:
     _warn_about_restart_only(app[CONFIG], fresh)
     access = app[ACCESS]
     access.policy, access.read_only = fresh.access, fresh.read_only
+    app[METRICS].read_only.set(1 if fresh.read_only else 0)
     access.immutable = fresh.immutable_tags
-    warn_about_unknown_users(fresh.access, app[CHECKER].users)
+    warn_about_unknown_users(fresh.access, app[CHECKER].users, config_path)
     rules = "unrestricted" if fresh.access.unrestricted else "restricted by rules"
     log.info("access reloaded (SIGHUP): %s, read_only=%s", rules, str(fresh.read_only).lower())
 
@@ -115,13 +116,18 @@ class ListenError(Exception):
     """A listener could not bind (port in use, no permission); the message names it."""
 
 
+def listen_error(exc: OSError, key: str, address: Address) -> ListenError:
+    """The error naming the setting and the address that could not be bound, and why."""
+    # asyncio's message repeats the address; the errno's own text is enough.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return ListenError(f"cannot listen on {address} ({key}): {reason}")
+
+
 async def _start_listening(starting: Awaitable[T], key: str, address: Address) -> T:
     try:
         return await starting
     except OSError as exc:
-        # asyncio's message repeats the address; the errno's own text is enough.
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ListenError(f"cannot listen on {address} ({key}): {reason}") from None
+        raise listen_error(exc, key, address) from None
 
 
 def _handler_args(config: Config, metrics: Metrics) -> dict[str, Any]:
@@ -193,6 +199,9 @@ class _Server:
         except ListenError:
             await runner.cleanup()
             raise
+        # Nothing says "serving" until every listener is bound: an admin port clash fails first.
+        if on_serving is None and config.admin_listen is not None:
+            await self._start_admin(app, config.admin_listen)
         log.info(
             "serving %s://%s%s for %s, forwarding to %s",
             "https" if certificates else "http",
@@ -203,8 +212,6 @@ class _Server:
         )
         if on_serving is not None:
             on_serving(app)
-        elif config.admin_listen is not None:
-            await self._start_admin(app, config.admin_listen)
 
     async def _start_admin(self, app: web.Application, address: Address) -> None:
         admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
@@ -214,7 +221,8 @@ class _Server:
             await _start_listening(admin_site.start(), "admin_listen", address)
         except ListenError:
             await admin_runner.cleanup()
-            assert self.runner is not None
+            assert self.runner is not None and self.listener is not None
+            self.listener.close()
             await self.runner.cleanup()
             raise
         self.admin_runner = admin_runner

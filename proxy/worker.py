@@ -22,7 +22,7 @@ from aiohttp import web
 from proxy.app import METRICS, STATE
 from proxy.auth.htpasswd_file import HtpasswdError, load_htpasswd
 from proxy.config import ConfigError, load_config
-from proxy.log import EscapingFormatter, setup_logging
+from proxy.log import setup_logging
 from proxy.server import run
 
 log = logging.getLogger("registry_proxy.worker")
@@ -70,15 +70,6 @@ class StatusReporter:
             await asyncio.sleep(REPORT_INTERVAL)
 
 
-def _tag_log_lines(index: int) -> None:
-    """Every line says which worker wrote it (all workers share the supervisor's stderr)."""
-    formatter = EscapingFormatter(
-        f"%(asctime)s %(levelname)s [worker {index}] %(name)s: %(message)s"
-    )
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(formatter)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="registry-proxy worker")
     parser.add_argument("--index", type=int, required=True)
@@ -94,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, HtpasswdError) as exc:
         print(f"registry-proxy: worker {args.index}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(config.log_level)
-    _tag_log_lines(args.index)
+    setup_logging(config.log_level, config.log_format, worker=args.index)
     listener = socket.socket(fileno=args.listen_fd)
     reporter = StatusReporter(args.status_fd)
     store = socket.socket(fileno=args.throttle_fd) if args.throttle_fd is not None else None

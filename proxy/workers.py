@@ -43,6 +43,7 @@ from proxy.metrics import (
     multiprocess_exposition,
 )
 from proxy.reload import certificate_expiry, read_token_expiries
+from proxy.server import listen_error
 from proxy.throttle.supervisor import HostStoreServer
 from proxy.worker import EXIT_CONFIG
 
@@ -78,9 +79,9 @@ def bind_listener(address: Address) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
         sock.listen(BACKLOG)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise listen_error(exc, "listen", address) from None
     return sock
 
 
@@ -143,7 +144,12 @@ class Supervisor:
             admin = web.AppRunner(self._admin_app(), access_log=None)
             await admin.setup()
             address = self._config.admin_listen
-            await web.TCPSite(admin, address.host, address.port).start()
+            try:
+                await web.TCPSite(admin, address.host, address.port).start()
+            except OSError as exc:
+                await admin.cleanup()
+                await self._store.close()
+                raise listen_error(exc, "admin_listen", address) from None
             log.info("admin listener on http://%s", address)
         log.info("starting %d workers on %s", len(self._slots), self._config.listen)
         keepers = [asyncio.create_task(self._keep(slot)) for slot in self._slots]

@@ -99,7 +99,8 @@ def test_every_setting_has_an_environment_name() -> None:
         ("htpasswd: [/h]\n", r"proxy.yml:1: htpasswd: expected a single value"),
         ("- a\n- b\n", r"proxy.yml:1: the top level: expected a mapping"),
         ("htpasswd: /h\nrealm: [unclosed\n", r"proxy.yml:3: invalid YAML"),
-        ("htpasswd: /h\ntls:\n  cert: /c\n", r"tls.key: expected both"),
+        ("htpasswd: /h\ntls:\n  cert: /c\n", r"proxy.yml:3: tls.key: not set; expected both"),
+        ("htpasswd: /h\ntls:\n  key: /k\n", r"proxy.yml:3: tls.cert: not set; expected both"),
     ],
 )
 def test_bad_files_name_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -341,7 +342,10 @@ def test_unknown_users_in_rules_warn_in_check_config_and_serve(
     rules = "[{users: [alice, mallory], repositories: ['**'], actions: [pull]}]"
     checked = run_cli("check-config", env={"PROXY_HTPASSWD": str(htpasswd), "PROXY_ACCESS": rules})
     assert checked.returncode == 0, checked.stderr
-    expected = "registry_proxy: access rules name users not in the htpasswd file: mallory"
+    expected = (
+        "registry_proxy: environment PROXY_ACCESS: "
+        "access rules name users not in the htpasswd file: mallory"
+    )
     assert expected in warnings_of(checked.stderr)
 
     # Nothing listens upstream: the warning is about the configuration, not the registry.

@@ -229,3 +229,29 @@ def test_install_deps_runs_pip_only_when_something_changed(checkout: Path) -> No
     with (checkout / "constraints.txt").open("a") as file:
         file.write("\n# changed\n")
     assert any("-e .[test]" in c for c in pip_calls(checkout))
+
+
+def test_a_second_start_keeps_the_first_starts_password(tmp_path: Path, demos: list[Demo]) -> None:
+    """Guards a new password on every start: the login a client stored on the first run
+    (docker login) failed on the next one."""
+
+    def started(demo: Demo) -> bool:
+        if demo.popen.poll() is not None:
+            raise AssertionError(f"demo exited {demo.popen.returncode}:\n{demo.text()}")
+        return "Stop with Ctrl-C" in demo.text()
+
+    first = start_demo(tmp_path)
+    demos.append(first)
+    wait_until(lambda: started(first), "the first demo's banner", DEMO_DEADLINE)
+    password = first.password()
+    first.popen.send_signal(signal.SIGTERM)
+    first.popen.wait(30)
+
+    second = start_demo(tmp_path)
+    demos.append(second)
+    wait_until(lambda: started(second), "the second demo's banner", DEMO_DEADLINE)
+    assert second.password() == password
+    assert stat.S_IMODE((second.state / "password").stat().st_mode) == 0o600
+    proxy = f"http://127.0.0.1:{second.ports['DEMO_PROXY_PORT']}"
+    auth = base64.b64encode(f"demo:{password}".encode()).decode()
+    assert call(proxy + "/v2/", headers={"Authorization": "Basic " + auth})[0] == 200

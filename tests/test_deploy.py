@@ -1148,6 +1148,10 @@ def test_prometheus_in_the_stack_loads_the_alert_rules() -> None:
         "RegistryProxyRefusalSurge",
         "RegistryProxyCertificateExpiresSoon",
         "RegistryStorageErrors",
+        "RegistryProxyReloadFailed",
+        "RegistryProxyThrottleStoreDown",
+        "RegistryProxyBusy",
+        "RegistryProxyReadOnlyLeftOn",
     }
     tested = (DEPLOY / "alerts.test.yml").read_text()
     for name in names:
@@ -1169,3 +1173,65 @@ def test_prometheus_and_grafana_have_healthchecks_and_resources() -> None:
         resources = spec["deploy"]["resources"]
         assert {"cpus", "memory"} <= set(resources["reservations"]), name
         assert {"cpus", "memory"} <= set(resources["limits"]), name
+
+
+def test_the_proxy_and_the_registry_have_cpu_and_memory_limits() -> None:
+    """Guards a proxy or registry task free to take a node's every core and all its memory."""
+    for name in ("proxy", "registry"):
+        resources = service(name)["deploy"]["resources"]
+        assert {"cpus", "memory"} <= set(resources["reservations"]), name
+        assert {"cpus", "memory"} <= set(resources["limits"]), name
+        assert float(resources["limits"]["cpus"]) >= float(resources["reservations"]["cpus"])
+        assert int(resources["limits"]["memory"]) >= int(resources["reservations"]["memory"])
+    # The proxy's limit holds the workers the comment allows (about 70 MB each at their peak).
+    proxy_limits = service("proxy")["deploy"]["resources"]["limits"]
+    workers = int(float(proxy_limits["cpus"]))
+    assert int(proxy_limits["memory"]) >= (workers + 1) * 70 * 10**6
+
+
+def docker_size(text: str) -> int:
+    """The json-file driver's `max-size` in bytes (its units are powers of 1024)."""
+    found = re.fullmatch(r"(\d+)([kmg]?)", text.lower())
+    assert found, text
+    number, unit = found.groups()
+    return int(number) << 10 * " kmg".index(unit or " ")
+
+
+def test_the_stack_says_how_long_its_log_files_keep_the_access_log(
+    proxy: Proxy, users: dict[str, str]
+) -> None:
+    """Guards a log retention nobody computed: the stack's comment on how many requests its
+    json-file settings hold must match a real access-log line as the driver stores it."""
+    password = users["alice"]
+    push_blob(proxy.url, "retention/probe", os.urandom(64), basic_auth("alice", password))
+
+    def put_lines() -> list[str]:
+        lines = proxy.log().splitlines()
+        return [line for line in lines if '"method":"PUT","path":"/v2/retention/probe/' in line]
+
+    # The access line is written just after the answer is sent.
+    wait_until(lambda: bool(put_lines()), "the upload's access line")
+    pushed = put_lines()[-1]
+    stored = json.dumps(
+        {"log": pushed + "\n", "stream": "stdout", "time": "2026-12-03T10:09:20.931862341Z"},
+        separators=(",", ":"),
+    )
+    options = service("proxy")["logging"]["options"]
+    kept = docker_size(options["max-size"]) * int(options["max-file"]) // (len(stored) + 1)
+    said = re.search(r"about ([\d,]+) requests in 5 x 10 MB", STACK.read_text())
+    assert said, "the stack does not say how many requests its log files hold"
+    assert abs(int(said.group(1).replace(",", "")) - kept) <= kept * 0.15, kept
+
+
+def test_the_commented_loki_logging_works_once_uncommented(tmp_path: Path) -> None:
+    """The Loki example is a valid stack once uncommented, for every service."""
+    text = STACK.read_text()
+    block = re.compile(r"^# x-logging: &logging\n(?:#  .*\n)+", re.MULTILINE)
+    assert block.search(text), "no commented Loki logging in the stack"
+    text = re.sub(r"^x-logging: &logging\n(?:  .*\n)+", "", text, flags=re.MULTILINE)
+    text = block.sub(lambda found: re.sub(r"^# ", "", found.group(0), flags=re.M), text)
+    uncommented = tmp_path / "stack.yml"
+    uncommented.write_text(text)
+    for name, spec in stack(base=uncommented)["services"].items():
+        assert spec["logging"]["driver"] == "loki", name
+        assert spec["logging"]["options"]["loki-url"].endswith("/loki/api/v1/push"), name

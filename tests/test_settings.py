@@ -53,6 +53,7 @@ CHANGED = {
     "auth_workers": "7",
     "log_level": "debug",
     "access_log": "text",
+    "log_format": "json",
     "trusted_proxies": "192.0.2.0/24",
     "proxy_protocol": "true",
     "upstream_probe_interval": "7",

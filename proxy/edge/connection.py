@@ -32,6 +32,11 @@ HEAD_LIMIT = 32 * 1024
 # the connection is closed for reading.
 DISCARD_LIMIT = 4 * 1024 * 1024
 
+# What a connection that never parsed was: a client's TLS ClientHello (a handshake record, TLS
+# 1.0 to 1.3 in its version field) on a plain-HTTP listener; the access log says so.
+TLS_HELLO = web.RequestKey("tls_hello", bool)
+_TLS_RECORD_START = b"\x16\x03"
+
 _REQUEST_LINE_EXTRA = len("  HTTP/1.1\r\n")
 _BLANK_LINE = b"\r\n\r\n"
 
@@ -87,6 +92,7 @@ class ProxyRequestHandler(web.RequestHandler):
         "_head_bytes",
         "_head_limit",
         "_input_closed",
+        "_started_with",
         "_ticket",
     )
 
@@ -112,6 +118,8 @@ class ProxyRequestHandler(web.RequestHandler):
         self._input_closed = False
         self._discard_limit = discard_limit
         self._discard_left: int | None = None
+        # The connection's first bytes, to tell a TLS handshake from a malformed request.
+        self._started_with = b""
 
     # --- the connection's places ------------------------------------------------------------
 
@@ -134,6 +142,8 @@ class ProxyRequestHandler(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._input_closed:
             return
+        if len(self._started_with) < len(_TLS_RECORD_START):
+            self._started_with += data[: len(_TLS_RECORD_START) - len(self._started_with)]
         if self._discard_left is not None:
             self._discard_left -= len(data)
             if self._discard_left < 0:
@@ -262,6 +272,8 @@ class ProxyRequestHandler(web.RequestHandler):
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started, cannot send an error instead")
+        if status == 400 and self._started_with == _TLS_RECORD_START:
+            request[TLS_HELLO] = True
         source = errors.protocol_error(status)
         response = _BannerlessResponse(status=status, body=source.body, headers=source.headers)
         response.force_close()

@@ -21,6 +21,14 @@ TLS_READ_BUFFER = 32 * 1024
 # rounds (median 152 against 202 MiB/s); growing while reads fill it, no slower (157 vs 145).
 STREAMING_READ_BUFFER = sslproto.SSLProtocol.max_size
 
+# What nginx answers a plain HTTP request on its TLS port, so the person at the client knows.
+_PLAIN_HTTP_MESSAGE = b"400 The plain HTTP request was sent to HTTPS port\n"
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+    % (len(_PLAIN_HTTP_MESSAGE), _PLAIN_HTTP_MESSAGE)
+)
+
 
 def server_context(tls: TLSConfig) -> ssl.SSLContext:
     """A TLS >= 1.2 server context, or ConfigError naming the file that would not load."""
@@ -113,6 +121,7 @@ class _AwaitingHello(asyncio.Protocol):
         self._deadline = loop.time() + handshake_timeout
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._answered_plain_http = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -122,6 +131,12 @@ class _AwaitingHello(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         transport = self._transport
         assert transport is not None and self._timer is not None
+        if self._answered_plain_http:
+            return
+        # A handshake starts with 0x16; a request line with its method's letters.
+        if data[:1].isalpha():
+            self._answer_plain_http(transport)
+            return
         self._timer.cancel()
         left = self._deadline - asyncio.get_running_loop().time()
         if left <= 0:
@@ -138,6 +153,17 @@ class _AwaitingHello(asyncio.Protocol):
             buffer[:size] = rest[:size]
             layer.buffer_updated(size)
             rest = rest[size:]
+
+    def _answer_plain_http(self, transport: asyncio.Transport) -> None:
+        """Say what went wrong, end our side, and drop what else comes until the client closes
+        (closing with its request unread would reset the connection before it reads this);
+        the handshake deadline still closes it at the latest."""
+        self._answered_plain_http = True
+        transport.write(PLAIN_HTTP_ANSWER)
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
 
     def eof_received(self) -> bool:
         return False

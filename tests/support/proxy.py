@@ -94,8 +94,10 @@ def worker_pids(proxy: Proxy) -> dict[int, int]:
 
 
 def serving(proxy: Proxy) -> int:
-    """How many workers told the parent they serve (their signal handlers are set by then)."""
-    return len(re.findall(r"workers: worker \d+ \(pid \d+\) serves", proxy.log()))
+    """How many workers told the parent they serve (their signal handlers are set by then);
+    the parent's log in text or in JSON (`log_format`)."""
+    pattern = r'workers(?::|","message":") ?worker \d+ \(pid \d+\) serves'
+    return len(re.findall(pattern, proxy.log()))
 
 
 def rss(proxy: Proxy) -> int:
