@@ -80,7 +80,7 @@ def test_the_file_is_written_with_mode_0600_and_atomically(
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(TokensError, match="cannot write: disk full"):
         write_tokens(path, {"ci": token(), "other": token("other")})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from passlib.hash import bcrypt
 
+from proxy.auth.atomic_file import WriteError, write_atomically
 from proxy.auth.credentials import verify_password
 from proxy.auth.htpasswd_file import load_htpasswd
 
@@ -171,55 +170,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename: readers see the old or new file."""
-    # Through a symlink the link stays and its target is replaced.
-    target = Path(os.path.realpath(path))
+    """Readers see the old file or the new one; a new file gets NEW_FILE_MODE."""
     try:
-        old: os.stat_result | None = target.stat()
-    except FileNotFoundError:
-        old = None
-    except OSError as exc:
-        raise PasswdError(f"{path}: cannot stat: {exc.strerror}") from None
-    try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    except OSError as exc:
-        raise PasswdError(
-            f"{target.parent}: cannot create a temporary file: {exc.strerror}"
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            if old is None:
-                os.fchmod(file.fileno(), NEW_FILE_MODE)
-            else:
-                _keep_owner(file.fileno(), old, path)
-                os.fchmod(file.fileno(), stat.S_IMODE(old.st_mode))
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if isinstance(exc, OSError):
-            raise PasswdError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
-    # The rename itself is durable only once the directory is synced.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _keep_owner(fd: int, old: os.stat_result, path: Path) -> None:
-    current = os.fstat(fd)
-    if (current.st_uid, current.st_gid) == (old.st_uid, old.st_gid):
-        return
-    try:
-        os.fchown(fd, old.st_uid, old.st_gid)
-    except PermissionError:
-        # Silently changing the group could lock the proxy out of its own user file.
-        raise PasswdError(
-            f"{path}: cannot keep its owner {old.st_uid}:{old.st_gid}; run as root or as the owner"
-        ) from None
+        write_atomically(path, data, new_mode=NEW_FILE_MODE, keep_mode=True)
+    except WriteError as exc:
+        raise PasswdError(str(exc)) from None

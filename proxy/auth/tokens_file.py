@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import ipaddress
 import json
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.access.rules import Right, glob_pattern
+from proxy.auth.atomic_file import WriteError, write_atomically
 from proxy.config import parse_duration
 from proxy.identity import TokenScope
 
@@ -186,44 +184,10 @@ def write_tokens(path: Path, tokens: Mapping[str, Token]) -> None:
     """Replace the file atomically (a temporary file, fsync, rename), mode 0600."""
     document = {"version": _VERSION, "tokens": [t.as_json() for t in tokens.values()]}
     text = json.dumps(document, indent=2) + "\n"
-    directory = path.parent
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
-        os.fchmod(fd, 0o600)
-        _keep_owner(fd, path)
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    # The rename itself is durable only once the directory is synced.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _keep_owner(fd: int, path: Path) -> None:
-    """A rewrite keeps the file's owner: the proxy reading it may run as another user."""
-    try:
-        old = path.stat()
-    except FileNotFoundError:
-        return
-    current = os.fstat(fd)
-    if (current.st_uid, current.st_gid) == (old.st_uid, old.st_gid):
-        return
-    try:
-        os.fchown(fd, old.st_uid, old.st_gid)
-    except PermissionError:
-        raise TokensError(
-            f"{path}: cannot keep its owner {old.st_uid}:{old.st_gid}; run as root or as the owner"
-        ) from None
+        write_atomically(path, text.encode(), new_mode=0o600, keep_mode=False)
+    except WriteError as exc:
+        raise TokensError(str(exc)) from None
 
 
 def _iso(moment: float) -> str:
