@@ -24,6 +24,8 @@ class AuthOutcome(StrEnum):
     THROTTLED = "throttled"
     # No Authorization header, admitted as `@anonymous` for the access rules to decide.
     ANONYMOUS = "anonymous"
+    # The directory (LDAP) did not answer: the credentials were not judged.
+    UNAVAILABLE = "unavailable"
 
     @property
     def identified(self) -> bool:

@@ -18,7 +18,16 @@ from typing import Any, NoReturn
 import pytest
 import trustme
 
-from tests.support import Proxy, RedisServer, Registry, htpasswd, serving, wait_until
+from tests.support import (
+    SLAPD_BIN,
+    Proxy,
+    RedisServer,
+    Registry,
+    Slapd,
+    htpasswd,
+    serving,
+    wait_until,
+)
 
 FIGURES = pytest.StashKey[list[str]]()
 
@@ -40,6 +49,7 @@ UNTHROTTLED = {
 # test_public_access).
 PROCESS_FIXTURES = frozenset(
     {"htpasswd_file", "costly_htpasswd", "registry", "proxy", "start_proxy", "redis_server"}
+    | {"slapd"}
     | {"site", "guarded", "public"}
 )
 
@@ -195,6 +205,17 @@ def start_proxy(
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A real redis-server of the test's own: tests kill, stop and restart it."""
     server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def slapd(tmp_path: Path, ca: trustme.CA) -> Iterator[Slapd]:
+    """A real OpenLDAP slapd of the test's own (StartTLS with `ca`): tests kill and restart it."""
+    if not Path(SLAPD_BIN).exists() and os.environ.get("CI") != "true":
+        pytest.skip("slapd is not installed (Debian's slapd and ldap-utils: scripts/install-deps)")
+    server = Slapd(tmp_path / "slapd", ca)
     server.start()
     yield server
     server.stop()
