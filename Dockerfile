@@ -15,11 +15,15 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# Build stage: the package and its dependencies (all wheels) in a virtual environment, at the
-# versions in constraints.txt (scripts/pin-deps), so every build installs what the tests ran.
+# Build stage: the package and its dependencies in a virtual environment, at the versions in
+# constraints.txt (scripts/pin-deps), so every build installs what the tests ran. All are wheels
+# but python-ldap, built here against Debian's libldap (its compiler stays in this stage).
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libldap-dev libsasl2-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/registry-proxy
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
@@ -27,8 +31,12 @@ COPY proxy/ proxy/
 RUN /opt/registry-proxy/bin/pip install . --constraint constraints.txt \
  && /opt/registry-proxy/bin/registry-proxy --version
 
-# Final stage: the same Python, the virtual environment, no compilers, no pip cache, no sources.
+# Final stage: the same Python, the virtual environment, no compilers, no pip cache, no sources;
+# libldap for python-ldap (LDAP logins).
 FROM ${PYTHON_IMAGE}
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libldap-2.5-0 libsasl2-2 \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 registry-proxy \
  && useradd --system --uid 10001 --gid registry-proxy --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin registry-proxy
