@@ -223,24 +223,42 @@ def test_outage_keeps_cached_logins_and_answers_503_to_new_ones(
 
 
 @pytest.fixture
-def silent_directory() -> Iterator[int]:
-    """A port that accepts connections and never answers (a hung directory)."""
+def silent_directory() -> Iterator[socket.socket]:
+    """A listening socket that never accepts nor answers (a hung directory)."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)
-        yield listener.getsockname()[1]
+        yield listener
 
 
 def test_a_directory_that_never_answers_gives_503_not_a_hang(
-    ldap_proxy: Callable[..., Proxy], silent_directory: int
+    ldap_proxy: Callable[..., Proxy], silent_directory: socket.socket
 ) -> None:
     """Guards a hung directory holding logins (and the event loop) forever: bounded by
     `ldap.timeout`, answered 503, while htpasswd users and /metrics keep being served."""
     proxy = ldap_proxy(
-        PROXY_LDAP_URL=f"ldap://127.0.0.1:{silent_directory}", PROXY_LDAP_TIMEOUT="1"
+        PROXY_LDAP_URL=f"ldap://127.0.0.1:{silent_directory.getsockname()[1]}",
+        PROXY_LDAP_TIMEOUT="1",
     )
     assert ping(proxy, *DAVE) == 503
     assert value(scrape(proxy), UP, backend="ldap") == 0
+
+
+def test_referrals_are_not_followed(
+    ldap_proxy: Callable[..., Proxy], slapd: Slapd, silent_directory: socket.socket
+) -> None:
+    """Guards referral chasing (libldap's default): a search reference under user_base would
+    send the proxy to another server. Ignored, the login of the one real entry goes on."""
+    port = silent_directory.getsockname()[1]
+    slapd.modify(
+        "dn: ou=elsewhere,ou=people,dc=example,dc=org\nobjectClass: referral\n"
+        f"objectClass: extensibleObject\nou: elsewhere\nref: ldap://127.0.0.1:{port}/ou=x\n"
+    )
+    proxy = ldap_proxy()
+    assert ping(proxy, *DAVE) == 200
+    silent_directory.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        silent_directory.accept()  # nobody connected to the referred server
 
 
 def test_groups_are_read_again_when_the_cached_login_expires(
@@ -251,15 +269,10 @@ def test_groups_are_read_again_when_the_cached_login_expires(
     proxy = ldap_proxy(PROXY_AUTH_CACHE_TTL="1")
     upload = proxy.url + "/v2/team/erin/blobs/uploads/"
     assert call(upload, "POST", basic_auth(*ERIN))[0] == 403
-    change = (
+    slapd.modify(
         f"dn: cn=builders,ou=groups,dc=example,dc=org\nchangetype: modify\n"
         f"add: member\nmember: {user_dn('erin')}\n"
     )
-    subprocess.run(
-        ["ldapmodify", "-x", "-H", slapd.url, "-D", "cn=admin,dc=example,dc=org",
-         "-w", "admin-secret"],
-        input=change, text=True, check=True, capture_output=True,
-    )  # fmt: skip
     wait_until(lambda: call(upload, "POST", basic_auth(*ERIN))[0] == 202, "erin to push")
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 SLAPD_BIN = shutil.which("slapd") or "/usr/sbin/slapd"
 SLAPADD_BIN = shutil.which("slapadd") or "/usr/sbin/slapadd"
 LDAPWHOAMI_BIN = shutil.which("ldapwhoami") or "/usr/bin/ldapwhoami"
+LDAPMODIFY_BIN = shutil.which("ldapmodify") or "/usr/bin/ldapmodify"
 SCHEMAS = Path("/etc/ldap/schema")
 MODULES = Path("/usr/lib/ldap")
 
@@ -31,6 +32,8 @@ PEOPLE = f"ou=people,{SUFFIX}"
 GROUPS = f"ou=groups,{SUFFIX}"
 SERVICE_DN = f"cn=reader,{SUFFIX}"
 SERVICE_PASSWORD = "reader-secret"
+ROOT_DN = f"cn=admin,{SUFFIX}"
+ROOT_PASSWORD = "admin-secret"
 # uid -> password; `we(ird)*` is a real name a filter must match literally.
 LDAP_USERS = {
     "dave": "dave-directory-pw",
@@ -115,8 +118,8 @@ TLSCertificateKeyFile {self.root / "key.pem"}
 database mdb
 maxsize 10485760
 suffix "{SUFFIX}"
-rootdn "cn=admin,{SUFFIX}"
-rootpw admin-secret
+rootdn "{ROOT_DN}"
+rootpw {ROOT_PASSWORD}
 directory {data}
 access to attrs=userPassword by anonymous auth by * none
 access to * by users read by * none
@@ -153,6 +156,18 @@ access to * by users read by * none
             timeout=10,
             check=False,
             env={**os.environ, "LDAPTLS_REQCERT": "never"},
+        )
+
+    def modify(self, ldif: str) -> None:
+        """ldapmodify as the directory's root (`-a`: entries without changetype are added;
+        `-M`: a referral entry is stored as an entry, not followed)."""
+        subprocess.run(
+            [LDAPMODIFY_BIN, "-a", "-M", "-x", "-H", self.url, "-D", ROOT_DN, "-w", ROOT_PASSWORD],
+            input=ldif,
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=10,
         )
 
     def answers(self) -> bool:
