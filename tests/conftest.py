@@ -62,6 +62,7 @@ WITH_WORKERS = {
         "test_podman_login_pull_tag_push",
         "test_skopeo_push_inspect_pull_and_delete",
     ),
+    "test_ldap.py": ("test_a_directory_user_logs_in_and_directory_groups_are_rule_groups",),
     "test_operations.py": (
         "test_drain_deadline_cuts_what_is_left_and_says_so",
         "test_drain_turns_readyz_503_and_closes_idle_connections_at_once",
