@@ -97,8 +97,13 @@ CROSS_ORIGIN = web.AppKey("cross_origin", CrossOrigin)
 DIRECTORY_LOGINS = web.AppKey("directory_logins", LdapAuthenticator)
 
 
-def warn_about_unknown_users(policy: AccessPolicy, users: Mapping[str, str]) -> None:
+def warn_about_unknown_users(
+    policy: AccessPolicy, users: Mapping[str, str], *, directory: bool = False
+) -> None:
     """Rules that name users the htpasswd file lacks are usually typos: say so once."""
+    if directory:
+        # With an LDAP directory, names the file lacks are directory users: nothing to tell.
+        return
     unknown = sorted(policy.named_users - set(users))
     if unknown:
         log.warning("access rules name users not in the htpasswd file: %s", ", ".join(unknown))

@@ -154,4 +154,4 @@ def warn_about_cleartext(config: Config) -> None:
 def startup_warnings(config: Config, users: Mapping[str, str]) -> None:
     """Log what `serve` warns about at start (`check-config` too)."""
     warn_about_cleartext(config)
-    warn_about_unknown_users(config.access, users)
+    warn_about_unknown_users(config.access, users, directory=config.ldap.enabled)

@@ -96,7 +96,7 @@ def _reload_access(app: web.Application, config_path: Path | None) -> None:
     access = app[ACCESS]
     access.policy, access.read_only = fresh.access, fresh.read_only
     access.immutable = fresh.immutable_tags
-    warn_about_unknown_users(fresh.access, app[CHECKER].users)
+    warn_about_unknown_users(fresh.access, app[CHECKER].users, directory=fresh.ldap.enabled)
     rules = "unrestricted" if fresh.access.unrestricted else "restricted by rules"
     log.info("access reloaded (SIGHUP): %s, read_only=%s", rules, str(fresh.read_only).lower())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from proxy.app import warn_about_unknown_users
 from proxy.auth.directory import group_filter, user_base, user_filter
 from proxy.config import ConfigError, load_config
 from tests.support import (
@@ -324,3 +325,19 @@ def test_docker_login_and_skopeo_push_and_pull_as_a_directory_user(
     clients.fails("skopeo", "copy", tls, f"--src-creds={ERIN[0]}:{ERIN[1]}",
                   f"--dest-creds={ERIN[0]}:{ERIN[1]}", f"dir:{source}",
                   f"docker://{proxy.host}/team/erin:v1")  # fmt: skip
+
+
+def test_rules_naming_directory_users_are_not_called_typos(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Guards a start-up warning that every directory user named in `access` is missing from
+    the htpasswd file: with a directory, such names are expected."""
+    config = load_config(
+        None,
+        {"PROXY_HTPASSWD": "/h", "PROXY_LDAP_URL": "ldap://h", "PROXY_LDAP_USER_BASE": "o=x",
+         "PROXY_ACCESS": '[{users: [dave, "@builders"], repositories: ["**"], actions: [pull]}]'},
+    )  # fmt: skip
+    warn_about_unknown_users(config.access, {"alice": "x"}, directory=config.ldap.enabled)
+    assert "not in the htpasswd file" not in caplog.text
+    warn_about_unknown_users(config.access, {"alice": "x"})
+    assert "not in the htpasswd file: dave" in caplog.text
