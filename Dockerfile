@@ -21,8 +21,11 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev libldap-dev libsasl2-dev \
+# Debian's own python3 (a base without the official image's headers) needs python3-dev too.
+RUN headers="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+ && if [ -f "$headers/Python.h" ]; then dev=; else dev=python3-dev; fi \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libldap-dev libsasl2-dev $dev \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/registry-proxy
 WORKDIR /src
