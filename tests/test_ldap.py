@@ -77,6 +77,9 @@ def test_filter_values_are_escaped_as_rfc_4515_says() -> None:
     assert user_filter("(uid={user})", ")(uid=*") == r"(uid=\29\28uid=\2a)"
     assert user_filter("(uid={user})", "a\\b\x00") == r"(uid=a\5cb\00)"
     assert group_filter("(member={dn})", "uid=a*,dc=x", "a*") == r"(member=uid=a\2a,dc=x)"
+    assert group_filter("(|(member={dn})(memberUid={user}))", "uid={user}", "x") == (
+        "(|(member=uid={user})(memberUid=x))"
+    )
 
 
 def test_dn_values_are_escaped_as_rfc_4514_says() -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,6 +42,9 @@ _UNREACHABLE = (
 )
 
 
+_PLACEHOLDER = re.compile(r"\{(dn|user)\}")
+
+
 class DirectoryUnavailable(Exception):
     """The directory did not answer in time, or not as configured; the login is undecided."""
 
@@ -62,9 +67,9 @@ def user_filter(template: str, user: str) -> str:
 
 def group_filter(template: str, dn: str, user: str) -> str:
     """`group_filter` for this member: its DN and name escaped as RFC 4515 says."""
-    return template.replace("{dn}", escape_filter_chars(dn)).replace(
-        "{user}", escape_filter_chars(user)
-    )
+    values = {"dn": escape_filter_chars(dn), "user": escape_filter_chars(user)}
+    # One pass: a `{user}` inside the DN is the DN's text, not a placeholder.
+    return _PLACEHOLDER.sub(lambda match: values[match[1]], template)
 
 
 def user_base(template: str, user: str) -> str:
@@ -97,7 +102,7 @@ class Directory:
 
     async def check(self) -> None:
         """Connect and bind as the service account (check-config); DirectoryUnavailable if not."""
-        await self._run(lambda: self._service_connection().unbind_s())
+        await self._run(lambda: _close(self._service_connection()))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -134,15 +139,15 @@ class Directory:
         try:
             connection.simple_bind_s(self._settings.bind_dn or "", self._bind_password)
         except ldap.INVALID_CREDENTIALS:
-            connection.unbind_s()
+            _close(connection)
             raise ServiceAccountRefused(
                 "the directory refuses the password of ldap.bind_dn"
             ) from None
         except _UNREACHABLE as exc:
-            connection.unbind_s()
+            _close(connection)
             raise DirectoryUnavailable(_describe(exc)) from None
         except BaseException:
-            connection.unbind_s()
+            _close(connection)
             raise
         return connection
 
@@ -165,7 +170,7 @@ class Directory:
             log.warning("ldap: login of a user refused: %s", _describe(exc))
             return None
         finally:
-            connection.unbind_s()
+            _close(connection)
 
     def _find_user(self, connection: Any, user: str) -> str | None:
         """The DN of the one entry the user filter matches; None for none or several."""
@@ -205,6 +210,12 @@ class Directory:
             for value in attributes.get(attribute, ()):
                 names.add(value.decode("utf-8", "replace"))
         return frozenset(names)
+
+
+def _close(connection: Any) -> None:
+    """Unbind; a connection the directory already broke has nothing left to close."""
+    with contextlib.suppress(ldap.LDAPError, OSError):
+        connection.unbind_s()
 
 
 def _describe(exc: BaseException) -> str:

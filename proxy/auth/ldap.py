@@ -95,7 +95,8 @@ class LdapAuthenticator:
         if credentials is None:
             return AuthFailure(AuthOutcome.BAD_CREDENTIALS, self.challenge)
         result = await self._log_in(exchange, *credentials)
-        if isinstance(result, AuthFailure):
+        if isinstance(result, AuthFailure) and result.how is not AuthOutcome.UNAVAILABLE:
+            # As htpasswd does: the audit line names the user of a refused login.
             exchange.tried_user = credentials[0]
         return result
 
