@@ -194,6 +194,14 @@ def test_a_directory_group_cannot_claim_anonymous(ldap_proxy: Callable[..., Prox
     assert status == 403
 
 
+def test_ldaps_logs_in_with_the_certificate_verified(
+    ldap_proxy: Callable[..., Proxy], slapd: Slapd
+) -> None:
+    """Guards ldaps:// (TLS from the first byte, no StartTLS) with `ca_file`."""
+    proxy = ldap_proxy(PROXY_LDAP_URL=slapd.tls_url, PROXY_LDAP_START_TLS="false")
+    assert ping(proxy, *DAVE) == 200
+
+
 def test_starttls_with_a_certificate_not_from_ca_file_logs_nobody_in(
     ldap_proxy: Callable[..., Proxy], tmp_path: Path
 ) -> None:

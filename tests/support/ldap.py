@@ -77,16 +77,22 @@ def _ldif() -> str:
 
 @dataclass
 class Slapd:
-    """slapd with StartTLS (a certificate from `ca`) on ldap://127.0.0.1:PORT/."""
+    """slapd with StartTLS (a certificate from `ca`) on ldap://127.0.0.1:PORT/, and ldaps://
+    on TLS_PORT."""
 
     root: Path
     ca: trustme.CA
     port: int = field(default_factory=free_port)
+    tls_port: int = field(default_factory=free_port)
     process: Process | None = None
 
     @property
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self.tls_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -136,7 +142,8 @@ access to * by users read by * none
         if not (self.root / "slapd.conf").exists():
             self.write()
         # -d 0: stay in the foreground (a child the test can kill), logging nothing extra.
-        args = [SLAPD_BIN, "-f", str(self.root / "slapd.conf"), "-h", f"{self.url}/", "-d", "0"]
+        urls = f"{self.url}/ {self.tls_url}/"
+        args = [SLAPD_BIN, "-f", str(self.root / "slapd.conf"), "-h", urls, "-d", "0"]
         self.process = Process(args, self.root / "slapd.log")
         self.process.start()
         process = self.process
