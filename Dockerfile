@@ -31,7 +31,9 @@ RUN python -m venv /opt/registry-proxy
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY proxy/ proxy/
+# python-ldap installs `slapdtest`, its test helper with test keys: not for an image.
 RUN /opt/registry-proxy/bin/pip install . --constraint constraints.txt \
+ && rm -rf /opt/registry-proxy/lib/python3*/site-packages/slapdtest \
  && /opt/registry-proxy/bin/registry-proxy --version
 
 # Final stage: the same Python, the virtual environment, no compilers, no pip cache, no sources;
