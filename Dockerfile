@@ -15,20 +15,33 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# Build stage: the package and its dependencies (all wheels) in a virtual environment, at the
-# versions in constraints.txt (scripts/pin-deps), so every build installs what the tests ran.
+# Build stage: the package and its dependencies in a virtual environment, at the versions in
+# constraints.txt (scripts/pin-deps), so every build installs what the tests ran. All are wheels
+# but python-ldap, built here against Debian's libldap (its compiler stays in this stage).
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+# Debian's own python3 (a base without the official image's headers) needs python3-dev too.
+RUN headers="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+ && if [ -f "$headers/Python.h" ]; then dev=; else dev=python3-dev; fi \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libldap-dev libsasl2-dev $dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/registry-proxy
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY proxy/ proxy/
+# python-ldap installs `slapdtest`, its test helper with test keys: not for an image.
 RUN /opt/registry-proxy/bin/pip install . --constraint constraints.txt \
+ && rm -rf /opt/registry-proxy/lib/python3*/site-packages/slapdtest \
  && /opt/registry-proxy/bin/registry-proxy --version
 
-# Final stage: the same Python, the virtual environment, no compilers, no pip cache, no sources.
+# Final stage: the same Python, the virtual environment, no compilers, no pip cache, no sources;
+# libldap for python-ldap (LDAP logins).
 FROM ${PYTHON_IMAGE}
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libldap-2.5-0 libsasl2-2 \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 registry-proxy \
  && useradd --system --uid 10001 --gid registry-proxy --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin registry-proxy

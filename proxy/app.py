@@ -20,9 +20,11 @@ from proxy.access import catalog
 from proxy.access.rules import AccessPolicy
 from proxy.access.tag_guard import TagGuard
 from proxy.auth.anonymous import AnonymousAuthenticator
-from proxy.auth.backend import Authenticators
+from proxy.auth.backend import Authenticator, Authenticators
 from proxy.auth.credentials import CredentialChecker
+from proxy.auth.directory import Directory, DirectoryUnavailable, read_bind_password
 from proxy.auth.htpasswd import HtpasswdAuthenticator
+from proxy.auth.ldap import LdapAuthenticator, LoginCache
 from proxy.auth.pacing import RefusalPacer
 from proxy.auth.tokens import TokenAuthenticator, TokenTable
 from proxy.auth.tokens_file import load_tokens
@@ -98,12 +100,20 @@ GATE = web.AppKey("gate", Gate)
 BLOB_RELAY = web.AppKey("blob_relay", BlobRelay)
 SLOTS = web.AppKey("slots", UpstreamSlots)
 CROSS_ORIGIN = web.AppKey("cross_origin", CrossOrigin)
+DIRECTORY_LOGINS = web.AppKey("directory_logins", LdapAuthenticator)
 
 
 def warn_about_unknown_users(
-    policy: AccessPolicy, users: Mapping[str, str], config_path: Path | None
+    policy: AccessPolicy,
+    users: Mapping[str, str],
+    config_path: Path | None,
+    *,
+    directory: bool = False,
 ) -> None:
     """Rules that name users the htpasswd file lacks are usually typos: say so, and where."""
+    if directory:
+        # With an LDAP directory, names the file lacks are directory users: nothing to tell.
+        return
     for name in sorted(policy.named_users - set(users)):
         places = lines_naming(name, ("groups", "access"), config_path)
         log.warning(
@@ -304,6 +314,20 @@ async def _probe_upstream_forever(app: web.Application) -> None:
         await asyncio.sleep(config.upstream_probe_interval)
 
 
+async def _probe_directory_forever(app: web.Application, logins: LdapAuthenticator) -> None:
+    """While the directory is marked down, bind as the service account until it answers again."""
+    while True:
+        await asyncio.sleep(app[CONFIG].upstream_probe_interval)
+        if logins.reachable:
+            continue
+        try:
+            await logins.directory.check()
+        except DirectoryUnavailable:
+            continue
+        log.info("ldap: directory answers again")
+        logins.mark_reachable(True)
+
+
 async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(_probe_upstream_forever(app)),
@@ -311,6 +335,9 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     ]
     if TOKEN_RELOADER in app:
         tasks.append(asyncio.create_task(app[TOKEN_RELOADER].watch()))
+    logins = app.get(DIRECTORY_LOGINS)
+    if logins is not None:
+        tasks.append(asyncio.create_task(_probe_directory_forever(app, logins)))
     try:
         yield
     finally:
@@ -320,6 +347,8 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         app[CHECKER].close()
+        if logins is not None:
+            logins.directory.close()
 
 
 @web.middleware
@@ -378,7 +407,9 @@ def create_app(
     app[PACER] = RefusalPacer(workers=config.workers)
     app[ACCESS] = access = AccessControl(config.access, config.read_only, config.immutable_tags)
     metrics.read_only.set(1 if config.read_only else 0)
-    passwords = HtpasswdAuthenticator(checker, app[THROTTLE], app[PACER], config.realm)
+    passwords = HtpasswdAuthenticator(
+        checker, app[THROTTLE], app[PACER], config.realm, defer_unknown=config.ldap.enabled
+    )
     table = TokenTable(load_tokens(config.tokens) if config.tokens is not None else {})
 
     def count_token_refusal(name: str, how: AuthOutcome) -> None:
@@ -392,10 +423,12 @@ def create_app(
         config.realm,
         on_refused=count_token_refusal,
     )
-    authenticator = Authenticators(
-        [tokens, passwords, AnonymousAuthenticator(lambda: access.policy.public)],
-        passwords.challenge,
-    )
+    backends: list[Authenticator] = [tokens, passwords]
+    if config.ldap.enabled:
+        # htpasswd first: a name in the table is never sent to the directory.
+        backends.append(_directory_logins(app))
+    backends.append(AnonymousAuthenticator(lambda: access.policy.public))
+    authenticator = Authenticators(backends, passwords.challenge)
     app[GATE] = Gate(authenticator, access, metrics)
     app[RELOADER] = CredentialReloader(config.htpasswd, checker, metrics, table, config.tokens)
     if config.tokens is not None:
@@ -408,6 +441,24 @@ def create_app(
     # `.` skips a decoded newline (`/v2/%0a`): aiohttp would answer such paths itself, unchecked.
     app.router.add_route("*", r"/{tail:[\s\S]*}", handle, expect_handler=_expect_handler)
     return app
+
+
+def _directory_logins(app: web.Application) -> LdapAuthenticator:
+    """The LDAP backend; the service account's password is read now and kept in memory only."""
+    config, metrics = app[CONFIG], app[METRICS]
+    directory = Directory(config.ldap, read_bind_password(config.ldap))
+    up = metrics.auth_backend_up.labels("ldap")
+    app[DIRECTORY_LOGINS] = logins = LdapAuthenticator(
+        directory,
+        LoginCache(config.auth_cache_ttl, config.auth_cache_size),
+        app[THROTTLE],
+        app[PACER],
+        config.realm,
+        on_reachable=lambda answered: up.set(1 if answered else 0),
+    )
+    # Until a login or a probe says otherwise, the directory is taken to answer.
+    logins.mark_reachable(True)
+    return logins
 
 
 def create_admin_app(proxy_app: web.Application) -> web.Application:

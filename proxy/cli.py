@@ -73,10 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", parents=[common], help="run the proxy")
-    commands.add_parser(
+    check = commands.add_parser(
         "check-config",
         parents=[common],
         help="validate the configuration and htpasswd file, print the effective settings",
+    )
+    check.add_argument(
+        "--no-connect",
+        action="store_true",
+        help="do not bind to the LDAP directory (ldap.url); validate everything else",
     )
     _add_passwd_parser(commands, common)
     _add_token_parser(commands, common)
@@ -236,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(path)
         # Everything serve refuses before listening; check-config refuses the same.
-        users = check_startable(config, path)
+        connect = not getattr(args, "no_connect", False)
+        strict = args.command == "check-config"
+        users = check_startable(config, path, connect=connect, strict=strict)
     except (ConfigError, HtpasswdError) as exc:
         print(f"registry-proxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -253,6 +253,57 @@ def _bool(value: object) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def _optional_text(value: object) -> str | None:
+    text = "" if value is None else str(value).strip()
+    return text or None
+
+
+def _ldap_url(value: object) -> str | None:
+    """Empty (no directory), or ldap://HOST[:PORT] / ldaps://HOST[:PORT]."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if (
+        parts.scheme not in ("ldap", "ldaps")
+        or not parts.hostname
+        or port == 0
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(f"expected ldap://HOST[:PORT] or ldaps://HOST[:PORT], got {text!r}")
+    return text
+
+
+def _filter_template(*placeholders: str) -> Callable[[object], str]:
+    """An LDAP filter in parentheses naming at least one of `placeholders` (`{user}`)."""
+
+    def parse(value: object) -> str:
+        text = str(value).strip()
+        if not (text.startswith("(") and text.endswith(")")) or not any(
+            placeholder in text for placeholder in placeholders
+        ):
+            raise ValueError(
+                f"expected a filter in parentheses with {' or '.join(placeholders)}, got {text!r}"
+            )
+        return text
+
+    return parse
+
+
+def _attribute_name(value: object) -> str:
+    text = str(value).strip()
+    if not text or not text.isascii() or not all(c.isalnum() or c == "-" for c in text):
+        raise ValueError(f"expected an attribute name like cn, got {value!r}")
+    return text
+
+
 def redacted(url: str) -> str:
     """The URL without its password, for logs: everything between `://` and the last `@`
     after a `:` goes, even where a `/`, `?` or `#` in the password keeps the URL from parsing."""
@@ -379,6 +430,29 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class LdapConfig:
+    """The directory that logs in users the htpasswd file does not name; no `url` means none."""
+
+    url: str | None = field(metadata=setting(_ldap_url, show=_text_or_none))
+    start_tls: bool = field(metadata=setting(_bool, False))
+    ca_file: Path | None = field(metadata=setting(_optional_path, show=_text_or_none))
+    # The service account that searches; none means an anonymous search.
+    bind_dn: str | None = field(metadata=setting(_optional_text))
+    bind_password_file: Path | None = field(metadata=setting(_optional_path, show=_text_or_none))
+    user_base: str | None = field(metadata=setting(_optional_text))
+    user_filter: str = field(metadata=setting(_filter_template("{user}"), "(uid={user})"))
+    # Directory groups are read only with a group_base.
+    group_base: str | None = field(metadata=setting(_optional_text))
+    group_filter: str = field(metadata=setting(_filter_template("{dn}", "{user}"), "(member={dn})"))
+    group_name_attribute: str = field(metadata=setting(_attribute_name, "cn"))
+    timeout: float = field(metadata=setting(_seconds, 5))
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the proxy needs to run, validated once at start; check-config keeps the order."""
 
@@ -441,11 +515,12 @@ class Config:
     # Browser origins allowed to call the API with credentials (CORS); none by default.
     cors_origins: tuple[str, ...] = field(metadata=setting(_origins, show=_texts, structured=True))
     tls: TLSConfig = field(metadata=section(TLSConfig))
+    ldap: LdapConfig = field(metadata=section(LdapConfig))
 
     @cached_property
     def access(self) -> AccessPolicy:
         """The `access` rules with `groups` expanded; ValueError names the key."""
-        return parse_access(self.groups, self.access_given)
+        return parse_access(self.groups, self.access_given, directory_groups=self.ldap.enabled)
 
     @cached_property
     def immutable_tags(self) -> ImmutableTags:
@@ -553,6 +628,30 @@ def _check_together(config: Config, given: Mapping[str, tuple[object, str]]) -> 
         raise ConfigError(
             f"{source(given_key)}: {missing}: not set; expected both tls.cert and tls.key, "
             f"or neither (set {missing} beside {given_key})"
+        )
+    _check_ldap(config.ldap, source)
+
+
+def _check_ldap(ldap: LdapConfig, source: Callable[[str], str]) -> None:
+    if not ldap.enabled:
+        return
+    if ldap.user_base is None:
+        raise ConfigError(f"{source('ldap.url')}: ldap.user_base: not set; the directory "
+                          "needs the base DN under which users are searched")  # fmt: skip
+    if ldap.start_tls and urlsplit(ldap.url or "").scheme == "ldaps":
+        raise ConfigError(
+            f"{source('ldap.start_tls')}: ldap.start_tls: ldaps:// is TLS already; "
+            "use ldap:// with start_tls, or ldaps:// without"
+        )
+    if (ldap.bind_dn is None) != (ldap.bind_password_file is None):
+        given_key, missing = (
+            ("ldap.bind_dn", "ldap.bind_password_file")
+            if ldap.bind_dn
+            else ("ldap.bind_password_file", "ldap.bind_dn")
+        )
+        raise ConfigError(
+            f"{source(given_key)}: {missing}: not set; expected both ldap.bind_dn and "
+            "ldap.bind_password_file, or neither"
         )
 
 

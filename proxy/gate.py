@@ -169,6 +169,12 @@ class Gate:
         if failure.how is AuthOutcome.THROTTLED:
             exchange.refusal = Refusal.THROTTLED
             return errors.too_many_failures(failure.retry_after)
+        if failure.how is AuthOutcome.UNAVAILABLE:
+            # Not a 401: the password may be right, and clients would drop it as wrong.
+            exchange.refusal = Refusal.AUTH_UNAVAILABLE
+            return errors.registry_error(
+                503, "UNAVAILABLE", "the user directory is not answering; try again later"
+            )
         no_credentials = failure.how is AuthOutcome.NO_CREDENTIALS
         exchange.refusal = Refusal.NO_CREDENTIALS if no_credentials else Refusal.BAD_CREDENTIALS
         return errors.challenge(failure.challenge)

@@ -33,6 +33,8 @@ class AuthOutcome(StrEnum):
     TOKEN_EXPIRED = "token_expired"
     # An access token's right secret, revoked: refused like a wrong password.
     TOKEN_REVOKED = "token_revoked"
+    # The directory (LDAP) did not answer: the credentials were not judged.
+    UNAVAILABLE = "unavailable"
 
     @property
     def identified(self) -> bool:

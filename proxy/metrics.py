@@ -244,6 +244,13 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.auth_backend_up = Gauge(
+            f"{PREFIX}_auth_backend_up",
+            "1 while an authentication backend answers (the LDAP directory), 0 while it does not.",
+            ["backend"],
+            multiprocess_mode="livemin",
+            registry=r,
+        )
         self.upstream_up = Gauge(
             f"{PREFIX}_upstream_up",
             "1 when the upstream answered its last /v2/ probe, else 0.",

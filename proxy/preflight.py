@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 from proxy.app import warn_about_unknown_users
+from proxy.auth.directory import (
+    Directory,
+    DirectoryUnavailable,
+    ServiceAccountRefused,
+    read_bind_password,
+)
 from proxy.auth.htpasswd_file import HtpasswdError, HtpasswdUnreadableError, load_htpasswd
 from proxy.auth.tokens_file import TokensError, load_tokens
 from proxy.config import Address, Config, ConfigError, source_of
@@ -20,8 +27,16 @@ log = logging.getLogger("registry_proxy")
 _WILDCARDS = ("0.0.0.0", "::", "")
 
 
-def check_startable(config: Config, config_path: Path | None) -> dict[str, str]:
-    """Raise ConfigError or HtpasswdError for whatever would stop `serve`; return the users."""
+def check_startable(
+    config: Config, config_path: Path | None, *, connect: bool = True, strict: bool = False
+) -> dict[str, str]:
+    """Raise ConfigError or HtpasswdError for whatever would stop `serve`; return the users.
+
+    With `connect` the LDAP service account binds: `serve` refuses to start when the directory
+    refuses it, and starts (logging a warning) when the directory does not answer, since
+    htpasswd users and cached logins need no directory. `strict` (check-config) refuses both;
+    check-config `--no-connect` skips the bind, to check a configuration away from its directory.
+    """
     require_aiohttp()
     _check_listeners(config, config_path)
     users = _load_users(config, config_path)
@@ -31,7 +46,46 @@ def check_startable(config: Config, config_path: Path | None) -> dict[str, str]:
             server_context(config.tls)
         except ConfigError as exc:
             raise ConfigError(f"{source_of('tls.cert', config_path)}: {exc}") from None
+    if config.ldap.enabled:
+        _check_directory(config, config_path, connect, strict)
     return users
+
+
+def _check_directory(config: Config, config_path: Path | None, connect: bool, strict: bool) -> None:
+    """The bind password file is readable, and (with `connect`) the service account binds."""
+    settings = config.ldap
+    try:
+        password = read_bind_password(settings)
+    except (OSError, UnicodeDecodeError) as exc:
+        where = source_of("ldap.bind_password_file", config_path)
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            f"{where}: ldap.bind_password_file: cannot read {settings.bind_password_file}: {reason}"
+        ) from None
+    if settings.ca_file is not None and not settings.ca_file.is_file():
+        where = source_of("ldap.ca_file", config_path)
+        raise ConfigError(f"{where}: ldap.ca_file: no such file {settings.ca_file}")
+    if not connect:
+        return
+    directory = Directory(settings, password)
+    try:
+        asyncio.run(directory.check())
+    except DirectoryUnavailable as exc:
+        where = source_of("ldap.url", config_path)
+        account = settings.bind_dn or "anonymous"
+        if not strict and not isinstance(exc, ServiceAccountRefused):
+            log.warning(
+                "ldap: %s does not answer (%s); directory users cannot log in until it does",
+                settings.url,
+                exc,
+            )
+            return
+        raise ConfigError(
+            f"{where}: ldap: cannot bind to {settings.url} as {account}: {exc} "
+            "(check-config --no-connect skips this check)"
+        ) from None
+    finally:
+        directory.close()
 
 
 def require_aiohttp() -> None:
@@ -118,4 +172,4 @@ def warn_about_cleartext(config: Config) -> None:
 def startup_warnings(config: Config, users: Mapping[str, str], config_path: Path | None) -> None:
     """Log what `serve` warns about at start (`check-config` too)."""
     warn_about_cleartext(config)
-    warn_about_unknown_users(config.access, users, config_path)
+    warn_about_unknown_users(config.access, users, config_path, directory=config.ldap.enabled)

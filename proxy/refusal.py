@@ -15,6 +15,8 @@ class Refusal(StrEnum):
     BAD_CREDENTIALS = "bad_credentials"
     # 429: too many failed password checks.
     THROTTLED = "throttled"
+    # 503: the directory (LDAP) that would judge the credentials is not answering.
+    AUTH_UNAVAILABLE = "auth_unavailable"
     # 403: the access rules do not grant the right, or the write would move an immutable tag.
     DENIED = "denied"
     # 503: a delete immutable tags may forbid, when the registry's answers could not settle it.

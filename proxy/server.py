@@ -98,7 +98,9 @@ def _reload_access(app: web.Application, config_path: Path | None) -> None:
     access.policy, access.read_only = fresh.access, fresh.read_only
     app[METRICS].read_only.set(1 if fresh.read_only else 0)
     access.immutable = fresh.immutable_tags
-    warn_about_unknown_users(fresh.access, app[CHECKER].users, config_path)
+    warn_about_unknown_users(
+        fresh.access, app[CHECKER].users, config_path, directory=fresh.ldap.enabled
+    )
     rules = "unrestricted" if fresh.access.unrestricted else "restricted by rules"
     log.info("access reloaded (SIGHUP): %s, read_only=%s", rules, str(fresh.read_only).lower())
 

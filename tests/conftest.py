@@ -18,7 +18,16 @@ from typing import Any, NoReturn
 import pytest
 import trustme
 
-from tests.support import Proxy, RedisServer, Registry, htpasswd, serving, wait_until
+from tests.support import (
+    SLAPD_BIN,
+    Proxy,
+    RedisServer,
+    Registry,
+    Slapd,
+    htpasswd,
+    serving,
+    wait_until,
+)
 
 FIGURES = pytest.StashKey[list[str]]()
 
@@ -40,6 +49,7 @@ UNTHROTTLED = {
 # test_public_access).
 PROCESS_FIXTURES = frozenset(
     {"htpasswd_file", "costly_htpasswd", "registry", "proxy", "start_proxy", "redis_server"}
+    | {"slapd"}
     | {"site", "guarded", "public"}
 )
 
@@ -52,6 +62,7 @@ WITH_WORKERS = {
         "test_podman_login_pull_tag_push",
         "test_skopeo_push_inspect_pull_and_delete",
     ),
+    "test_ldap.py": ("test_a_directory_user_logs_in_and_directory_groups_are_rule_groups",),
     "test_operations.py": (
         "test_drain_deadline_cuts_what_is_left_and_says_so",
         "test_drain_turns_readyz_503_and_closes_idle_connections_at_once",
@@ -199,6 +210,17 @@ def start_proxy(
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A real redis-server of the test's own: tests kill, stop and restart it."""
     server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def slapd(tmp_path: Path, ca: trustme.CA) -> Iterator[Slapd]:
+    """A real OpenLDAP slapd of the test's own (StartTLS with `ca`): tests kill and restart it."""
+    if not Path(SLAPD_BIN).exists() and os.environ.get("CI") != "true":
+        pytest.skip("slapd is not installed (Debian's slapd and ldap-utils: scripts/install-deps)")
+    server = Slapd(tmp_path / "slapd", ca)
     server.start()
     yield server
     server.stop()

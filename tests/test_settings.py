@@ -27,6 +27,10 @@ BASE = {
     "PROXY_SHARED_STATE": "redis://:old-password@redis:6379/0",
     "PROXY_TLS_CERT": "/cert.pem",
     "PROXY_TLS_KEY": "/key.pem",
+    "PROXY_LDAP_URL": "ldap://directory:389",
+    "PROXY_LDAP_USER_BASE": "ou=people,dc=example,dc=org",
+    "PROXY_LDAP_BIND_DN": "cn=reader,dc=example,dc=org",
+    "PROXY_LDAP_BIND_PASSWORD_FILE": "/bind-password",
 }
 # A value for each restart-only setting that differs from what BASE gives it.
 CHANGED = {
@@ -69,6 +73,17 @@ CHANGED = {
     "cors_origins": "[https://ui.example.com]",
     "tls.cert": "/other-cert.pem",
     "tls.key": "/other-key.pem",
+    "ldap.url": "ldap://other:389",
+    "ldap.start_tls": "true",
+    "ldap.ca_file": "/ca.pem",
+    "ldap.bind_dn": "cn=other,dc=example,dc=org",
+    "ldap.bind_password_file": "/other-password",
+    "ldap.user_base": "ou=other,dc=example,dc=org",
+    "ldap.user_filter": "(cn={user})",
+    "ldap.group_base": "ou=groups,dc=example,dc=org",
+    "ldap.group_filter": "(uniqueMember={dn})",
+    "ldap.group_name_attribute": "ou",
+    "ldap.timeout": "7",
 }
 RULES = "[{users: [alice], repositories: ['**'], actions: [pull]}]"
 RELOADED = {

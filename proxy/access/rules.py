@@ -122,7 +122,7 @@ class Rule:
     any_user: bool
     patterns: tuple[re.Pattern[str], ...]
     rights: frozenset[Right]
-    # Groups the identity itself carries (today only the reserved `anonymous`).
+    # Groups the identity itself carries: the reserved `anonymous`, and directory groups.
     groups: frozenset[str] = frozenset()
     networks: tuple[Network, ...] = ()
 
@@ -211,15 +211,22 @@ class AccessPolicy:
         return self.allows(who, Right.PULL, repository)
 
 
-def parse_access(groups: object, rules: object) -> AccessPolicy:
-    """Build the policy from the YAML values of `groups` and `access`; ValueError names the key."""
+def parse_access(groups: object, rules: object, *, directory_groups: bool = False) -> AccessPolicy:
+    """Build the policy from the YAML values of `groups` and `access`; ValueError names the key.
+
+    With `directory_groups` (an LDAP directory configured), `@NAME` also matches identities that
+    carry the group NAME (members of the directory group), and need not be defined in `groups`.
+    """
     members = _parse_groups(groups)
     if rules is None:
         return AccessPolicy()
     if not isinstance(rules, list):
         raise ValueError(f"access: expected a list of rules, got {rules!r}")
     return AccessPolicy(
-        [_parse_rule(f"access[{i}]", rule, members) for i, rule in enumerate(rules)]
+        [
+            _parse_rule(f"access[{i}]", rule, members, directory_groups)
+            for i, rule in enumerate(rules)
+        ]
     )
 
 
@@ -252,7 +259,9 @@ def _parse_groups(groups: object) -> dict[str, frozenset[str]]:
     return parsed
 
 
-def _parse_rule(where: str, rule: object, groups: Mapping[str, frozenset[str]]) -> Rule:
+def _parse_rule(
+    where: str, rule: object, groups: Mapping[str, frozenset[str]], directory_groups: bool = False
+) -> Rule:
     if not isinstance(rule, Mapping):
         raise ValueError(f"{where}: expected a mapping with users, repositories and actions")
     for key in rule:
@@ -284,6 +293,11 @@ def _parse_rule(where: str, rule: object, groups: Mapping[str, frozenset[str]]) 
                 )
             identity_groups.add(ANONYMOUS_GROUP)
         elif entry.startswith("@"):
+            if directory_groups:
+                # A directory group of that name, a configured one, or both: members of either.
+                identity_groups.add(entry[1:])
+                users |= groups.get(entry[1:], frozenset())
+                continue
             if entry[1:] not in groups:
                 defined = ", ".join(sorted(groups)) or "none"
                 raise ValueError(

@@ -28,9 +28,17 @@ class HtpasswdAuthenticator:
     """HTTP Basic against the htpasswd table, behind the password-guessing throttle."""
 
     def __init__(
-        self, checker: CredentialChecker, throttle: Throttle, pacer: RefusalPacer, realm: str
+        self,
+        checker: CredentialChecker,
+        throttle: Throttle,
+        pacer: RefusalPacer,
+        realm: str,
+        *,
+        defer_unknown: bool = False,
     ) -> None:
         self._checker = checker
+        # With a directory configured, names the table lacks are the directory's to judge.
+        self._defer_unknown = defer_unknown
         self._throttle = throttle
         self._pacer = pacer
         self.challenge = basic_challenge(realm)
@@ -42,6 +50,8 @@ class HtpasswdAuthenticator:
         if credentials is None:
             # Malformed: no password was checked, so nothing counts as a guess.
             return self._refuse(AuthOutcome.BAD_CREDENTIALS)
+        if self._defer_unknown and credentials[0] not in self._checker.users:
+            return None
         result = await self._check_password(exchange, *credentials)
         if isinstance(result, AuthFailure):
             exchange.tried_user = credentials[0]

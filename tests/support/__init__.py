@@ -6,7 +6,8 @@
 - `client`: requests as the tests send them; `metrics`: what /metrics says.
 - `upstreams`: fake upstreams; `edges`: HAProxy and nginx in front; `clients`: docker, skopeo
   and podman in sealed environments; `containers`: root podman and the stand-in base image;
-  `images`: OCI images from bytes; `tls`: certificates; `clock`: a clock the test moves by hand.
+  `images`: OCI images from bytes; `tls`: certificates; `clock`: a clock the test moves by hand;
+  `ldap`: a real OpenLDAP slapd.
 
 Fixtures live in tests/conftest.py. A test module imports from here, never from another test
 module (tests/test_suite.py checks it).
@@ -46,6 +47,7 @@ from tests.support.harness import (
     unread_bytes,
 )
 from tests.support.images import OCI_MANIFEST, tar_gz, write_oci_layout
+from tests.support.ldap import LDAP_USERS, SLAPD_BIN, Slapd, user_dn
 from tests.support.metrics import Samples, gauge, scrape, value
 from tests.support.polling import STARTUP_DEADLINE, eventually, wait_until
 from tests.support.proxy import NO_CACHE, Proxy, access_records, rss, serving, worker_pids
@@ -59,11 +61,13 @@ __all__ = [
     "CLIENT_TIMEOUT",
     "CONTAINERS_CONF",
     "HTPASSWD_BIN",
+    "LDAP_USERS",
     "NO_CACHE",
     "OCI_MANIFEST",
     "REDIS_BIN",
     "REGISTRY_BIN",
     "REGISTRY_BINARY",
+    "SLAPD_BIN",
     "STARTUP_DEADLINE",
     "Behaviour",
     "Clients",
@@ -76,6 +80,7 @@ __all__ = [
     "Registry",
     "RootPodman",
     "Samples",
+    "Slapd",
     "access_records",
     "basic_auth",
     "build_stand_in_base",
@@ -103,6 +108,7 @@ __all__ = [
     "tar_gz",
     "token",
     "unread_bytes",
+    "user_dn",
     "value",
     "wait_until",
     "why_unavailable",
