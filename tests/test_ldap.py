@@ -101,7 +101,7 @@ def test_dn_values_are_escaped_as_rfc_4514_says() -> None:
         (
             {"PROXY_LDAP_URL": "ldap://h", "PROXY_LDAP_USER_BASE": "o=x",
              "PROXY_LDAP_BIND_DN": "cn=r"},
-            "ldap.bind_password_file: expected both",
+            "PROXY_LDAP_BIND_DN: ldap.bind_password_file: not set; expected both",
         ),
         ({"PROXY_LDAP_URL": "http://h"}, "expected ldap://HOST"),
         ({"PROXY_LDAP_USER_FILTER": "(uid=alice)"}, "with {user}"),
