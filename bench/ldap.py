@@ -24,15 +24,13 @@ import argparse
 import asyncio
 import base64
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import aiohttp
 import trustme
 
+from bench.latency import summary, timed_gets
 from tests.support import Proxy, Registry, Slapd, htpasswd
 
 CONNECTIONS = 32
@@ -52,38 +50,9 @@ def _users_ldif(count: int) -> str:
     )
 
 
-async def _timed_gets(url: str, users: list[str], connections: int = 0) -> list[float]:
-    """GET `url` once per user, CONNECTIONS at a time; seconds per request (all must be 200)."""
-    connections = connections or CONNECTIONS
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for user in users:
-        queue.put_nowait(user)
-    seconds: list[float] = []
-    connector = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            while not queue.empty():
-                user = queue.get_nowait()
-                started = time.perf_counter()
-                headers = {"Authorization": _authorization(user)}
-                async with session.get(url, headers=headers) as response:
-                    await response.read()
-                    if response.status != 200:
-                        raise SystemExit(f"{user}: {response.status}")
-                seconds.append(time.perf_counter() - started)
-
-        await asyncio.gather(*(worker() for _ in range(connections)))
-    return seconds
-
-
-def _summary(seconds: list[float]) -> dict[str, float]:
-    ordered = sorted(seconds)
-    return {
-        "p50_ms": round(statistics.median(ordered) * 1000, 2),
-        "p95_ms": round(ordered[int(len(ordered) * 0.95) - 1] * 1000, 2),
-        "requests": len(ordered),
-    }
+async def _timed_gets(url: str, users: list[str], connections: int = CONNECTIONS) -> list[float]:
+    """GET `url` once per user, `connections` at a time; seconds per request."""
+    return await timed_gets(url, [_authorization(user) for user in users], connections)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             proxy.stop()
         slapd.stop()
         registry.stop()
-    result = {"connections": CONNECTIONS, "first_login_one_connection": _summary(alone),
-              "first_login": _summary(first), "cached": _summary(cached),
-              "htpasswd_cached": _summary(baseline)}  # fmt: skip
+    result = {"connections": CONNECTIONS, "first_login_one_connection": summary(alone),
+              "first_login": summary(first), "cached": summary(cached),
+              "htpasswd_cached": summary(baseline)}  # fmt: skip
     print(f"LDAP first login, one connection: p50 {result['first_login_one_connection']['p50_ms']}"
           f" ms ({len(alone)} requests)")  # fmt: skip
     print(f"LDAP first login at {CONNECTIONS} connections: p50 {result['first_login']['p50_ms']} "
