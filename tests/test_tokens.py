@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import pytest
@@ -205,6 +206,23 @@ def test_docker_login_and_skopeo_with_a_token_within_its_scope(
     )
 
 
+T = TypeVar("T")
+
+
+def loaded_everywhere(proxy: Proxy, change: Callable[[], T]) -> T:
+    """Change the tokens file, then wait until every worker of `proxy` has reloaded it: with
+    workers, a request answered by one that did is no sign that the next one's did too."""
+    workers = int(proxy.extra_env.get("PROXY_WORKERS", "1"))
+
+    def reloads() -> float:
+        return value(scrape(proxy), "registry_proxy_token_reloads_total", result="success")
+
+    before = reloads()
+    result = change()
+    wait_until(lambda: reloads() >= before + workers, "every worker to reload the tokens file")
+    return result
+
+
 def test_expired_and_revoked_tokens_get_a_401_and_the_audit_says_why(
     token_proxy: Proxy, tokens_path: Path
 ) -> None:
@@ -214,22 +232,23 @@ def test_expired_and_revoked_tokens_get_a_401_and_the_audit_says_why(
     def reasons(name: str) -> set[object]:
         return {r["auth"] for r in records_for(token_proxy, name) if r["status"] == 401}
 
-    secret = create(tokens_path, "old-robot")
-    wait_until(lambda: ping(token_proxy, "old-robot", secret) == 200, "the token")
+    secret = loaded_everywhere(token_proxy, lambda: create(tokens_path, "old-robot"))
+    assert ping(token_proxy, "old-robot", secret) == 200
     tokens = load_tokens(tokens_path)
     tokens["old-robot"] = dataclasses.replace(tokens["old-robot"], expires=time.time() - 60)
-    write_tokens(tokens_path, tokens)
-    wait_until(lambda: ping(token_proxy, "old-robot", secret) == 401, "the expiry to load")
+    loaded_everywhere(token_proxy, lambda: write_tokens(tokens_path, tokens))
+    assert ping(token_proxy, "old-robot", secret) == 401
     wait_until(lambda: "token_expired" in reasons("old-robot"), "the expired audit line")
     wrong = call(token_proxy.url + "/v2/", headers=basic_auth("old-robot", "rpt_wrong"))
     expired = call(token_proxy.url + "/v2/", headers=basic_auth("old-robot", secret))
     assert (expired[0], expired[2]) == (wrong[0], wrong[2]) == (401, wrong[2])
     assert expired[1]["WWW-Authenticate"] == wrong[1]["WWW-Authenticate"]
 
-    revoked_secret = create(tokens_path, "gone-robot")
-    wait_until(lambda: ping(token_proxy, "gone-robot", revoked_secret) == 200, "the token")
-    assert token_cli("revoke", "gone-robot", "--file", str(tokens_path)).returncode == 0
-    wait_until(lambda: ping(token_proxy, "gone-robot", revoked_secret) == 401, "the revocation")
+    revoked_secret = loaded_everywhere(token_proxy, lambda: create(tokens_path, "gone-robot"))
+    assert ping(token_proxy, "gone-robot", revoked_secret) == 200
+    revoke = lambda: token_cli("revoke", "gone-robot", "--file", str(tokens_path))  # noqa: E731
+    assert loaded_everywhere(token_proxy, revoke).returncode == 0
+    assert ping(token_proxy, "gone-robot", revoked_secret) == 401
 
     wait_until(lambda: "token_revoked" in reasons("gone-robot"), "the revoked audit line")
     assert "bad_credentials" in reasons("old-robot")

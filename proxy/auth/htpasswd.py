@@ -70,13 +70,13 @@ class HtpasswdAuthenticator:
             # The failure is reserved before the hash runs: parallel guesses cannot overtake it.
             admission = await self._throttle.admit(exchange.client, user)
         except Throttled as refusal:
-            await self._pace_refusal(exchange)
+            await self._pacer.hold(exchange.client)
             return self._refuse(AuthOutcome.THROTTLED, refusal.retry_after)
         try:
             outcome = await checker.check(user, password, client_key(exchange.client))
         except Busy:
             await admission.release()
-            await self._pace_refusal(exchange)
+            await self._pacer.hold(exchange.client)
             return self._refuse(AuthOutcome.THROTTLED, BUSY_RETRY_AFTER)
         except BaseException:
             # A check abandoned half-way (a cancelled handler) counts as a failure.
@@ -87,9 +87,3 @@ class HtpasswdAuthenticator:
             return self._refuse(AuthOutcome.BAD_CREDENTIALS)
         await admission.succeeded()
         return Identity.user(user, _CHECKED[outcome])
-
-    async def _pace_refusal(self, exchange: Exchange) -> None:
-        """Hold a 429 for an address that keeps resending without waiting (proxy/pacing.py)."""
-        delay = self._pacer.delay_for(client_key(exchange.client))
-        if delay:
-            await asyncio.sleep(delay)

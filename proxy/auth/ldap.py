@@ -23,7 +23,6 @@ from proxy.auth.backend import Result, basic_challenge, sends_credentials
 from proxy.auth.credentials import parse_basic
 from proxy.auth.directory import Directory, DirectoryUnavailable
 from proxy.auth.pacing import RefusalPacer
-from proxy.edge.forwarded import client_key
 from proxy.exchange import Exchange
 from proxy.identity import ANONYMOUS_GROUP, AuthFailure, AuthOutcome, Identity
 from proxy.throttle.policy import Throttle, Throttled
@@ -108,7 +107,7 @@ class LdapAuthenticator:
         try:
             admission = await self._throttle.admit(exchange.client, user)
         except Throttled as refusal:
-            await self._pace_refusal(exchange)
+            await self._pacer.hold(exchange.client)
             return AuthFailure(AuthOutcome.THROTTLED, self.challenge, refusal.retry_after)
         try:
             found = await self._ask_directory(key, user, password)
@@ -145,9 +144,3 @@ class LdapAuthenticator:
         groups = await asyncio.shield(pending)
         # `@anonymous` means a request without credentials: no directory group may claim it.
         return None if groups is None else groups - {ANONYMOUS_GROUP}
-
-    async def _pace_refusal(self, exchange: Exchange) -> None:
-        """Hold a 429 for an address that keeps resending without waiting (proxy/pacing.py)."""
-        delay = self._pacer.delay_for(client_key(exchange.client))
-        if delay:
-            await asyncio.sleep(delay)

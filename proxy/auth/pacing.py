@@ -10,10 +10,12 @@ so an address gets `burst` at once and `per_second` on the host.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from proxy.edge.forwarded import client_key
 from proxy.host_share import worker_share
 
 
@@ -51,3 +53,10 @@ class RefusalPacer:
         while len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
         return wait
+
+    async def hold(self, client: str) -> None:
+        """Wait before a refusal to `client` (an address: counted under its client key) if it
+        keeps resending without waiting."""
+        delay = self.delay_for(client_key(client))
+        if delay:
+            await asyncio.sleep(delay)

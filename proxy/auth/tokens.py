@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
 from collections.abc import Callable, Mapping
@@ -13,7 +12,6 @@ from proxy.auth.backend import Result, basic_challenge, sends_credentials
 from proxy.auth.credentials import parse_basic
 from proxy.auth.pacing import RefusalPacer
 from proxy.auth.tokens_file import Token, secret_hash
-from proxy.edge.forwarded import client_key
 from proxy.exchange import Exchange
 from proxy.identity import AuthFailure, AuthOutcome, Identity, TokenScope
 from proxy.throttle.policy import Throttle, Throttled
@@ -101,9 +99,7 @@ class TokenAuthenticator:
         try:
             admission = await self._throttle.admit(exchange.client, name)
         except Throttled as refusal:
-            delay = self._pacer.delay_for(client_key(exchange.client))
-            if delay:
-                await asyncio.sleep(delay)
+            await self._pacer.hold(exchange.client)
             return AuthFailure(AuthOutcome.THROTTLED, self.challenge, refusal.retry_after)
         await admission.failed()
         return AuthFailure(AuthOutcome.BAD_CREDENTIALS, self.challenge)
