@@ -89,17 +89,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_passwd_parser(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    common: argparse.ArgumentParser,
-) -> None:
+def _file_option(key: str, env: str) -> argparse.ArgumentParser:
+    """`--file`, found as `passwd` and `token` find theirs: the option, `env`, then `key`."""
     file = argparse.ArgumentParser(add_help=False)
     file.add_argument(
         "--file",
         metavar="PATH",
         default=argparse.SUPPRESS,
-        help=f"htpasswd file (default: ${HTPASSWD_ENV}, else `htpasswd` in the configuration)",
+        help=f"{key} file (default: ${env}, else `{key}` in the configuration)",
     )
+    return file
+
+
+def _add_passwd_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    file = _file_option("htpasswd", HTPASSWD_ENV)
     stdin = argparse.ArgumentParser(add_help=False)
     stdin.add_argument(
         "--password-stdin",
@@ -138,13 +144,7 @@ def _add_token_parser(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
 ) -> None:
-    file = argparse.ArgumentParser(add_help=False)
-    file.add_argument(
-        "--file",
-        metavar="PATH",
-        default=argparse.SUPPRESS,
-        help=f"tokens file (default: ${TOKENS_ENV}, else `tokens` in the configuration)",
-    )
+    file = _file_option("tokens", TOKENS_ENV)
     parents = [common, file]
     token = commands.add_parser(
         "token", parents=parents, help="manage access tokens (CI robots, personal tokens)"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ConfigError
-from proxy.edge.internals import PRIVATE_NAMES
+from proxy.edge.internals import ASYNCIO_PRIVATE_NAMES, PRIVATE_NAMES
 from proxy.preflight import require_aiohttp
 from tests.support import free_port
 
@@ -137,11 +137,14 @@ def test_the_start_up_check_lists_every_private_name_the_edge_uses() -> None:
     assert private_aiohttp_names_in_the_edge() == LISTED
 
 
-@pytest.mark.parametrize(("module_name", "path"), PRIVATE_NAMES, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("module_name", "path"), PRIVATE_NAMES + ASYNCIO_PRIVATE_NAMES, ids=lambda v: str(v)
+)
 def test_the_start_up_check_names_a_missing_private_name(
     module_name: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Guards each entry of the list: without it, the check must refuse, naming it."""
+    """Guards each entry of the lists (aiohttp's, and asyncio's for the TLS layer): without it,
+    the proxy refuses to start, naming it, instead of serving with a name that is not there."""
     owner_path, _, leaf = path.rpartition(".")
     owner: object = importlib.import_module(module_name)
     for part in filter(None, owner_path.split(".")):

@@ -12,10 +12,9 @@ import redis.asyncio
 from proxy.throttle.policy import Admission, Throttle, Throttled
 from proxy.throttle.redis import RedisStore
 from proxy.throttle.store import RESERVATION_LEASE, MemoryStore, ThrottleStore
-from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 from tests.support import RedisServer
 from tests.support.clock import Clock
-from tests.support.doubles import fail, retry_after
+from tests.support.doubles import STORES, fail, open_store, retry_after
 
 
 @pytest.fixture
@@ -32,26 +31,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-@pytest.fixture(params=["memory", "host", "redis"])
-async def store(
-    request: pytest.FixtureRequest, redis_server: RedisServer
-) -> AsyncIterator[ThrottleStore]:
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[ThrottleStore]:
     """Each test runs on every store: the rules must not depend on where the counts are."""
-    if request.param == "memory":
-        yield MemoryStore()
-    elif request.param == "host":
-        server = HostStoreServer()
-        client = HostStoreClient(server.connect())
-        yield client
-        await client.close()
-        await server.close()
-    else:
-        admin = redis.asyncio.Redis.from_url(redis_server.url)
-        await admin.flushdb()
-        await admin.aclose()
-        redis_store = RedisStore(redis_server.url)
-        yield redis_store
-        await redis_store.close()
+    async with open_store(request) as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import socket
 import ssl
 from asyncio import sslproto
@@ -23,7 +22,7 @@ import trustme
 from aiohttp import web
 
 from proxy.config import ConfigError
-from proxy.edge.internals import ASYNCIO_PRIVATE_NAMES, SSL_PROTOCOL_BUFFER
+from proxy.edge.internals import SSL_PROTOCOL_BUFFER
 from proxy.edge.listen import listen
 from proxy.edge.tls import TLS_READ_BUFFER
 from proxy.preflight import require_aiohttp
@@ -257,22 +256,6 @@ async def test_an_accepted_tls_connection_reads_into_the_bounded_buffer(
     finally:
         listener.close()
         await runner.cleanup()
-
-
-@pytest.mark.parametrize(("module_name", "path"), ASYNCIO_PRIVATE_NAMES, ids=str)
-def test_the_start_up_check_names_a_missing_asyncio_name(
-    module_name: str, path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Guards the TLS layer's private asyncio names: on a Python without one, the proxy
-    refuses to start, naming it, instead of serving with asyncio's buffer or no release."""
-    owner_path, _, leaf = path.rpartition(".")
-    owner: object = importlib.import_module(module_name)
-    for part in filter(None, owner_path.split(".")):
-        owner = getattr(owner, part)
-    monkeypatch.delattr(owner, leaf)
-    with pytest.raises(ConfigError) as refused:
-        require_aiohttp()
-    assert f"{module_name}.{path}" in str(refused.value)
 
 
 @pytest.mark.parametrize("name", SSL_PROTOCOL_BUFFER)
