@@ -20,12 +20,15 @@ import trustme
 
 from tests.support import (
     SLAPD_BIN,
+    Browser,
     Proxy,
     RedisServer,
     Registry,
     Slapd,
+    browser_missing,
     htpasswd,
     serving,
+    start_browser,
     wait_until,
 )
 
@@ -49,7 +52,7 @@ UNTHROTTLED = {
 # test_public_access).
 PROCESS_FIXTURES = frozenset(
     {"htpasswd_file", "costly_htpasswd", "registry", "proxy", "start_proxy", "redis_server"}
-    | {"slapd"}
+    | {"slapd", "browser"}
     | {"site", "guarded", "public"}
 )
 
@@ -224,6 +227,18 @@ def slapd(tmp_path: Path, ca: trustme.CA) -> Iterator[Slapd]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    """Headless Chromium with a fresh profile, at desktop size (`browser.use(PHONE)` narrows it)."""
+    missing = browser_missing()
+    if missing and os.environ.get("CI") == "true":
+        pytest.fail(f"browser tests cannot run in CI: {missing}", pytrace=False)
+    if missing:
+        pytest.skip(f"{missing} (Debian's chromium and chromium-driver: scripts/install-deps)")
+    with start_browser(tmp_path / "chromium") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,23 @@
 - `upstreams`: fake upstreams; `edges`: HAProxy and nginx in front; `clients`: docker, skopeo
   and podman in sealed environments; `containers`: root podman and the stand-in base image;
   `images`: OCI images from bytes; `tls`: certificates; `clock`: a clock the test moves by hand;
-  `ldap`: a real OpenLDAP slapd.
+  `ldap`: a real OpenLDAP slapd; `browser`: headless Chromium, and sites served beside it.
 
 Fixtures live in tests/conftest.py. A test module imports from here, never from another test
 module (tests/test_suite.py checks it).
 """
 
+from tests.support.browser import (
+    CHROMIUM,
+    DESKTOP,
+    PHONE,
+    Browser,
+    Viewport,
+    artifacts_dir,
+    browser_missing,
+    serve_in_thread,
+    start_browser,
+)
 from tests.support.client import (
     call,
     exchange_raw,
@@ -58,18 +69,22 @@ from tests.support.upstreams import Behaviour, CountingUpstream, counting_upstre
 REGISTRY_BINARY = REGISTRY_BIN
 
 __all__ = [
+    "CHROMIUM",
     "CLIENT_TIMEOUT",
     "CONTAINERS_CONF",
+    "DESKTOP",
     "HTPASSWD_BIN",
     "LDAP_USERS",
     "NO_CACHE",
     "OCI_MANIFEST",
+    "PHONE",
     "REDIS_BIN",
     "REGISTRY_BIN",
     "REGISTRY_BINARY",
     "SLAPD_BIN",
     "STARTUP_DEADLINE",
     "Behaviour",
+    "Browser",
     "Clients",
     "CountingUpstream",
     "Edge",
@@ -81,8 +96,11 @@ __all__ = [
     "RootPodman",
     "Samples",
     "Slapd",
+    "Viewport",
     "access_records",
+    "artifacts_dir",
     "basic_auth",
+    "browser_missing",
     "build_stand_in_base",
     "call",
     "counting_upstream",
@@ -97,9 +115,11 @@ __all__ = [
     "push_image",
     "rss",
     "scrape",
+    "serve_in_thread",
     "serving",
     "session_from",
     "sha256",
+    "start_browser",
     "start_download",
     "start_haproxy",
     "start_nginx",
