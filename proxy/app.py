@@ -46,6 +46,11 @@ from proxy.relay.slots import UpstreamSlots
 from proxy.reload import CredentialReloader, TokenReloader
 from proxy.throttle.fallback import store_chain
 from proxy.throttle.policy import Throttle
+from proxy.ui.pages import BrowserUI
+from proxy.ui.registry import Registry
+from proxy.ui.session import SessionSigner, read_session_key
+from proxy.ui.signed_in import SignedIn
+from proxy.ui.templates import add_security_headers
 
 log = logging.getLogger("registry_proxy")
 
@@ -101,6 +106,8 @@ BLOB_RELAY = web.AppKey("blob_relay", BlobRelay)
 SLOTS = web.AppKey("slots", UpstreamSlots)
 CROSS_ORIGIN = web.AppKey("cross_origin", CrossOrigin)
 DIRECTORY_LOGINS = web.AppKey("directory_logins", LdapAuthenticator)
+# Only with `ui` on.
+BROWSER = web.AppKey("browser", BrowserUI)
 
 
 def warn_about_unknown_users(
@@ -271,7 +278,9 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[FORWARDER] = Forwarder(
         session, config.upstream, app[METRICS], config.body_timeout, slots=slots
     )
-    app[GATE].tags = TagGuard(session, config.upstream, config.body_timeout)
+    app[GATE].tags = guard = TagGuard(session, config.upstream, config.body_timeout)
+    if BROWSER in app:
+        app[BROWSER].registry = Registry(session, config.upstream, app[ACCESS], guard)
     app[BLOB_RELAY] = blob_relay = BlobRelay(
         config.upstream,
         app[METRICS],
@@ -438,9 +447,32 @@ def create_app(
     app.on_response_prepare.extend(
         [_send_request_id, drop_server_banner, cross_origin.on_response_prepare]
     )
+    if config.ui:
+        _add_browser(app, table)
     # `.` skips a decoded newline (`/v2/%0a`): aiohttp would answer such paths itself, unchecked.
     app.router.add_route("*", r"/{tail:[\s\S]*}", handle, expect_handler=_expect_handler)
     return app
+
+
+def _add_browser(app: web.Application, tokens: TokenTable) -> None:
+    """The pages under /ui/; their routes come before the API's catch-all."""
+    config = app[CONFIG]
+    assert config.ui_session_key_file is not None
+    signer = SessionSigner(read_session_key(config.ui_session_key_file), config.ui_session_lifetime)
+    logins = app.get(DIRECTORY_LOGINS)
+    checker = app[CHECKER]
+    signed_in = SignedIn(
+        signer,
+        lambda: checker.users,
+        tokens,
+        logins.directory if logins is not None else None,
+        config.auth_cache_ttl,
+    )
+    app[BROWSER] = browser = BrowserUI(
+        signer, signed_in, app[GATE], lambda: app[THROTTLE].store, _exchange
+    )
+    browser.add_routes(app.router)
+    app.on_response_prepare.append(add_security_headers)
 
 
 def _directory_logins(app: web.Application) -> LdapAuthenticator:

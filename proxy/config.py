@@ -514,6 +514,10 @@ class Config:
     shared_state: str | None = field(metadata=setting(_shared_state, show=_redacted_or_empty))
     # Browser origins allowed to call the API with credentials (CORS); none by default.
     cors_origins: tuple[str, ...] = field(metadata=setting(_origins, show=_texts, structured=True))
+    # The registry browser under /ui/ (sign-in form, session cookie signed with the key file).
+    ui: bool = field(metadata=setting(_bool, False))
+    ui_session_key_file: Path | None = field(metadata=setting(_optional_path, show=_text_or_empty))
+    ui_session_lifetime: float = field(metadata=setting(_lifetime, "8h"))
     tls: TLSConfig = field(metadata=section(TLSConfig))
     ldap: LdapConfig = field(metadata=section(LdapConfig))
 
@@ -630,6 +634,11 @@ def _check_together(config: Config, given: Mapping[str, tuple[object, str]]) -> 
             f"or neither (set {missing} beside {given_key})"
         )
     _check_ldap(config.ldap, source)
+    if config.ui and config.ui_session_key_file is None:
+        raise ConfigError(
+            f"{source('ui')}: ui_session_key_file: not set; the browser's sessions are signed "
+            "with a secret key file (e.g. `head -c 32 /dev/urandom | base64 > ui-session.key`)"
+        )
 
 
 def _check_ldap(ldap: LdapConfig, source: Callable[[str], str]) -> None:

@@ -53,6 +53,8 @@ class Exchange:
     upstream_ms: float | None = None
     # The request body, when the gate had to read it whole (a manifest PUT to an immutable tag).
     body: bytes | None = None
+    # What a browser page did in the user's name (`login`, `delete`), for the audit line.
+    event: str | None = None
 
 
 def _client_and_scheme(

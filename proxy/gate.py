@@ -65,21 +65,30 @@ class Gate:
         """Who sent the request, established once per request."""
         if exchange.auth_outcome is None:
             result = await self._authenticator.authenticate(request, exchange)
-            exchange.auth_outcome = result.how
-            if isinstance(result, Identity):
-                exchange.identity, exchange.user = result, result.name
-                if result.scope is not None:
-                    # The audit line names the token that logged in (its owner is in the file).
-                    exchange.user = result.scope.token
-            else:
-                exchange.retry_after = result.retry_after
-            self._metrics.auth.labels(exchange.auth_outcome).inc()
+            self._record(exchange, result)
             return result
         if exchange.identity is not None:
             return exchange.identity
         return AuthFailure(
             exchange.auth_outcome, self._authenticator.challenge, exchange.retry_after
         )
+
+    async def log_in(self, exchange: Exchange, user: str, password: str) -> Identity | AuthFailure:
+        """A sign-in form's name and secret: checked and recorded as a Basic login is."""
+        result = await self._authenticator.log_in(exchange, user, password)
+        self._record(exchange, result)
+        return result
+
+    def _record(self, exchange: Exchange, result: Identity | AuthFailure) -> None:
+        exchange.auth_outcome = result.how
+        if isinstance(result, Identity):
+            exchange.identity, exchange.user = result, result.name
+            if result.scope is not None:
+                # The audit line names the token that logged in (its owner is in the file).
+                exchange.user = result.scope.token
+        else:
+            exchange.retry_after = result.retry_after
+        self._metrics.auth.labels(result.how).inc()
 
     async def check(self, request: web.Request, exchange: Exchange) -> web.Response | None:
         """The refusal of a request that must not go upstream, or None to let it pass."""

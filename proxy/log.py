@@ -156,6 +156,9 @@ def _now() -> str:
 
 def _event(method: str, status: int, exchange: Exchange, query: dict[str, str]) -> str | None:
     """What an auditor asks about: push, pull, delete, mount and login (successes only)."""
+    if exchange.event is not None:
+        # A browser page's: set only once the registry or the sign-in said yes.
+        return exchange.event
     if not 200 <= status < 300:
         return None
     action = exchange.target.action

@@ -21,6 +21,7 @@ from proxy.config import Address, Config, ConfigError, source_of
 from proxy.edge.internals import MissingInternal, require_private_names
 from proxy.edge.listen import c_parser_in_use
 from proxy.edge.tls import server_context
+from proxy.ui.session import read_session_key
 
 log = logging.getLogger("registry_proxy")
 
@@ -48,7 +49,22 @@ def check_startable(
             raise ConfigError(f"{source_of('tls.cert', config_path)}: {exc}") from None
     if config.ldap.enabled:
         _check_directory(config, config_path, connect, strict)
+    _check_session_key(config, config_path)
     return users
+
+
+def _check_session_key(config: Config, config_path: Path | None) -> None:
+    """With `ui` on, the key that signs the browser's sessions is readable and long enough."""
+    if not config.ui or config.ui_session_key_file is None:
+        return
+    try:
+        read_session_key(config.ui_session_key_file)
+    except (OSError, ValueError) as exc:
+        where = source_of("ui_session_key_file", config_path)
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ConfigError(
+            f"{where}: ui_session_key_file: {config.ui_session_key_file}: {reason}"
+        ) from None
 
 
 def _check_directory(config: Config, config_path: Path | None, connect: bool, strict: bool) -> None:

@@ -123,6 +123,12 @@ class Ledger:
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
         return await self.inner.recall(user, client, ttl, now)
 
+    async def revoke(self, session: str, until: float, now: float) -> None:
+        await self.inner.revoke(session, until, now)
+
+    async def is_revoked(self, session: str, now: float) -> bool:
+        return await self.inner.is_revoked(session, now)
+
     def _give_back(self, key: str, member: str) -> None:
         self.balance[key, member] -= 1
         if self.balance[key, member] < 0:

@@ -31,6 +31,7 @@ BASE = {
     "PROXY_LDAP_USER_BASE": "ou=people,dc=example,dc=org",
     "PROXY_LDAP_BIND_DN": "cn=reader,dc=example,dc=org",
     "PROXY_LDAP_BIND_PASSWORD_FILE": "/bind-password",
+    "PROXY_UI_SESSION_KEY_FILE": "/ui-session.key",
 }
 # A value for each restart-only setting that differs from what BASE gives it.
 CHANGED = {
@@ -71,6 +72,9 @@ CHANGED = {
     # Only the password: check-config redacts it, the comparison must not.
     "shared_state": "redis://:new-password@redis:6379/0",
     "cors_origins": "[https://ui.example.com]",
+    "ui": "true",
+    "ui_session_key_file": "/other-ui-session.key",
+    "ui_session_lifetime": "7",
     "tls.cert": "/other-cert.pem",
     "tls.key": "/other-key.pem",
     "ldap.url": "ldap://other:389",

@@ -81,11 +81,7 @@ class TagGuard:
         if not tags.covers(repository):
             return None
         if request.method == "DELETE":
-            if not is_digest(reference):
-                if tags.fixed(repository, reference):
-                    return TagRefusal(f"tag {reference} of {repository} is immutable")
-                return None
-            return await self._delete_refusal(repository, reference, tags)
+            return await self.delete_refusal(repository, reference, tags)
         if is_digest(reference) or not tags.fixed(repository, reference):
             return None
         status, current, _ = await self._head(repository, reference)
@@ -104,7 +100,19 @@ class TagGuard:
             return TagRefusal(f"tag {reference} is immutable: it points to {current}")
         return None
 
-    async def _delete_refusal(
+    async def delete_refusal(
+        self, repository: str, reference: str, tags: ImmutableTags
+    ) -> TagRefusal | None:
+        """Why deleting `reference` (a tag, or a digest) would change an immutable tag, if so."""
+        if not tags.covers(repository):
+            return None
+        if not is_digest(reference):
+            if tags.fixed(repository, reference):
+                return TagRefusal(f"tag {reference} of {repository} is immutable")
+            return None
+        return await self._digest_delete_refusal(repository, reference, tags)
+
+    async def _digest_delete_refusal(
         self, repository: str, digest: str, tags: ImmutableTags
     ) -> TagRefusal | None:
         try:

@@ -8,7 +8,7 @@ for htpasswd), so the next backend may try; `Authenticators` asks them in order.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from aiohttp import web
 
@@ -24,6 +24,15 @@ class Authenticator(Protocol):
 
     async def authenticate(self, request: web.Request, exchange: Exchange) -> Result:
         """The identity, a refusal with its challenge, or None if the request is not for us."""
+        ...
+
+
+@runtime_checkable
+class PasswordAuthenticator(Authenticator, Protocol):
+    """A backend that also checks a name and secret given apart (the browser's sign-in form)."""
+
+    async def log_in(self, exchange: Exchange, user: str, password: str) -> Result:
+        """As `authenticate`, for credentials that came without an Authorization header."""
         ...
 
 
@@ -49,6 +58,7 @@ class Authenticators:
 
     def __init__(self, backends: Sequence[Authenticator], challenge: str) -> None:
         self._backends = tuple(backends)
+        self._password_backends = tuple(b for b in backends if isinstance(b, PasswordAuthenticator))
         self.challenge = challenge
 
     async def authenticate(
@@ -59,3 +69,11 @@ class Authenticators:
             if result is not None:
                 return result
         return AuthFailure(AuthOutcome.NO_CREDENTIALS, self.challenge)
+
+    async def log_in(self, exchange: Exchange, user: str, password: str) -> Identity | AuthFailure:
+        """A name and secret from a form: the same backends, throttle and outcomes as Basic."""
+        for backend in self._password_backends:
+            result = await backend.log_in(exchange, user, password)
+            if result is not None:
+                return result
+        return AuthFailure(AuthOutcome.BAD_CREDENTIALS, self.challenge)

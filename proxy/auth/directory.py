@@ -100,6 +100,10 @@ class Directory:
             return None
         return await self._run(lambda: self._login(user, password))
 
+    async def lookup(self, user: str) -> frozenset[str] | None:
+        """The user's groups if the directory still holds the user (no password), else None."""
+        return await self._run(lambda: self._lookup(user))
+
     async def check(self) -> None:
         """Connect and bind as the service account (check-config); DirectoryUnavailable if not."""
         await self._run(lambda: _close(self._service_connection()))
@@ -168,6 +172,19 @@ class Directory:
         except ldap.LDAPError as exc:
             # A malformed filter or base from the configuration, a size limit: not this user.
             log.warning("ldap: login of a user refused: %s", _describe(exc))
+            return None
+        finally:
+            _close(connection)
+
+    def _lookup(self, user: str) -> frozenset[str] | None:
+        connection = self._service_connection()
+        try:
+            dn = self._find_user(connection, user)
+            return None if dn is None else self._groups(connection, dn, user)
+        except _UNREACHABLE as exc:
+            raise DirectoryUnavailable(_describe(exc)) from None
+        except ldap.LDAPError as exc:
+            log.warning("ldap: lookup of a user refused: %s", _describe(exc))
             return None
         finally:
             _close(connection)

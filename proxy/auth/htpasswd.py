@@ -50,11 +50,15 @@ class HtpasswdAuthenticator:
         if credentials is None:
             # Malformed: no password was checked, so nothing counts as a guess.
             return self._refuse(AuthOutcome.BAD_CREDENTIALS)
-        if self._defer_unknown and credentials[0] not in self._checker.users:
+        return await self.log_in(exchange, *credentials)
+
+    async def log_in(self, exchange: Exchange, user: str, password: str) -> Result:
+        """Check a user and password (from Basic or the browser's sign-in form)."""
+        if self._defer_unknown and user not in self._checker.users:
             return None
-        result = await self._check_password(exchange, *credentials)
+        result = await self._check_password(exchange, user, password)
         if isinstance(result, AuthFailure):
-            exchange.tried_user = credentials[0]
+            exchange.tried_user = user
         return result
 
     def _refuse(self, how: AuthOutcome, retry_after: float = 0.0) -> AuthFailure:

@@ -93,10 +93,14 @@ class LdapAuthenticator:
         credentials = parse_basic(request.headers.get("Authorization"))
         if credentials is None:
             return AuthFailure(AuthOutcome.BAD_CREDENTIALS, self.challenge)
-        result = await self._log_in(exchange, *credentials)
+        return await self.log_in(exchange, *credentials)
+
+    async def log_in(self, exchange: Exchange, user: str, password: str) -> Result:
+        """Check a user and password (from Basic or the browser's sign-in form)."""
+        result = await self._log_in(exchange, user, password)
         if isinstance(result, AuthFailure) and result.how is not AuthOutcome.UNAVAILABLE:
             # As htpasswd does: the audit line names the user of a refused login.
-            exchange.tried_user = credentials[0]
+            exchange.tried_user = user
         return result
 
     async def _log_in(self, exchange: Exchange, user: str, password: str) -> Result:

@@ -70,7 +70,10 @@ class TokenAuthenticator:
         credentials = parse_basic(request.headers.get("Authorization"))
         if credentials is None:
             return None
-        name, secret = credentials
+        return await self.log_in(exchange, *credentials)
+
+    async def log_in(self, exchange: Exchange, name: str, secret: str) -> Result:
+        """Check a token's name and secret (from Basic or the browser's sign-in form)."""
         token = self._table.tokens.get(name)
         if token is None:
             return None

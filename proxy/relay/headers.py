@@ -26,10 +26,12 @@ HOP_BY_HOP = frozenset(
 # Never passed upstream: our own credentials, the 100-continue we already answered, and
 # forwarding headers a client could spoof (the registry trusts them over Host when building
 # Location URLs: distribution registry/api/v2/urls.go).
-# X-Request-Id is replaced by ours (a trusted proxy's, when it sent a valid one).
+# X-Request-Id is replaced by ours (a trusted proxy's, when it sent a valid one). Cookies: the
+# registry reads none, and a browser's may hold the proxy's own session.
 _CLIENT_ONLY = frozenset(
-    {"authorization", "expect", "forwarded", "host", "x-real-ip", REQUEST_ID_HEADER.lower()}
-)
+    {"authorization", "cookie", "expect", "forwarded", "host", "x-real-ip",
+     REQUEST_ID_HEADER.lower()}
+)  # fmt: skip
 _FORWARDING_PREFIX = "x-forwarded-"
 
 

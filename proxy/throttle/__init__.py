@@ -1,4 +1,5 @@
-"""The password-guessing throttle: its policy, and the stores that keep its counts.
+"""The password-guessing throttle: its policy, and the stores that keep its counts (and the
+browser's signed-out sessions, shared the same way).
 
 `policy.py` takes a failure budget before each hash; `store.py` is the store interface and the
 in-process store; `supervisor.py` shares one store among the workers of a host; `redis.py`

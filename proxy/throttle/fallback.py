@@ -9,6 +9,13 @@ shared one answers: so an outage starts from what this process saw, not from not
 addresses where users logged in through it stay known, and guesses at a name during the outage
 cannot spend its rate for its owner there. Guessers get at most one extra budget per process for the
 outage, minus what this process saw them use.
+
+Revoked browser sessions (`revoke`) are written to the local store too, always. A revocation
+made while the shared store was away lives in the local store only: other proxy tasks (with
+Redis) or other hosts never learn of it, so a copy of that cookie replayed through them is taken
+until it expires. This process (and, below Redis, every worker of its host) keeps refusing it
+after the shared store is back: `is_revoked` asks the local store too whenever the shared
+one says no. That costs a lookup in memory, or with workers a call to the supervisor.
 """
 
 from __future__ import annotations
@@ -86,6 +93,15 @@ class FallbackStore:
 
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
         return await self._call(lambda store: store.recall(user, client, ttl, now))
+
+    async def revoke(self, session: str, until: float, now: float) -> None:
+        await self._call(lambda store: store.revoke(session, until, now), mirror=True)
+
+    async def is_revoked(self, session: str, now: float) -> bool:
+        if await self._call(lambda store: store.is_revoked(session, now)):
+            return True
+        # A revocation made while the shared store was away is in the local store only.
+        return self.up and await self.local.is_revoked(session, now)
 
     async def _call(
         self, call: Callable[[ThrottleStore], Awaitable[T]], *, mirror: bool = False

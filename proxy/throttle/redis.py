@@ -11,6 +11,12 @@ Known addresses are a hash per user (address -> last login) and a sorted set of 
 last login, kept by a second script within the same bounds as `MemoryStore`'s and without a
 TTL: `maxmemory-policy volatile-ttl` evicts only keys with one, so a flood of failures filling
 `maxmemory` evicts failures, never a known address. Any `allkeys-*` policy would not keep that.
+
+Revoked browser sessions are one sorted set (session id -> the time its refusal ends), also
+without a TTL for the same reason: a flood of failures must not let a signed-out cookie back
+in. Each revocation drops the ended ones and, past `MAX_REVOKED`, those that end soonest. A
+restarted Redis without persistence forgets them, as it forgets failures: a cookie signed out
+before the restart is taken again until it expires.
 """
 
 from __future__ import annotations
@@ -30,14 +36,17 @@ from proxy.config import redacted
 from proxy.throttle.store import (
     KNOWN_PER_USER,
     MAX_KNOWN_USERS,
+    MAX_REVOKED,
     RESERVATION_LEASE,
     Entry,
     StoreUnavailable,
+    check_session,
 )
 
 PREFIX = "registry-proxy:throttle:"
 KNOWN = PREFIX + "known:"
 KNOWN_USERS = PREFIX + "known-users"
+REVOKED = PREFIX + "revoked-sessions"
 # Past these, a call fails and the throttle uses the local store until Redis answers again.
 SOCKET_TIMEOUT = 0.5
 POOL_TIMEOUT = 2.0
@@ -142,6 +151,21 @@ end
 return false
 """
 
+# KEYS: the revoked sessions' set (score: when the refusal ends). ZADD GT keeps the later end
+# when a session is revoked twice.
+_REVOKED_SCRIPT = """
+local op, session, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if op == 'is_revoked' then
+  local ends = tonumber(redis.call('ZSCORE', KEYS[1], session))
+  return ends ~= nil and ends > now
+end
+-- Times go to Redis as the strings given: a Lua number would be cut to 14 digits.
+if tonumber(ARGV[4]) > now then redis.call('ZADD', KEYS[1], 'GT', ARGV[4], session) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1 - tonumber(ARGV[5]))
+return false
+"""
+
 
 class RedisStore:
     """`ThrottleStore` on one Redis database; any failure to answer is `StoreUnavailable`."""
@@ -154,9 +178,11 @@ class RedisStore:
         *,
         max_known_users: int = MAX_KNOWN_USERS,
         known_per_user: int = KNOWN_PER_USER,
+        max_revoked: int = MAX_REVOKED,
     ) -> None:
         self.url = redacted(url)
         self._known_bounds = [repr(known_per_user), repr(max_known_users)]
+        self._max_revoked = repr(max_revoked)
         pool = BlockingConnectionPool.from_url(
             url,
             # The calls' connections, and one for the ping.
@@ -173,6 +199,7 @@ class RedisStore:
         self._redis = Redis(connection_pool=pool)
         self._script = self._redis.register_script(_SCRIPT)
         self._known_script = self._redis.register_script(_KNOWN_SCRIPT)
+        self._revoked_script = self._redis.register_script(_REVOKED_SCRIPT)
         # Calls queue here for a connection: a queue of checks under load is no outage (the
         # pool's wait timing out was taken for one). Once a call has failed, those queued fail
         # at once rather than each wait out its timeout, until a ping answers.
@@ -206,6 +233,14 @@ class RedisStore:
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
         args = ["recall", repr(now), repr(ttl), client]
         return bool(await self._eval(self._known_script, [KNOWN + user, KNOWN_USERS], args))
+
+    async def revoke(self, session: str, until: float, now: float) -> None:
+        args = ["revoke", check_session(session), repr(now), repr(until), self._max_revoked]
+        await self._eval(self._revoked_script, [REVOKED], args)
+
+    async def is_revoked(self, session: str, now: float) -> bool:
+        args = ["is_revoked", check_session(session), repr(now)]
+        return bool(await self._eval(self._revoked_script, [REVOKED], args))
 
     async def ping(self) -> None:
         try:

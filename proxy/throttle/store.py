@@ -9,10 +9,15 @@ across hosts) keep the same rules as `MemoryStore`.
 Apart from those keys, `remember` and `recall` keep the addresses where each user logged in:
 only a successful login makes one, so no number of failures may push one out. They have bounds
 of their own (`KNOWN_PER_USER`, `MAX_KNOWN_USERS`), and failures have theirs (`MAX_KEYS`).
+
+`revoke` and `is_revoked` keep the browser sessions signed out before their cookies expire,
+apart from both and bounded apart (`MAX_REVOKED`): no failure evicts one either.
 """
 
 from __future__ import annotations
 
+import heapq
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,6 +29,12 @@ RESERVATION_LEASE = 600.0
 MAX_KEYS = 30_000
 MAX_KNOWN_USERS = 10_000
 KNOWN_PER_USER = 16
+# Sessions signed out before their cookie expires. Only a signed-in user can sign out, and each
+# sign-in costs a password check (throttled), so only a long-lived misuse reaches this bound
+# (about 22 MB in memory with 43-character ids).
+MAX_REVOKED = 100_000
+# What a session id may be (the browser's cookie names one): bounded, and safe in any store.
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class StoreUnavailable(Exception):
@@ -85,6 +96,22 @@ class ThrottleStore(Protocol):
         """Whether `user` logged in from `client` within `ttl` (and is still remembered)."""
         ...
 
+    async def revoke(self, session: str, until: float, now: float) -> None:
+        """Refuse `session` (an opaque id, up to 64 chars of [A-Za-z0-9_-]) until `until`
+        (wall-clock seconds)."""
+        ...
+
+    async def is_revoked(self, session: str, now: float) -> bool:
+        """Whether `session` was revoked and `until` has not passed."""
+        ...
+
+
+def check_session(session: str) -> str:
+    """`session` if it is a session id as the stores keep them; else `ValueError`."""
+    if not SESSION_ID.fullmatch(session):
+        raise ValueError(f"not a session id: {session[:80]!r}")
+    return session
+
 
 @dataclass
 class MemoryEntry(Entry):
@@ -144,9 +171,52 @@ class KnownClients:
         return at is not None and at > now - ttl
 
 
+class Revocations:
+    """Sessions refused until a time each, at most `max_sessions`: past it, the one that expires
+    soonest goes (it is the one whose replay would be refused for the least time)."""
+
+    def __init__(self, max_sessions: int) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        self._max_sessions = max_sessions
+        self._until: dict[str, float] = {}
+        # (until, session), soonest first; an entry whose session was revoked again for longer
+        # is stale: it no longer matches `_until` and is skipped when it comes up.
+        self._ends: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def revoke(self, session: str, until: float, now: float) -> None:
+        self._drop_ended(now)
+        if until <= now or self._until.get(session, now) >= until:
+            return  # over already, or revoked for as long or longer
+        self._until[session] = until
+        heapq.heappush(self._ends, (until, session))
+        while len(self._until) > self._max_sessions:
+            self._pop_soonest()
+        if len(self._ends) > 2 * len(self._until) + 16:
+            self._ends = [(end, sid) for sid, end in self._until.items()]
+            heapq.heapify(self._ends)
+
+    def is_revoked(self, session: str, now: float) -> bool:
+        until = self._until.get(session)
+        return until is not None and until > now
+
+    def _drop_ended(self, now: float) -> None:
+        while self._ends and self._ends[0][0] <= now:
+            self._pop_soonest()
+
+    def _pop_soonest(self) -> None:
+        until, session = heapq.heappop(self._ends)
+        if self._until.get(session) == until:
+            del self._until[session]
+
+
 class MemoryStore:
     """`ThrottleStore` in this process's memory, bounded to `max_keys` keys of failures and
-    blocks, and known addresses bounded apart (`KnownClients`): no failure evicts one.
+    blocks, and known addresses and revoked sessions bounded apart (`KnownClients`,
+    `Revocations`): no failure evicts one.
 
     When full, the key touched least recently goes first; keys with reservations in flight
     and blocked keys go only once no other key is left. Keys made by a reservation are over
@@ -159,12 +229,14 @@ class MemoryStore:
         *,
         max_known_users: int = MAX_KNOWN_USERS,
         known_per_user: int = KNOWN_PER_USER,
+        max_revoked: int = MAX_REVOKED,
     ) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         self._max_keys = max_keys
         self._entries: OrderedDict[str, MemoryEntry] = OrderedDict()
         self._known = KnownClients(known_per_user, max_known_users)
+        self._revoked = Revocations(max_revoked)
 
     def __len__(self) -> int:
         """The keys of failures and blocks (known addresses are kept apart)."""
@@ -175,6 +247,12 @@ class MemoryStore:
 
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
         return self._known.recall(user, client, ttl, now)
+
+    async def revoke(self, session: str, until: float, now: float) -> None:
+        self._revoked.revoke(check_session(session), until, now)
+
+    async def is_revoked(self, session: str, now: float) -> bool:
+        return self._revoked.is_revoked(check_session(session), now)
 
     async def get(self, key: str, window: float, now: float) -> Entry:
         entry = self._entries.get(key)

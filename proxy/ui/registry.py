@@ -1,0 +1,481 @@
+"""The registry API, called for a signed-in user under the API's own rules.
+
+Every page is drawn from registry API requests the user could have sent with Basic credentials:
+each is built as an API path, read back the way the gate reads a client's (`classify`), and
+authorized by the same `authorize`, read-only switch and immutable tags before it is sent. So the
+browser can do nothing the API would refuse the same user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from proxy.access.rules import RequestContext, authorize
+from proxy.access.tag_guard import TagGuard
+from proxy.exchange import REQUEST_ID_HEADER
+from proxy.gate import AccessControl
+from proxy.identity import Identity
+from proxy.paths import Action, Target, classify, is_digest
+from proxy.reading import CATALOG_MAX_N, reference_problem
+from proxy.relay.failure import UPSTREAM_ERRORS
+
+log = logging.getLogger("registry_proxy.ui")
+
+INDEX_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    }
+)
+IMAGE_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    }
+)
+MANIFEST_ACCEPT = ", ".join(sorted(INDEX_TYPES | IMAGE_TYPES))
+# The registry refuses manifests over 4 MiB; a config blob is a few KiB (history can grow it).
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
+# Registry requests one page may have in flight at once.
+PAGE_CONCURRENCY = 8
+# Catalog pages (of CATALOG_MAX_N names) one search may read before offering to go on.
+SEARCH_PAGES = 10
+# Config blobs remembered by digest (their content never changes).
+CONFIG_CACHE_SIZE = 4096
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+T = TypeVar("T")
+
+
+class Refused(Exception):
+    """The API would refuse this request to this user: `status` and why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Acting:
+    """Who a page acts for, and the request facts the registry is told (as the API forwards)."""
+
+    identity: Identity
+    client: str
+    scheme: str
+    host: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class ConfigFacts:
+    """What a page shows from an image's config blob."""
+
+    created: str | None = None
+    platform: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Layer:
+    digest: str
+    size: int | None
+    media_type: str
+
+
+@dataclass(frozen=True)
+class Child:
+    """One manifest an index lists."""
+
+    digest: str
+    platform: str
+    size: int | None
+    media_type: str
+
+
+@dataclass
+class Manifest:
+    """One manifest as the pages show it."""
+
+    digest: str
+    media_type: str
+    size: int | None = None
+    config_digest: str | None = None
+    layers: list[Layer] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
+    config: ConfigFacts = field(default_factory=ConfigFacts)
+    # Why the manifest could not be read, when it could not.
+    problem: str | None = None
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_TYPES
+
+    @property
+    def platforms(self) -> list[str]:
+        if not self.is_index:
+            return [self.config.platform] if self.config.platform else []
+        return [child.platform for child in self.children if child.platform != "unknown/unknown"]
+
+
+@dataclass(frozen=True)
+class RepositoryPage:
+    names: list[str]
+    # Where the next page starts (the last name read), or None at the end.
+    after: str | None
+    # A search that read SEARCH_PAGES catalog pages and stopped there.
+    searched_to: str | None = None
+
+
+@dataclass(frozen=True)
+class TagPage:
+    rows: list[tuple[str, Manifest]]
+    after: str | None
+    total: int
+
+
+def api_path(action: Action, repository: str = "", reference: str = "") -> str:
+    """The API path for a target; Refused (400) unless the gate reads it back the same."""
+    if action is Action.CATALOG:
+        return "/v2/_catalog"
+    suffix = {
+        Action.TAGS: "/tags/list",
+        Action.MANIFEST: f"/manifests/{reference}",
+        Action.BLOB: f"/blobs/{reference}",
+    }[action]
+    path = f"/v2/{repository}{suffix}"
+    expected = Target(action, repository, reference or None)
+    if classify(path) != expected or reference_problem(expected) is not None:
+        raise Refused(400, "not a repository name and reference the registry reads one way")
+    return path
+
+
+def _platform(value: object) -> str:
+    if not isinstance(value, dict):
+        return "unknown/unknown"
+    parts = [str(value.get("os") or "unknown"), str(value.get("architecture") or "unknown")]
+    if value.get("variant"):
+        parts.append(str(value["variant"]))
+    return "/".join(parts)
+
+
+def _size(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _strings(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def read_config(body: bytes) -> ConfigFacts:
+    """Created time, platform and labels of an image config (OCI or Docker), as far as present."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return ConfigFacts()
+    if not isinstance(document, dict):
+        return ConfigFacts()
+    inner = document.get("config")
+    labels = _strings(inner.get("Labels")) if isinstance(inner, dict) else {}
+    created = document.get("created")
+    has_platform = "os" in document or "architecture" in document
+    return ConfigFacts(
+        str(created) if isinstance(created, str) else None,
+        _platform(document) if has_platform else None,
+        labels,
+    )
+
+
+def read_manifest(digest: str, media_type: str, body: bytes) -> Manifest:
+    """The parts of a manifest the pages show; `problem` says why when it is not one."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        return Manifest(digest, media_type, problem="not a JSON manifest")
+    media_type = str(document.get("mediaType") or media_type)
+    manifest = Manifest(digest, media_type, annotations=_strings(document.get("annotations")))
+    if media_type in INDEX_TYPES:
+        for entry in document.get("manifests") or []:
+            if isinstance(entry, dict):
+                manifest.children.append(
+                    Child(
+                        str(entry.get("digest", "")),
+                        _platform(entry.get("platform")),
+                        _size(entry.get("size")),
+                        str(entry.get("mediaType", "")),
+                    )
+                )
+        return manifest
+    config = document.get("config")
+    if isinstance(config, dict):
+        manifest.config_digest = str(config.get("digest", "")) or None
+    total = _size(config.get("size")) if isinstance(config, dict) else None
+    for entry in document.get("layers") or []:
+        if isinstance(entry, dict):
+            digest, media_type = str(entry.get("digest", "")), str(entry.get("mediaType", ""))
+            layer = Layer(digest, _size(entry.get("size")), media_type)
+            manifest.layers.append(layer)
+            total = None if total is None or layer.size is None else total + layer.size
+    manifest.size = total
+    return manifest
+
+
+class ConfigCache:
+    """Config facts by digest: content under a digest never changes, so entries never go stale."""
+
+    def __init__(self, size: int = CONFIG_CACHE_SIZE) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, ConfigFacts] = OrderedDict()
+
+    def get(self, digest: str) -> ConfigFacts | None:
+        facts = self._entries.get(digest)
+        if facts is not None:
+            self._entries.move_to_end(digest)
+        return facts
+
+    def put(self, digest: str, facts: ConfigFacts) -> None:
+        self._entries[digest] = facts
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+async def _bounded(calls: Iterable[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(call: Callable[[], Awaitable[T]]) -> T:
+        async with semaphore:
+            return await call()
+
+    return await asyncio.gather(*(run(call) for call in calls))
+
+
+class Registry:
+    """Registry reads and deletes for the pages, each authorized as the API would authorize it."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        upstream: URL,
+        access: AccessControl,
+        guard: TagGuard,
+        configs: ConfigCache | None = None,
+    ) -> None:
+        self._session = session
+        self._base = str(upstream.origin())
+        self._access = access
+        self._guard = guard
+        self._configs = configs if configs is not None else ConfigCache()
+
+    @property
+    def read_only(self) -> bool:
+        return self._access.read_only
+
+    def refusal(self, who: Acting, method: str, path: str) -> str | None:
+        """Why the API would refuse `method path` to this user, or None."""
+        if self._access.read_only and method in _WRITES:
+            return "the registry is read-only"
+        target = classify(path)
+        context = RequestContext(who.identity, method, target, client=who.client)
+        decision = authorize(self._access.policy, context)
+        return None if decision.allowed else decision.reason
+
+    def may(self, who: Acting, method: str, path: str) -> bool:
+        return self.refusal(who, method, path) is None
+
+    def may_delete(self, who: Acting, repository: str, reference: str) -> bool:
+        """Whether to offer a delete: the right, and no immutable tag named by `reference`."""
+        path = api_path(Action.MANIFEST, repository, reference)
+        immutable = self._access.immutable
+        fixed = (
+            not is_digest(reference)
+            and immutable.covers(repository)
+            and immutable.fixed(repository, reference)
+        )
+        return not fixed and self.may(who, "DELETE", path)
+
+    def _check(self, who: Acting, method: str, path: str) -> None:
+        reason = self.refusal(who, method, path)
+        if reason is not None:
+            # The API's statuses: 405 for a write while read-only, else 403.
+            read_only = self._access.read_only and method in _WRITES
+            raise Refused(405 if read_only else 403, reason)
+
+    def _headers(self, who: Acting, accept: str | None = None) -> dict[str, str]:
+        headers = {
+            "Host": who.host,
+            "X-Forwarded-Proto": who.scheme,
+            REQUEST_ID_HEADER: who.request_id,
+        }
+        if who.client:
+            headers["X-Forwarded-For"] = who.client
+        if accept:
+            headers["Accept"] = accept
+        return headers
+
+    async def _get(
+        self, who: Acting, path: str, query: str = "", *, accept: str | None = None, limit: int
+    ) -> tuple[int, str, str, bytes]:
+        """GET an authorized path: status, content type, digest header and body (bounded)."""
+        self._check(who, "GET", path)
+        url = URL(self._base + path + (f"?{query}" if query else ""), encoded=True)
+        try:
+            async with self._session.get(
+                url, headers=self._headers(who, accept), max_redirects=3
+            ) as response:
+                if response.content_length is not None and response.content_length > limit:
+                    raise Refused(502, f"the registry's answer is larger than {limit} bytes")
+                body = await response.content.read(limit + 1)
+                if len(body) > limit:
+                    raise Refused(502, f"the registry's answer is larger than {limit} bytes")
+                return (
+                    response.status,
+                    response.headers.get("Content-Type", "").partition(";")[0].strip(),
+                    response.headers.get("Docker-Content-Digest", ""),
+                    body,
+                )
+        except UPSTREAM_ERRORS as exc:
+            log.warning("ui: registry request %s failed: %s", path, exc)
+            raise Refused(502, "the registry did not answer") from None
+
+    async def repositories(
+        self, who: Acting, search: str, after: str | None, count: int
+    ) -> RepositoryPage:
+        """Up to `count` repositories the user may pull, after `after`, whose name has `search`."""
+        path = api_path(Action.CATALOG)
+        self._check(who, "GET", path)
+        context = RequestContext(who.identity, "GET", Target(Action.CATALOG), client=who.client)
+        policy = self._access.policy
+        shown: list[str] = []
+        cursor = after
+        pages = SEARCH_PAGES if search else 2
+        for _ in range(pages):
+            query = f"n={CATALOG_MAX_N}" + (f"&last={quote(cursor, safe='')}" if cursor else "")
+            status, _, _, body = await self._get(who, path, query, limit=MAX_MANIFEST_BYTES)
+            names = _catalog_names(status, body)
+            for index, name in enumerate(names):
+                if search in name and policy.may_pull(context, name):
+                    shown.append(name)
+                    if len(shown) == count:
+                        more = index + 1 < len(names) or len(names) == CATALOG_MAX_N
+                        return RepositoryPage(shown, name if more else None)
+            if len(names) < CATALOG_MAX_N:
+                return RepositoryPage(shown, None)
+            cursor = names[-1]
+        return RepositoryPage(shown, None, searched_to=cursor)
+
+    async def tags(self, who: Acting, repository: str, after: str | None, count: int) -> TagPage:
+        """A page of tags with what each points to (only this page's manifests are read)."""
+        path = api_path(Action.TAGS, repository)
+        status, _, _, body = await self._get(who, path, limit=MAX_MANIFEST_BYTES)
+        if status == 404:
+            raise Refused(404, f"no repository {repository}")
+        if status != 200:
+            raise Refused(502, f"the registry answered {status} for the tags of {repository}")
+        try:
+            listed = json.loads(body).get("tags") or []
+        except (ValueError, AttributeError):
+            raise Refused(502, "the registry's tag list is not one") from None
+        names = sorted(str(tag) for tag in listed)
+        start = 0
+        if after is not None:
+            start = next((i for i, name in enumerate(names) if name > after), len(names))
+        page = names[start : start + count]
+        manifests = await _bounded(
+            [lambda tag=tag: self.manifest(who, repository, tag) for tag in page],  # type: ignore[misc]
+            PAGE_CONCURRENCY,
+        )
+        more = start + count < len(names)
+        rows = list(zip(page, manifests, strict=True))
+        return TagPage(rows, page[-1] if more else None, len(names))
+
+    async def manifest(self, who: Acting, repository: str, reference: str) -> Manifest:
+        """One manifest, with its config's facts for an image."""
+        path = api_path(Action.MANIFEST, repository, reference)
+        status, media_type, digest, body = await self._get(
+            who, path, accept=MANIFEST_ACCEPT, limit=MAX_MANIFEST_BYTES
+        )
+        if status == 404:
+            return Manifest(digest, media_type, problem="not found")
+        if status != 200:
+            return Manifest(digest, media_type, problem=f"the registry answered {status}")
+        known = digest or (reference if is_digest(reference) else "")
+        manifest = read_manifest(known, media_type, body)
+        if manifest.config_digest and is_digest(manifest.config_digest):
+            manifest.config = await self._config(who, repository, manifest.config_digest)
+        return manifest
+
+    async def _config(self, who: Acting, repository: str, digest: str) -> ConfigFacts:
+        path = api_path(Action.BLOB, repository, digest)
+        # Authorized every time, cached or not: the cache holds content, not rights.
+        self._check(who, "GET", path)
+        cached = self._configs.get(digest)
+        if cached is not None:
+            return cached
+        try:
+            status, _, _, body = await self._get(who, path, limit=MAX_CONFIG_BYTES)
+        except Refused:
+            return ConfigFacts()
+        if status != 200:
+            return ConfigFacts()
+        facts = read_config(body)
+        self._configs.put(digest, facts)
+        return facts
+
+    async def delete(self, who: Acting, repository: str, reference: str) -> str:
+        """Delete a tag or a manifest as the API would; Refused says why not. The digest deleted."""
+        path = api_path(Action.MANIFEST, repository, reference)
+        self._check(who, "DELETE", path)
+        refusal = await self._guard.delete_refusal(repository, reference, self._access.immutable)
+        if refusal is not None:
+            raise Refused(503 if refusal.unconfirmed else 403, refusal.reason)
+        url = URL(self._base + path, encoded=True)
+        try:
+            async with self._session.delete(
+                url, headers=self._headers(who), allow_redirects=False
+            ) as response:
+                body = await response.content.read(64 * 1024)
+                if response.status != 202:
+                    raise Refused(response.status, _registry_message(response.status, body))
+                return response.headers.get("Docker-Content-Digest", reference)
+        except UPSTREAM_ERRORS as exc:
+            log.warning("ui: registry delete %s failed: %s", path, exc)
+            raise Refused(502, "the registry did not answer") from None
+
+
+def _catalog_names(status: int, body: bytes) -> list[str]:
+    if status != 200:
+        raise Refused(502, f"the registry answered {status} for its catalog")
+    try:
+        names: Any = json.loads(body).get("repositories")
+    except (ValueError, AttributeError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise Refused(502, "the registry's catalog is not one")
+    return names
+
+
+def _registry_message(status: int, body: bytes) -> str:
+    """The registry's own error message, for the page."""
+    try:
+        errors = json.loads(body).get("errors") or []
+        message = str(errors[0].get("message") or errors[0].get("code"))
+    except (ValueError, AttributeError, IndexError, TypeError):
+        message = ""
+    return f"the registry refused ({status}{': ' + message if message else ''})"

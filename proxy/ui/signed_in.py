@@ -1,0 +1,104 @@
+"""Who a session stands for now: the user table, the tokens and the directory, asked every request.
+
+A session names who signed in, not what they may do: rights come from the rules in force, so a
+lost right applies at once. The session ends when its user leaves the htpasswd file or gets a
+new password, when its token expires or is revoked, or when the directory no longer holds its user
+(asked at most every `auth_cache_ttl`, as Basic logins are cached).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from proxy.auth.directory import Directory
+from proxy.auth.tokens import TokenTable
+from proxy.identity import ANONYMOUS_GROUP, AuthOutcome, Identity
+from proxy.ui.session import Kind, Session, SessionSigner
+
+# Directory users remembered between lookups (a bound, as every cache here has).
+DIRECTORY_CACHE_SIZE = 10_000
+
+
+class SignedIn:
+    """Resolves sessions to identities, and says which kind of session a login makes."""
+
+    def __init__(
+        self,
+        signer: SessionSigner,
+        users: Callable[[], Mapping[str, str]],
+        tokens: TokenTable,
+        directory: Directory | None,
+        directory_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._signer = signer
+        self._users = users
+        self._tokens = tokens
+        self._directory = directory
+        self._ttl = directory_ttl
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._looked_up: OrderedDict[str, tuple[float, frozenset[str] | None]] = OrderedDict()
+
+    def kind_of(self, identity: Identity) -> tuple[Kind, str, str]:
+        """How to remember a fresh login: its kind, the name to keep, and its binding."""
+        if identity.scope is not None:
+            return Kind.TOKEN, identity.scope.token, ""
+        assert identity.name is not None
+        stored = self._users().get(identity.name)
+        if stored is not None:
+            return Kind.PASSWORD, identity.name, self._signer.binding(stored)
+        self._remember(identity.name, identity.groups)
+        return Kind.DIRECTORY, identity.name, ""
+
+    async def identity(self, session: Session) -> Identity | None:
+        """The identity the session stands for now, or None if it no longer stands for one.
+
+        Raises DirectoryUnavailable when a directory user's lookup is due and gets no answer.
+        """
+        users = self._users()
+        if session.kind is Kind.PASSWORD:
+            stored = users.get(session.name)
+            if stored is None or self._signer.binding(stored) != session.binding:
+                return None
+            return Identity.user(session.name, AuthOutcome.CACHED)
+        if session.kind is Kind.TOKEN:
+            return self._token_identity(session.name, users)
+        if self._directory is None or session.name in users:
+            return None
+        groups = await self._groups(session.name, self._directory)
+        if groups is None:
+            return None
+        return Identity(session.name, AuthOutcome.CACHED, groups)
+
+    def _token_identity(self, name: str, users: Mapping[str, str]) -> Identity | None:
+        token = self._tokens.tokens.get(name)
+        if (
+            token is None
+            or token.revoked is not None
+            or token.expired(self._wall_clock())
+            or token.owner not in users
+        ):
+            return None
+        return Identity(token.owner, AuthOutcome.CACHED, scope=self._tokens.scope(name))
+
+    async def _groups(self, user: str, directory: Directory) -> frozenset[str] | None:
+        entry = self._looked_up.get(user)
+        if entry is not None and entry[0] > self._clock():
+            self._looked_up.move_to_end(user)
+            return entry[1]
+        groups = await directory.lookup(user)
+        self._remember(user, groups)
+        return groups
+
+    def _remember(self, user: str, groups: frozenset[str] | None) -> None:
+        if groups is not None:
+            # `@anonymous` means a request without credentials: no directory group may claim it.
+            groups = groups - {ANONYMOUS_GROUP}
+        self._looked_up[user] = (self._clock() + self._ttl, groups)
+        self._looked_up.move_to_end(user)
+        while len(self._looked_up) > DIRECTORY_CACHE_SIZE:
+            self._looked_up.popitem(last=False)
