@@ -224,6 +224,20 @@ def test_labels_and_annotations_are_shown_escaped(site: Proxy) -> None:
     assert 'id="layers"' in page
 
 
+def test_a_large_manifest_is_read_whole(site: Proxy) -> None:
+    """Guards reading the registry's answer with one read: a manifest of several hundred KiB
+    arrives in many pieces, and the first is no manifest."""
+    notes = {f"org.example.note.{n}": "x" * 1000 for n in range(400)}
+    alice = basic_auth("alice", "alice-pw")
+    push_labelled(site.url, "team/large", "v1", alice, annotations=notes)
+    status, _, page = signed_in(site, "bob").request(
+        "/ui/manifest?repository=team/large&reference=v1"
+    )
+    assert status == 200, page
+    assert "org.example.note.399" in page
+    assert "not a JSON manifest" not in page
+
+
 def test_delete_is_offered_only_with_the_right_and_never_for_an_immutable_tag(
     site: Proxy,
 ) -> None:

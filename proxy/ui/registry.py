@@ -28,6 +28,7 @@ from proxy.identity import Identity
 from proxy.paths import Action, Target, classify, is_digest
 from proxy.reading import CATALOG_MAX_N, reference_problem
 from proxy.relay.failure import UPSTREAM_ERRORS
+from proxy.ui.forms import read_at_most
 
 log = logging.getLogger("registry_proxy.ui")
 
@@ -341,8 +342,8 @@ class Registry:
             ) as response:
                 if response.content_length is not None and response.content_length > limit:
                     raise Refused(502, f"the registry's answer is larger than {limit} bytes")
-                body = await response.content.read(limit + 1)
-                if len(body) > limit:
+                body = await read_at_most(response.content, limit)
+                if body is None:
                     raise Refused(502, f"the registry's answer is larger than {limit} bytes")
                 return (
                     response.status,
@@ -450,7 +451,7 @@ class Registry:
             async with self._session.delete(
                 url, headers=self._headers(who), allow_redirects=False
             ) as response:
-                body = await response.content.read(64 * 1024)
+                body = await read_at_most(response.content, 64 * 1024) or b""
                 if response.status != 202:
                     raise Refused(response.status, _registry_message(response.status, body))
                 return response.headers.get("Docker-Content-Digest", reference)

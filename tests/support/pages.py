@@ -25,6 +25,7 @@ def push_labelled(
     headers: dict[str, str],
     labels: dict[str, str] | None = None,
     created: str = "2026-11-30T12:34:56Z",
+    annotations: dict[str, str] | None = None,
 ) -> str:
     """Push an image whose config carries `labels` and a created time; its manifest's digest."""
     layer = tar_gz({"file.txt": f"{repo}:{tag}".encode()})
@@ -53,7 +54,7 @@ def push_labelled(
                     "size": len(layer),
                 }
             ],
-            "annotations": ANNOTATIONS,
+            "annotations": ANNOTATIONS if annotations is None else annotations,
         }
     ).encode()
     put = {**headers, "Content-Type": OCI_MANIFEST}
