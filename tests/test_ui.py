@@ -180,7 +180,7 @@ def test_each_user_sees_only_repositories_they_may_pull(site: Proxy) -> None:
     seen = listed_repositories(page)
     assert {"team/app", "team/lib"} <= set(seen)
     assert all(name.startswith("team/") for name in seen)
-    _, _, page = bob.request("/ui/?q=lib")
+    _, _, page = bob.request("/ui/?q=LIB")
     assert "team/lib" in listed_repositories(page)
     assert all("lib" in name for name in listed_repositories(page))
     status, _, page = bob.request("/ui/tags?repository=other/secret")
@@ -247,6 +247,9 @@ def test_delete_is_offered_only_with_the_right_and_never_for_an_immutable_tag(
     _, _, page = signed_in(site, "alice").request("/ui/tags?repository=team/lib")
     forms = re.findall(r'name="reference" value="([^"]+)"', page)
     assert forms == ["edge"]
+    # Opened through the immutable tag, its manifest is not offered for deletion either.
+    _, _, page = signed_in(site, "alice").request("/ui/manifest?repository=team/lib&reference=1.0")
+    assert 'class="delete"' not in page
 
 
 def last_record(site: Proxy, matches: Callable[[dict[str, object]], bool]) -> dict[str, object]:
