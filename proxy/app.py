@@ -361,6 +361,19 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
 
 
 @web.middleware
+async def _count_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The browser's pages are requests in progress too: a drain waits for them."""
+    if handler is handle or request.match_info.http_exception is not None:
+        return await handler(request)
+    state = request.app[STATE]
+    state.enter()
+    try:
+        return await handler(request)
+    finally:
+        state.leave()
+
+
+@web.middleware
 async def _unrouted(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A target no route takes (asterisk-form `OPTIONS *`) meets the gate too, not aiohttp's 404."""
     if request.match_info.http_exception is not None:
@@ -391,7 +404,7 @@ def create_app(
     """The public application; a worker passes its supervisor's throttle store socket."""
     app = web.Application(
         handler_args=HANDLER_ARGS,
-        middlewares=[_log_failures, _unrouted],
+        middlewares=[_log_failures, _unrouted, _count_pages],
     )
     metrics = Metrics()
     checker = CredentialChecker(

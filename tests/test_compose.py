@@ -25,6 +25,7 @@ import re
 import secrets
 import shlex
 import shutil
+import ssl
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +42,7 @@ from tests.support import (
     REGISTRY_BIN,
     RootPodman,
     build_stand_in_base,
+    call,
     free_port,
     htpasswd,
     wait_until,
@@ -54,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yml"
 EDGE = DEPLOY / "compose.edge.yml"
-SECRET_FILES = ("htpasswd", "tls.crt", "tls.key", "registry_http_secret")
+SECRET_FILES = ("htpasswd", "tls.crt", "tls.key", "registry_http_secret", "ui-session.key")
 # The busybox `wget -q -O /dev/null URL` the registry image's healthcheck runs.
 WGET = """#!/usr/bin/python3
 import sys, urllib.request
@@ -140,16 +142,26 @@ def test_secrets_come_from_files_and_reach_the_settings_that_read_them(
         "tls_cert": str(DEPLOY / "secrets" / "tls.crt"),
         "tls_key": str(DEPLOY / "secrets" / "tls.key"),
         "registry_http_secret": str(DEPLOY / "secrets" / "registry_http_secret"),
+        "ui_session_key": str(DEPLOY / "secrets" / "ui-session.key"),
     }
     elsewhere = compose_config(SECRETS_DIR="/etc/registry-proxy/secrets")["secrets"]
     assert {e["file"] for e in elsewhere.values()} == {
         f"/etc/registry-proxy/secrets/{name}" for name in SECRET_FILES
     }
     proxy, registry = config["services"]["proxy"], config["services"]["registry"]
-    assert [s["source"] for s in proxy["secrets"]] == ["htpasswd", "tls_cert", "tls_key"]
+    assert [s["source"] for s in proxy["secrets"]] == [
+        "htpasswd",
+        "tls_cert",
+        "tls_key",
+        "ui_session_key",
+    ]
     assert [s["source"] for s in registry["secrets"]] == ["registry_http_secret"]
     assert proxy["environment"]["PROXY_TLS_CERT"] == "/run/secrets/tls_cert"
     assert proxy["environment"]["PROXY_TLS_KEY"] == "/run/secrets/tls_key"
+    # The browser is on, its session key from a secret file.
+    (key,) = [s for s in proxy["secrets"] if s["source"] == "ui_session_key"]
+    assert proxy["environment"]["PROXY_UI"] == "true"
+    assert proxy["environment"]["PROXY_UI_SESSION_KEY_FILE"] == f"/run/secrets/{key['target']}"
     assert yaml.safe_load((DEPLOY / "proxy.yml").read_text())["htpasswd"] == "/run/secrets/htpasswd"
     assert "cat /run/secrets/registry_http_secret" in registry["command"][0]
     for service in config["services"].values():
@@ -244,7 +256,7 @@ def registry_stand_in(
 
 
 def write_secrets(directory: Path, ca: trustme.CA, users: Mapping[str, str]) -> None:
-    """The four secret files, as docs/deployment.md has the operator make them."""
+    """The five secret files, as docs/deployment.md has the operator make them."""
     directory.mkdir()
     for user, password in users.items():
         htpasswd(directory / "htpasswd", "-B", user=user, password=password)
@@ -252,8 +264,9 @@ def write_secrets(directory: Path, ca: trustme.CA, users: Mapping[str, str]) -> 
     certificate.private_key_pem.write_to_path(str(directory / "tls.key"))
     certificate.cert_chain_pems[0].write_to_path(str(directory / "tls.crt"))
     (directory / "registry_http_secret").write_text(secrets.token_hex(32))
+    (directory / "ui-session.key").write_text(secrets.token_urlsafe(32))
     # The proxy runs as uid 10001: that group reads its files, nobody else does.
-    for name in ("htpasswd", "tls.key"):
+    for name in ("htpasswd", "tls.key", "ui-session.key"):
         os.chown(directory / name, 0, 10001)
         (directory / name).chmod(0o640)
 
@@ -267,9 +280,9 @@ def test_podman_compose_runs_it_and_skopeo_pushes_and_pulls_over_tls(
     report_figure: Callable[[str, str], None],
 ) -> None:
     """Guards compose.yml end to end: the proxy built from the Dockerfile as the file says, its
-    secrets mounted as files (TLS key, htpasswd), the registry reading its http secret and
-    reachable by service name only, both healthchecks passing, a push and a pull through the
-    published port over TLS."""
+    secrets mounted as files (TLS key, htpasswd, the browser's session key), the registry reading
+    its http secret and reachable by service name only, both healthchecks passing, a push and a
+    pull through the published port over TLS, and the browser's sign-in page."""
     registry_image, base = registry_stand_in
     ca = trustme.CA()
     write_secrets(tmp_path / "secrets", ca, {"alice": users["alice"]})
@@ -366,7 +379,7 @@ def test_podman_compose_runs_it_and_skopeo_pushes_and_pulls_over_tls(
         assert proxy["Config"]["User"] == "10001:10001"
         assert proxy["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
         mounts = {m["Destination"]: m for m in proxy["Mounts"]}
-        for secret in ("htpasswd", "tls_cert", "tls_key"):
+        for secret in ("htpasswd", "tls_cert", "tls_key", "ui-session-key"):
             assert not mounts[f"/run/secrets/{secret}"]["RW"], secret
 
         certs = tmp_path / "certs"
@@ -395,6 +408,10 @@ def test_podman_compose_runs_it_and_skopeo_pushes_and_pulls_over_tls(
         for digest in digests:
             pulled = tmp_path / "pulled" / "blobs" / "sha256" / digest.split(":")[1]
             assert f"sha256:{hashlib.sha256(pulled.read_bytes()).hexdigest()}" == digest
+        # The browser answers over TLS, its cookies marked Secure (it read its key file).
+        trusted = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        status, headers, _ = call(f"https://127.0.0.1:{port}/ui/login", context=trusted)
+        assert status == 200 and "secure" in headers["Set-Cookie"].lower(), logs("proxy")
         report_figure("compose test", f"podman-compose up, push and pull through {target}")
     finally:
         compose("down", "-v", timeout=180)

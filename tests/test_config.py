@@ -299,6 +299,16 @@ def parity_case(tmp_path: Path, case: str) -> tuple[dict[str, str], str]:
         config = write(tmp_path, f"realm: r\nhtpasswd: {tmp_path / 'gone'}\n")
         env["PROXY_CONFIG"] = str(config)
         return env, f"proxy.yml:2: htpasswd: {tmp_path / 'gone'}: cannot read"
+    if case == "ui without a session key":
+        env["PROXY_UI"] = "true"
+        return env, "environment PROXY_UI: ui_session_key_file: not set"
+    if case == "ui session key too short":
+        (tmp_path / "ui.key").write_text("short\n")
+        env |= {"PROXY_UI": "true", "PROXY_UI_SESSION_KEY_FILE": str(tmp_path / "ui.key")}
+        return env, "PROXY_UI_SESSION_KEY_FILE: ui_session_key_file: "
+    if case == "ui session key unreadable":
+        env |= {"PROXY_UI": "true", "PROXY_UI_SESSION_KEY_FILE": str(tmp_path / "no.key")}
+        return env, "no.key: No such file or directory"
     assert case == "no htpasswd at all"
     del env["PROXY_HTPASSWD"]
     return env, "set the environment variable PROXY_HTPASSWD"
@@ -314,6 +324,9 @@ def parity_case(tmp_path: Path, case: str) -> tuple[dict[str, str], str]:
         "listen on the default admin_listen",
         "htpasswd missing, from the environment",
         "htpasswd missing, from the file",
+        "ui without a session key",
+        "ui session key too short",
+        "ui session key unreadable",
         "no htpasswd at all",
     ],
 )

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import http.cookiejar
 import os
+import re
 import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +65,19 @@ class Demo:
             if "user: demo" in line and "password: " in line:
                 return line.split("password: ", 1)[1].strip()
         raise AssertionError(f"no password printed:\n{self.text()}")
+
+
+def browser_sign_in(base: str, user: str, password: str) -> tuple[str, str]:
+    """Sign in with the browser's form as a browser would: where it lands, and that page."""
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    )
+    with opener.open(base + "/ui/login", timeout=30) as response:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', response.read().decode())
+    assert csrf, "no sign-in form"
+    form = {"csrf": csrf[1], "username": user, "password": password}
+    with opener.open(base + "/ui/login", urllib.parse.urlencode(form).encode(), 30) as response:
+        return urllib.parse.urlsplit(response.geturl()).path, response.read().decode()
 
 
 # Exec the demo with SIGINT ignored, as `scripts/demo &` in a non-interactive shell starts it.
@@ -134,7 +151,8 @@ def test_a_signal_to_the_demo_stops_both_servers_and_frees_the_ports(
 def test_the_demo_password_file_is_private_and_its_image_pushes(
     tmp_path: Path, demos: list[Demo]
 ) -> None:
-    """Guards a world-readable .demo/htpasswd and an `oci:IMAGE-DIR` hint with no image."""
+    """Guards a world-readable .demo/htpasswd (or session key), an `oci:IMAGE-DIR` hint with no
+    image, and a browser the banner points at that is off or refuses the demo's password."""
     demo = start_demo(tmp_path)
     demos.append(demo)
     wait_until(lambda: "Stop with Ctrl-C" in demo.text(), "the demo's banner", DEMO_DEADLINE)
@@ -157,6 +175,11 @@ def test_the_demo_password_file_is_private_and_its_image_pushes(
     )  # fmt: skip
     assert status == 200
     assert "podman pull --tls-verify=false" in demo.text()
+    # The browser is on, at the address the banner prints, and the demo's password signs in.
+    assert f"browser:   {proxy}/ui/" in demo.text()
+    assert stat.S_IMODE((demo.state / "ui-session.key").stat().st_mode) == 0o600
+    landed, page = browser_sign_in(proxy, "demo", demo.password())
+    assert landed == "/ui/" and ">demo/hello</a>" in page
 
 
 @pytest.mark.parametrize("taken", ["DEMO_REGISTRY_PORT", "DEMO_PROXY_PORT", "DEMO_ADMIN_PORT"])
@@ -232,8 +255,8 @@ def test_install_deps_runs_pip_only_when_something_changed(checkout: Path) -> No
 
 
 def test_a_second_start_keeps_the_first_starts_password(tmp_path: Path, demos: list[Demo]) -> None:
-    """Guards a new password on every start: the login a client stored on the first run
-    (docker login) failed on the next one."""
+    """Guards a new password (or browser session key) on every start: the login a client stored
+    on the first run (docker login, a browser's session) failed on the next one."""
 
     def started(demo: Demo) -> bool:
         if demo.popen.poll() is not None:
@@ -244,6 +267,7 @@ def test_a_second_start_keeps_the_first_starts_password(tmp_path: Path, demos: l
     demos.append(first)
     wait_until(lambda: started(first), "the first demo's banner", DEMO_DEADLINE)
     password = first.password()
+    key = (first.state / "ui-session.key").read_bytes()
     first.popen.send_signal(signal.SIGTERM)
     first.popen.wait(30)
 
@@ -252,6 +276,8 @@ def test_a_second_start_keeps_the_first_starts_password(tmp_path: Path, demos: l
     wait_until(lambda: started(second), "the second demo's banner", DEMO_DEADLINE)
     assert second.password() == password
     assert stat.S_IMODE((second.state / "password").stat().st_mode) == 0o600
+    # The browser's session key too: a browser signed in on the first run stays signed in.
+    assert (second.state / "ui-session.key").read_bytes() == key
     proxy = f"http://127.0.0.1:{second.ports['DEMO_PROXY_PORT']}"
     auth = base64.b64encode(f"demo:{password}".encode()).decode()
     assert call(proxy + "/v2/", headers={"Authorization": "Basic " + auth})[0] == 200

@@ -781,6 +781,23 @@ def test_proxy_service() -> None:
     assert {"interval", "timeout", "retries"} <= set(healthcheck)
 
 
+def test_the_stack_turns_the_browser_on_with_its_key_from_a_secret() -> None:
+    """Guards the browser off in the stack, or its session key in a file of the repository, one
+    other users could read, or a secret the Swarm guide never says to create."""
+    proxy = service("proxy")
+    environment = proxy["environment"]
+    key_file = secret_path("proxy", "ui_session_key")
+    assert environment["PROXY_UI_SESSION_KEY_FILE"] == key_file
+    config = load_config(None, {**environment, "PROXY_HTPASSWD": "x"})
+    assert config.ui and str(config.ui_session_key_file) == key_file
+    uid = final_stage().last("USER").args.split(":")[0]
+    (entry,) = [s for s in proxy["secrets"] if s["source"] == "ui_session_key"]
+    assert entry["uid"] == uid and entry["mode"] == 0o400, entry
+    secret = stack()["secrets"]["ui_session_key"]
+    assert secret["external"] is True
+    assert f"docker secret create {secret['name']}" in (ROOT / "docs" / "swarm.md").read_text()
+
+
 def test_stack_networks_connect_what_talks() -> None:
     def networks(name: str) -> set[str]:
         return set(service(name).get("networks", {}))

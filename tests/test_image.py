@@ -592,10 +592,19 @@ def test_image_holds_no_compilers_caches_sources_tests_or_secrets(
 
 
 def test_image_installs_every_module_of_the_package(image_root: Path) -> None:
-    """Guards pyproject's package list: a subpackage left out passes every editable test only."""
+    """Guards pyproject's package list and package data: a subpackage or template left out
+    passes every editable test only."""
     site_package = image_root / "opt/registry-proxy/lib/python3.11/site-packages/proxy"
-    installed = {str(path.relative_to(site_package)) for path in site_package.rglob("*.py")}
-    sources = {str(path.relative_to(ROOT / "proxy")) for path in (ROOT / "proxy").rglob("*.py")}
+    shipped = ("*.py", "*.html", "*.css", "*.js")
+    installed = {
+        str(path.relative_to(site_package)) for kind in shipped for path in site_package.rglob(kind)
+    }
+    sources = {
+        str(path.relative_to(ROOT / "proxy"))
+        for kind in shipped
+        for path in (ROOT / "proxy").rglob(kind)
+    }
+    # The browser's templates and static files are package data: left out, only the image fails.
     assert sorted(sources - installed) == []
 
 

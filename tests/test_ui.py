@@ -7,32 +7,29 @@ in a real Chromium are tested in tests/test_ui_browser.py.
 from __future__ import annotations
 
 import base64
-import gzip
 import html
-import http.client
 import json
 import re
 import secrets
-from collections.abc import Iterator
-from email.message import Message as HTTPMessage
-from http.cookies import SimpleCookie
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import quote, urlsplit
 
 import pytest
 
 from tests.support import (
     OCI_MANIFEST,
+    PageClient,
     Proxy,
     RedisServer,
     Registry,
     access_records,
     basic_auth,
     call,
+    fetch,
     htpasswd,
-    push_blob,
-    sha256,
-    tar_gz,
+    listed_repositories,
+    push_labelled,
+    signed_in,
     wait_until,
 )
 
@@ -50,115 +47,6 @@ HOSTILE = {
     "org.example.img": "<img src=x onerror=alert(1)>",
     '"><svg onload=alert(2)>': "quote-breaker",
 }
-ANNOTATIONS = {"org.opencontainers.image.description": "<b>bold</b> & 'quoted'"}
-
-
-def push_labelled(
-    base: str,
-    repo: str,
-    tag: str,
-    headers: dict[str, str],
-    labels: dict[str, str] | None = None,
-    created: str = "2026-11-30T12:34:56Z",
-) -> str:
-    """Push an image whose config carries `labels` and a created time; its manifest's digest."""
-    layer = tar_gz({"file.txt": f"{repo}:{tag}".encode()})
-    config = json.dumps(
-        {
-            "architecture": "arm64",
-            "os": "linux",
-            "created": created,
-            "config": {"Labels": labels or {}},
-            "rootfs": {"type": "layers", "diff_ids": [sha256(gzip.decompress(layer))]},
-        }
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": push_blob(base, repo, config, headers),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": push_blob(base, repo, layer, headers),
-                    "size": len(layer),
-                }
-            ],
-            "annotations": ANNOTATIONS,
-        }
-    ).encode()
-    put = {**headers, "Content-Type": OCI_MANIFEST}
-    status, _, body = call(f"{base}/v2/{repo}/manifests/{tag}", "PUT", put, manifest)
-    assert status == 201, body
-    return sha256(manifest)
-
-
-class Browser:
-    """A cookie-keeping HTTP client that submits the pages' forms as a browser would."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.cookies: dict[str, str] = {}
-        self.last_set_cookie: list[str] = []
-
-    def request(
-        self,
-        path: str,
-        method: str = "GET",
-        form: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], str]:
-        sent = dict(headers or {})
-        if self.cookies:
-            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        data = None
-        if form is not None:
-            data = "&".join(f"{k}={_quote(v)}" for k, v in form.items()).encode()
-            sent.setdefault("Content-Type", "application/x-www-form-urlencoded")
-            sent.setdefault("Origin", self.base)
-        status, answer, body = fetch(self.base + path, method, sent, data)
-        self.last_set_cookie = answer.get_all("Set-Cookie") or []
-        for line in self.last_set_cookie:
-            for name, morsel in SimpleCookie(line).items():
-                if morsel["max-age"] == "0" or not morsel.value:
-                    self.cookies.pop(name, None)
-                else:
-                    self.cookies[name] = morsel.value
-        return status, dict(answer.items()), body.decode()
-
-    def csrf(self, path: str = "/ui/login") -> str:
-        status, _, page = self.request(path)
-        assert status == 200, page
-        found = re.search(r'name="csrf" value="([^"]+)"', page)
-        assert found, page
-        return found[1]
-
-    def sign_in(self, user: str, password: str) -> tuple[int, dict[str, str], str]:
-        form = {"csrf": self.csrf(), "username": user, "password": password, "next": ""}
-        return self.request("/ui/login", "POST", form)
-
-
-def fetch(
-    url: str, method: str = "GET", headers: dict[str, str] | None = None, data: bytes | None = None
-) -> tuple[int, HTTPMessage, bytes]:
-    """One request, redirects not followed (the pages answer with 303s)."""
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.netloc, timeout=30)
-    try:
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        connection.request(method, target, body=data, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.msg, response.read()
-    finally:
-        connection.close()
-
-
-def _quote(value: str) -> str:
-    return quote(value, safe="")
 
 
 @pytest.fixture(scope="module")
@@ -206,23 +94,10 @@ def site(
     server.stop()
 
 
-def signed_in(site: Proxy, user: str) -> Browser:
-    browser = Browser(site.url)
-    status, headers, page = browser.sign_in(user, f"{user}-pw")
-    assert status == 303, page
-    assert headers["Location"] == "/ui/"
-    return browser
-
-
-def listed_repositories(page: str) -> list[str]:
-    block = re.search(r'<ul id="repositories"[^>]*>(.*?)</ul>', page, re.S)
-    return re.findall(r">([^<]+)</a></li>", block[1]) if block else []
-
-
 def test_sign_in_sets_a_session_cookie_scripts_cannot_read(site: Proxy) -> None:
     """Guards the session cookie's flags: readable by script (HttpOnly), sent cross-site
     (SameSite), or sent to the API (Path) would each widen what a stolen page can do."""
-    browser = Browser(site.url)
+    browser = PageClient(site.url)
     status, _, page = browser.sign_in("alice", "alice-pw")
     assert status == 303, page
     session = [line for line in browser.last_set_cookie if line.startswith("rp_session=")]
@@ -245,7 +120,7 @@ def test_the_session_cookie_is_secure_when_the_client_came_over_https(
     )
     server.start()
     try:
-        browser = Browser(server.url)
+        browser = PageClient(server.url)
         https = {"X-Forwarded-Proto": "https"}
         _, _, page = browser.request("/ui/login", headers=https)
         csrf = re.search(r'name="csrf" value="([^"]+)"', page)
@@ -270,7 +145,7 @@ def test_pages_carry_a_strict_content_security_policy_and_no_inline_script(site:
         "/ui/tags?repository=team/app",
         "/ui/manifest?repository=team/app&reference=v1",
     ):
-        client = Browser(site.url) if path == "/ui/login" else browser
+        client = PageClient(site.url) if path == "/ui/login" else browser
         status, headers, page = client.request(path)
         assert status == 200, (path, page)
         csp = headers["Content-Security-Policy"]
@@ -297,13 +172,17 @@ def test_without_ui_the_pages_do_not_exist(proxy: Proxy) -> None:
 
 def test_each_user_sees_only_repositories_they_may_pull(site: Proxy) -> None:
     """Guards the browser's catalog: the same filter as /v2/_catalog, and the catalog right."""
+    # The registry is shared with other tests: only these names are known here.
     _, _, page = signed_in(site, "alice").request("/ui/")
-    assert listed_repositories(page) == ["other/secret", "team/app", "team/lib"]
+    assert {"other/secret", "team/app", "team/lib"} <= set(listed_repositories(page))
     bob = signed_in(site, "bob")
     _, _, page = bob.request("/ui/")
-    assert listed_repositories(page) == ["team/app", "team/lib"]
-    _, _, page = bob.request("/ui/?q=lib")
-    assert listed_repositories(page) == ["team/lib"]
+    seen = listed_repositories(page)
+    assert {"team/app", "team/lib"} <= set(seen)
+    assert all(name.startswith("team/") for name in seen)
+    _, _, page = bob.request("/ui/?q=LIB")
+    assert "team/lib" in listed_repositories(page)
+    assert all("lib" in name for name in listed_repositories(page))
     status, _, page = bob.request("/ui/tags?repository=other/secret")
     assert status == 403
     assert "other/secret" not in listed_repositories(page)
@@ -345,6 +224,20 @@ def test_labels_and_annotations_are_shown_escaped(site: Proxy) -> None:
     assert 'id="layers"' in page
 
 
+def test_a_large_manifest_is_read_whole(site: Proxy) -> None:
+    """Guards reading the registry's answer with one read: a manifest of several hundred KiB
+    arrives in many pieces, and the first is no manifest."""
+    notes = {f"org.example.note.{n}": "x" * 1000 for n in range(400)}
+    alice = basic_auth("alice", "alice-pw")
+    push_labelled(site.url, "team/large", "v1", alice, annotations=notes)
+    status, _, page = signed_in(site, "bob").request(
+        "/ui/manifest?repository=team/large&reference=v1"
+    )
+    assert status == 200, page
+    assert "org.example.note.399" in page
+    assert "not a JSON manifest" not in page
+
+
 def test_delete_is_offered_only_with_the_right_and_never_for_an_immutable_tag(
     site: Proxy,
 ) -> None:
@@ -354,9 +247,18 @@ def test_delete_is_offered_only_with_the_right_and_never_for_an_immutable_tag(
     _, _, page = signed_in(site, "alice").request("/ui/tags?repository=team/lib")
     forms = re.findall(r'name="reference" value="([^"]+)"', page)
     assert forms == ["edge"]
+    # Opened through the immutable tag, its manifest is not offered for deletion either.
+    _, _, page = signed_in(site, "alice").request("/ui/manifest?repository=team/lib&reference=1.0")
+    assert 'class="delete"' not in page
 
 
-def delete(browser: Browser, repository: str, reference: str, **extra: str) -> int:
+def last_record(site: Proxy, matches: Callable[[dict[str, object]], bool]) -> dict[str, object]:
+    """The last access log line that `matches`, once written (after the answer is sent)."""
+    wait_until(lambda: any(map(matches, access_records(site.log()))), "the access log line")
+    return [record for record in access_records(site.log()) if matches(record)][-1]
+
+
+def delete(browser: PageClient, repository: str, reference: str, **extra: str) -> int:
     form = {"csrf": browser.csrf("/ui/"), "repository": repository, "reference": reference}
     form.update(extra)
     status, _, _ = browser.request("/ui/delete", "POST", form)
@@ -391,7 +293,7 @@ def test_delete_follows_the_api_rules(site: Proxy) -> None:
     assert manifest_status(site, "team/lib", "1.0") == 200
     assert delete(admin, "team/gone", digest) == 303
     assert manifest_status(site, "team/gone", digest) == 404
-    record = [r for r in access_records(site.log()) if r.get("event") == "delete"][-1]
+    record = last_record(site, lambda r: r.get("event") == "delete")
     assert (record["user"], record["repository"], record["reference"]) == (
         "alice",
         "team/gone",
@@ -427,7 +329,7 @@ def test_a_delete_without_the_csrf_token_or_from_another_origin_is_refused(site:
 
 def test_the_sign_in_form_needs_its_token_too(site: Proxy) -> None:
     """Guards login CSRF: another site signing a victim's browser in as the attacker."""
-    browser = Browser(site.url)
+    browser = PageClient(site.url)
     form = {"username": "alice", "password": "alice-pw", "csrf": "x"}
     status, _, _ = browser.request("/ui/login", "POST", form)
     assert status == 403
@@ -436,17 +338,15 @@ def test_the_sign_in_form_needs_its_token_too(site: Proxy) -> None:
 
 def test_a_wrong_password_is_refused_and_audited_like_basic(site: Proxy) -> None:
     """Guards the form's audit line: the same `auth` outcome and `tried_user` as Basic."""
-    browser = Browser(site.url)
+    browser = PageClient(site.url)
     status, _, page = browser.sign_in("alice", "wrong")
     assert status == 401
     assert "Wrong user name or password" in page
     assert "rp_session" not in browser.cookies
-    records = access_records(site.log())
-    refused = [r for r in records if r["path"] == "/ui/login" and r["status"] == 401][-1]
+    refused = last_record(site, lambda r: r["path"] == "/ui/login" and r["status"] == 401)
     assert (refused["auth"], refused["tried_user"]) == ("bad_credentials", "alice")
     signed_in(site, "alice")
-    records = access_records(site.log())
-    login = [r for r in records if r["path"] == "/ui/login" and r["status"] == 303][-1]
+    login = last_record(site, lambda r: r["path"] == "/ui/login" and r["status"] == 303)
     assert (login["event"], login["user"]) == ("login", "alice")
     assert login["auth"] in ("success", "cached")  # alice signed in before: her check is cached
 
@@ -457,7 +357,7 @@ def test_sign_out_ends_the_session_on_the_server(site: Proxy) -> None:
     stolen = dict(browser.cookies)
     status, _, _ = browser.request("/ui/logout", "POST", {"csrf": browser.csrf("/ui/")})
     assert status == 303
-    replay = Browser(site.url)
+    replay = PageClient(site.url)
     replay.cookies = stolen
     status, headers, _ = replay.request("/ui/")
     assert status == 303 and headers["Location"].startswith("/ui/login")
@@ -538,7 +438,7 @@ def test_the_throttle_applies_to_the_form(
     )
     server.start()
     try:
-        browser = Browser(server.url)
+        browser = PageClient(server.url)
         statuses = [browser.sign_in("carol", f"guess-{n}")[0] for n in range(3)]
         assert statuses == [401, 401, 401]
         status, headers, page = browser.sign_in("carol", "guess-4")
@@ -580,7 +480,7 @@ def test_a_session_works_on_every_worker_and_sign_out_reaches_them_all(
         stolen = dict(browser.cookies)
         assert all(browser.request("/ui/")[0] == 200 for _ in range(12))
         browser.request("/ui/logout", "POST", {"csrf": browser.csrf("/ui/")})
-        replay = Browser(server.url)
+        replay = PageClient(server.url)
         replay.cookies = stolen
         assert all(replay.request("/ui/")[0] == 303 for _ in range(12))
     finally:
@@ -603,7 +503,7 @@ def test_two_proxies_with_one_key_share_sessions_and_redis_shares_sign_outs(
     second.start()
     try:
         browser = signed_in(first, "alice")
-        elsewhere = Browser(second.url)
+        elsewhere = PageClient(second.url)
         elsewhere.cookies = dict(browser.cookies)
         assert elsewhere.request("/ui/")[0] == 200
         browser.request("/ui/logout", "POST", {"csrf": browser.csrf("/ui/")})

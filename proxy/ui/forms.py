@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 # A sign-in form with an 8 KiB password fits; nothing the pages take is larger.
 MAX_FORM_BYTES = 16 * 1024
 _FORM_TYPE = "application/x-www-form-urlencoded"
+# A form trickled in slower than this holds a connection for nothing.
+FORM_SECONDS = 10.0
 
 
 class BadForm(Exception):
@@ -35,8 +38,12 @@ async def read_form(request: web.Request, wanted: Iterable[str]) -> dict[str, st
         raise BadForm(f"expected a form ({_FORM_TYPE})")
     if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
         raise BadForm("form too large")
-    body = await request.content.read(MAX_FORM_BYTES + 1)
-    if len(body) > MAX_FORM_BYTES or not request.content.at_eof():
+    try:
+        async with asyncio.timeout(FORM_SECONDS):
+            body = await read_at_most(request.content, MAX_FORM_BYTES)
+    except TimeoutError:
+        raise BadForm(f"the form did not arrive within {FORM_SECONDS:g} s") from None
+    if body is None:
         raise BadForm("form too large")
     try:
         text = body.decode("utf-8")
@@ -49,3 +56,15 @@ async def read_form(request: web.Request, wanted: Iterable[str]) -> dict[str, st
 def query_values(request: web.Request, wanted: Iterable[str]) -> dict[str, str]:
     """The wanted query parameters, each at most once; BadForm otherwise."""
     return single_values(request.query.items(), wanted)
+
+
+async def read_at_most(stream: StreamReader, limit: int) -> bytes | None:
+    """The whole stream, or None once it holds more than `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await stream.readany():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -279,7 +279,9 @@ class BrowserUI:
             reference=reference,
             manifest=manifest,
             host=page.request.host,
-            deletable=registry.may_delete(page.who, repository, manifest.digest or reference),
+            # Opened through an immutable tag, its manifest is not offered for deletion either.
+            deletable=registry.may_delete(page.who, repository, reference)
+            and registry.may_delete(page.who, repository, manifest.digest or reference),
         )
 
     async def delete(self, page: Page) -> web.StreamResponse:

@@ -28,6 +28,7 @@ from proxy.identity import Identity
 from proxy.paths import Action, Target, classify, is_digest
 from proxy.reading import CATALOG_MAX_N, reference_problem
 from proxy.relay.failure import UPSTREAM_ERRORS
+from proxy.ui.forms import read_at_most
 
 log = logging.getLogger("registry_proxy.ui")
 
@@ -54,6 +55,8 @@ SEARCH_PAGES = 10
 # Config blobs remembered by digest (their content never changes).
 CONFIG_CACHE_SIZE = 4096
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 3
 
 T = TypeVar("T")
 
@@ -332,27 +335,30 @@ class Registry:
     async def _get(
         self, who: Acting, path: str, query: str = "", *, accept: str | None = None, limit: int
     ) -> tuple[int, str, str, bytes]:
-        """GET an authorized path: status, content type, digest header and body (bounded)."""
+        """GET an authorized path: status, content type, digest header and body (bounded).
+
+        A redirect (a blob in S3) is followed with no header of ours: the storage gets neither
+        the client's address nor a Host that would break its signed URL.
+        """
         self._check(who, "GET", path)
         url = URL(self._base + path + (f"?{query}" if query else ""), encoded=True)
+        headers = self._headers(who, accept)
         try:
-            async with self._session.get(
-                url, headers=self._headers(who, accept), max_redirects=3
-            ) as response:
-                if response.content_length is not None and response.content_length > limit:
-                    raise Refused(502, f"the registry's answer is larger than {limit} bytes")
-                body = await response.content.read(limit + 1)
-                if len(body) > limit:
-                    raise Refused(502, f"the registry's answer is larger than {limit} bytes")
-                return (
-                    response.status,
-                    response.headers.get("Content-Type", "").partition(";")[0].strip(),
-                    response.headers.get("Docker-Content-Digest", ""),
-                    body,
-                )
+            for _ in range(MAX_REDIRECTS + 1):
+                async with self._session.get(
+                    url, headers=headers, allow_redirects=False
+                ) as response:
+                    location = response.headers.get("Location")
+                    if response.status in _REDIRECTS and location:
+                        url = url.join(URL(location))
+                        if url.origin() != URL(self._base):
+                            headers = {}
+                        continue
+                    return await _answer(response, limit)
         except UPSTREAM_ERRORS as exc:
             log.warning("ui: registry request %s failed: %s", path, exc)
             raise Refused(502, "the registry did not answer") from None
+        raise Refused(502, "the registry redirected too often")
 
     async def repositories(
         self, who: Acting, search: str, after: str | None, count: int
@@ -370,7 +376,7 @@ class Registry:
             status, _, _, body = await self._get(who, path, query, limit=MAX_MANIFEST_BYTES)
             names = _catalog_names(status, body)
             for index, name in enumerate(names):
-                if search in name and policy.may_pull(context, name):
+                if search.lower() in name and policy.may_pull(context, name):
                     shown.append(name)
                     if len(shown) == count:
                         more = index + 1 < len(names) or len(names) == CATALOG_MAX_N
@@ -450,13 +456,28 @@ class Registry:
             async with self._session.delete(
                 url, headers=self._headers(who), allow_redirects=False
             ) as response:
-                body = await response.content.read(64 * 1024)
+                body = await read_at_most(response.content, 64 * 1024) or b""
                 if response.status != 202:
                     raise Refused(response.status, _registry_message(response.status, body))
                 return response.headers.get("Docker-Content-Digest", reference)
         except UPSTREAM_ERRORS as exc:
             log.warning("ui: registry delete %s failed: %s", path, exc)
             raise Refused(502, "the registry did not answer") from None
+
+
+async def _answer(response: aiohttp.ClientResponse, limit: int) -> tuple[int, str, str, bytes]:
+    too_large = Refused(502, f"the registry's answer is larger than {limit} bytes")
+    if response.content_length is not None and response.content_length > limit:
+        raise too_large
+    body = await read_at_most(response.content, limit)
+    if body is None:
+        raise too_large
+    return (
+        response.status,
+        response.headers.get("Content-Type", "").partition(";")[0].strip(),
+        response.headers.get("Docker-Content-Digest", ""),
+        body,
+    )
 
 
 def _catalog_names(status: int, body: bytes) -> list[str]:

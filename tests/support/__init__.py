@@ -60,6 +60,13 @@ from tests.support.harness import (
 from tests.support.images import OCI_MANIFEST, tar_gz, write_oci_layout
 from tests.support.ldap import LDAP_USERS, SLAPD_BIN, Slapd, user_dn
 from tests.support.metrics import Samples, gauge, scrape, value
+from tests.support.pages import (
+    PageClient,
+    fetch,
+    listed_repositories,
+    push_labelled,
+    signed_in,
+)
 from tests.support.polling import STARTUP_DEADLINE, eventually, wait_until
 from tests.support.proxy import NO_CACHE, Proxy, access_records, rss, serving, worker_pids
 from tests.support.tls import write_certificate
@@ -88,6 +95,7 @@ __all__ = [
     "Clients",
     "CountingUpstream",
     "Edge",
+    "PageClient",
     "Podman",
     "Process",
     "Proxy",
@@ -107,18 +115,22 @@ __all__ = [
     "eventually",
     "exchange_raw",
     "fake_upstream",
+    "fetch",
     "free_port",
     "gauge",
     "htpasswd",
     "http_status",
+    "listed_repositories",
     "push_blob",
     "push_image",
+    "push_labelled",
     "rss",
     "scrape",
     "serve_in_thread",
     "serving",
     "session_from",
     "sha256",
+    "signed_in",
     "start_browser",
     "start_download",
     "start_haproxy",

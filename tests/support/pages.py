@@ -1,0 +1,142 @@
+"""The browser's pages driven over HTTP: a cookie-keeping client that submits their forms."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import re
+from email.message import Message as HTTPMessage
+from http.cookies import SimpleCookie
+from urllib.parse import quote, urlsplit
+
+from tests.support.client import call, push_blob
+from tests.support.harness import sha256
+from tests.support.images import OCI_MANIFEST, tar_gz
+from tests.support.proxy import Proxy
+
+ANNOTATIONS = {"org.opencontainers.image.description": "<b>bold</b> & 'quoted'"}
+
+
+def push_labelled(
+    base: str,
+    repo: str,
+    tag: str,
+    headers: dict[str, str],
+    labels: dict[str, str] | None = None,
+    created: str = "2026-11-30T12:34:56Z",
+    annotations: dict[str, str] | None = None,
+) -> str:
+    """Push an image whose config carries `labels` and a created time; its manifest's digest."""
+    layer = tar_gz({"file.txt": f"{repo}:{tag}".encode()})
+    config = json.dumps(
+        {
+            "architecture": "arm64",
+            "os": "linux",
+            "created": created,
+            "config": {"Labels": labels or {}},
+            "rootfs": {"type": "layers", "diff_ids": [sha256(gzip.decompress(layer))]},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": push_blob(base, repo, config, headers),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": push_blob(base, repo, layer, headers),
+                    "size": len(layer),
+                }
+            ],
+            "annotations": ANNOTATIONS if annotations is None else annotations,
+        }
+    ).encode()
+    put = {**headers, "Content-Type": OCI_MANIFEST}
+    status, _, body = call(f"{base}/v2/{repo}/manifests/{tag}", "PUT", put, manifest)
+    assert status == 201, body
+    return sha256(manifest)
+
+
+class PageClient:
+    """A cookie-keeping HTTP client that submits the pages' forms as a browser would."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.cookies: dict[str, str] = {}
+        self.last_set_cookie: list[str] = []
+
+    def request(
+        self,
+        path: str,
+        method: str = "GET",
+        form: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], str]:
+        sent = dict(headers or {})
+        if self.cookies:
+            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        data = None
+        if form is not None:
+            data = "&".join(f"{k}={_quote(v)}" for k, v in form.items()).encode()
+            sent.setdefault("Content-Type", "application/x-www-form-urlencoded")
+            sent.setdefault("Origin", self.base)
+        status, answer, body = fetch(self.base + path, method, sent, data)
+        self.last_set_cookie = answer.get_all("Set-Cookie") or []
+        for line in self.last_set_cookie:
+            for name, morsel in SimpleCookie(line).items():
+                if morsel["max-age"] == "0" or not morsel.value:
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+        return status, dict(answer.items()), body.decode()
+
+    def csrf(self, path: str = "/ui/login") -> str:
+        status, _, page = self.request(path)
+        assert status == 200, page
+        found = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert found, page
+        return found[1]
+
+    def sign_in(self, user: str, password: str) -> tuple[int, dict[str, str], str]:
+        form = {"csrf": self.csrf(), "username": user, "password": password, "next": ""}
+        return self.request("/ui/login", "POST", form)
+
+
+def fetch(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None, data: bytes | None = None
+) -> tuple[int, HTTPMessage, bytes]:
+    """One request, redirects not followed (the pages answer with 303s)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.netloc, timeout=30)
+    try:
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request(method, target, body=data, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.msg, response.read()
+    finally:
+        connection.close()
+
+
+def _quote(value: str) -> str:
+    return quote(value, safe="")
+
+
+def signed_in(site: Proxy, user: str, password: str | None = None) -> PageClient:
+    """A client signed in through the form (password `USER-pw` unless given)."""
+    client = PageClient(site.url)
+    status, headers, page = client.sign_in(user, password or f"{user}-pw")
+    assert status == 303, page
+    assert headers["Location"] == "/ui/"
+    return client
+
+
+def listed_repositories(page: str) -> list[str]:
+    """The names in the repository page's list."""
+    block = re.search(r'<ul id="repositories"[^>]*>(.*?)</ul>', page, re.S)
+    return re.findall(r">([^<]+)</a></li>", block[1]) if block else []
