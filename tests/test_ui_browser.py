@@ -8,12 +8,10 @@ repository and has no catalog right. Screenshots of the main pages go to the art
 from __future__ import annotations
 
 import base64
-import gzip
 import html
-import json
 import os
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -33,11 +31,9 @@ from tests.support import (
     Registry,
     Viewport,
     call,
-    push_blob,
     push_image,
+    push_labelled,
     serve_in_thread,
-    sha256,
-    tar_gz,
     wait_until,
 )
 
@@ -77,12 +73,15 @@ def assert_clean(browser: Browser) -> None:
 @pytest.fixture(scope="module")
 def images(registry: Registry) -> dict[str, str]:
     """The module's repositories pushed straight to the registry: name -> manifest digest."""
-    pushed = {
-        repo: push_described_image(registry, repo, "v1", {TITLE: repo.split("/")[-1]})
-        for repo in (APP, TOOLS, HIDDEN)
-    }
-    push_described_image(registry, APP, "v2", {TITLE: "web"})
+    pushed = {repo: described(registry, repo, repo.split("/")[-1]) for repo in (APP, TOOLS, HIDDEN)}
+    described(registry, APP, "web", "v2")
     return pushed
+
+
+def described(registry: Registry, repository: str, title: str, tag: str = "v1") -> str:
+    """Push an image created at CREATED, titled `title` by a label and an annotation."""
+    labels = {TITLE: title}
+    return push_labelled(registry.url, repository, tag, {}, labels, CREATED, labels)
 
 
 @pytest.fixture
@@ -229,50 +228,6 @@ def csrf_of(browser: Browser) -> str:
     return str(find(browser, "form#logout input[name=csrf]").get_attribute("value"))
 
 
-def push_described_image(
-    registry: Registry, repository: str, tag: str, labels: Mapping[str, str]
-) -> str:
-    """Push an image with a creation time whose config labels and manifest annotations are
-    `labels`; return its digest."""
-    layer = tar_gz({"repository.txt": repository.encode()})
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "created": CREATED,
-            "config": {"Labels": labels},
-            "rootfs": {"type": "layers", "diff_ids": [sha256(gzip.decompress(layer))]},
-        }
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": push_blob(registry.url, repository, config),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": push_blob(registry.url, repository, layer),
-                    "size": len(layer),
-                }
-            ],
-            "annotations": labels,
-        }
-    ).encode()
-    status, headers, body = call(
-        f"{registry.url}/v2/{repository}/manifests/{tag}",
-        "PUT",
-        {"Content-Type": OCI_MANIFEST},
-        manifest,
-    )
-    assert status == 201, body
-    return headers["Docker-Content-Digest"]
-
-
 # --- sign-in, the repositories, a tag ---------------------------------------------------------
 
 
@@ -330,7 +285,7 @@ def test_a_tag_shows_its_facts_and_the_pull_line_is_copied(
     row = find(browser, "table#tags tr.tag[data-tag=v1]")
     assert row.find_element(By.CSS_SELECTOR, ".digest").text.strip().startswith(images[APP][:19])
     assert row.find_element(By.CSS_SELECTOR, ".size").text.strip()
-    assert row.find_element(By.CSS_SELECTOR, ".platforms").text.strip() == "linux/amd64"
+    assert row.find_element(By.CSS_SELECTOR, ".platforms").text.strip() == "linux/arm64"
     assert CREATED[:10] in row.find_element(By.CSS_SELECTOR, ".created").text
     line = row.find_element(By.CSS_SELECTOR, "code.pull-line").text.strip()
     assert line == f"docker pull {proxy_ui.host}/{APP}:v1"
@@ -577,7 +532,7 @@ def test_labels_and_annotations_carrying_markup_are_shown_as_text(
     """Guards escaping: an image whose labels and annotations hold script and HTML is shown on
     the tags and manifest pages as text; nothing runs and no element is injected."""
     repository = "acme/labels"
-    push_described_image(registry, repository, "v1", PAYLOADS)
+    push_labelled(registry.url, repository, "v1", {}, PAYLOADS, CREATED, PAYLOADS)
     sign_in(browser, proxy_ui, "alice", users)
     browser.open(tags_url(proxy_ui, repository))
     assert_clean(browser)
