@@ -19,7 +19,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 from aiohttp import web
 from selenium.common.exceptions import NoSuchElementException
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 
 from tests.support import (
@@ -157,7 +159,18 @@ def submit_login(browser: Browser, proxy: Proxy, user: str, password: str) -> No
 def submit_and_wait(browser: Browser, form: WebElement) -> None:
     """Click the form's submit button and wait until the page it led to has loaded."""
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait_until(lambda: _is_stale(form), "the form's answer to load")
+    loaded(browser, form)
+
+
+def follow(browser: Browser, link: WebElement) -> None:
+    """Click a link and wait until the page it leads to has loaded."""
+    link.click()
+    loaded(browser, link)
+
+
+def loaded(browser: Browser, old: WebElement) -> None:
+    """Wait until `old`'s page has been replaced and the new one has loaded."""
+    wait_until(lambda: _is_stale(old), "the next page to load")
     wait_until(
         lambda: browser.driver.execute_script("return document.readyState") == "complete",
         "the page to finish loading",
@@ -251,8 +264,8 @@ def test_sign_in_shows_only_the_repositories_the_user_may_pull(
 
     search = find(browser, "form#search")
     search.find_element(By.CSS_SELECTOR, "input[name=q]").send_keys("tools")
-    search.find_element(By.CSS_SELECTOR, "input[name=q]").submit()
-    wait_until(lambda: "q=tools" in browser.driver.current_url, "the search to load")
+    submit_and_wait(browser, search)
+    assert parse_qs(urlsplit(browser.driver.current_url).query)["q"] == ["tools"]
     assert listed(browser) == [TOOLS]
     assert_clean(browser)
 
@@ -267,8 +280,8 @@ def test_a_user_without_the_catalog_right_opens_a_repository_by_name(
     assert listed(browser) == []
     form = find(browser, "form#open-repository")
     form.find_element(By.CSS_SELECTOR, "input[name=repository]").send_keys(APP)
-    form.find_element(By.CSS_SELECTOR, "input[name=repository]").submit()
-    wait_until(lambda: "/ui/tags" in browser.driver.current_url, "the tags page")
+    submit_and_wait(browser, form)
+    assert path_of(browser).startswith("/ui/tags?")
     assert {row.get_attribute("data-tag") for row in find_all(browser, "tr.tag")} == {"v1", "v2"}
     assert_clean(browser)
 
@@ -279,8 +292,7 @@ def test_a_tag_shows_its_facts_and_the_pull_line_is_copied(
     """Guards the tags page: digest, size, the `docker pull` line with the host the browser
     used, the copy button, and the manifest page it links to."""
     sign_in(browser, proxy_ui, "bob", users)
-    next(link for link in find_all(browser, "ul#repositories li a") if link.text == APP).click()
-    wait_until(lambda: present(browser, "table#tags"), "the tags page")
+    follow(browser, next(a for a in find_all(browser, "ul#repositories li a") if a.text == APP))
     assert_clean(browser)
     row = find(browser, "table#tags tr.tag[data-tag=v1]")
     assert row.find_element(By.CSS_SELECTOR, ".digest").text.strip().startswith(images[APP][:19])
@@ -301,8 +313,8 @@ def test_a_tag_shows_its_facts_and_the_pull_line_is_copied(
     assert browser.clipboard() == line
     assert_clean(browser)
 
-    row.find_element(By.CSS_SELECTOR, "a.manifest").click()
-    wait_until(lambda: present(browser, "table#layers"), "the manifest page")
+    follow(browser, row.find_element(By.CSS_SELECTOR, "a.manifest"))
+    assert path_of(browser).startswith("/ui/manifest?")
     for section in ("dl#labels", "dl#annotations"):
         assert find(browser, section).text.split("\n") == [TITLE, "web"], section
     assert len(find_all(browser, "table#layers tbody tr")) == 1
@@ -566,3 +578,52 @@ def test_the_pages_fit_a_phone(
     copy.click()
     wait_until(lambda: copy.get_attribute("data-copied") is not None, "the copy to be confirmed")
     assert browser.clipboard() == f"docker pull {proxy_ui.host}/{APP}:v1"
+
+
+def test_sign_in_and_copy_by_keyboard_alone(
+    browser: Browser, proxy_ui: Proxy, users: dict[str, str], images: dict[str, str]
+) -> None:
+    """Guards keyboard use: the form takes focus, Tab and Enter sign in, and Tab reaches a
+    copy button that Enter presses."""
+    browser.open(proxy_ui.url + "/ui/login")
+
+    def focused() -> WebElement:
+        return browser.driver.switch_to.active_element
+
+    assert focused().get_attribute("name") == "username"
+    focused().send_keys("bob", Keys.TAB)
+    assert focused().get_attribute("name") == "password"
+    focused().send_keys(users["bob"], Keys.ENTER)
+    wait_until(lambda: path_of(browser) == "/ui/", "the repositories page")
+    browser.open(tags_url(proxy_ui, APP))
+    copy = find(browser, "tr.tag[data-tag=v1] button.copy")
+    for _ in range(30):
+        if focused() == copy:
+            break
+        ActionChains(browser.driver).send_keys(Keys.TAB).perform()
+    assert focused() == copy, "Tab never reached the copy button"
+    browser.grant_clipboard(proxy_ui.url)
+    ActionChains(browser.driver).send_keys(Keys.ENTER).perform()
+    wait_until(lambda: copy.get_attribute("data-copied") is not None, "the copy to be confirmed")
+    assert browser.clipboard() == f"docker pull {proxy_ui.host}/{APP}:v1"
+    assert_clean(browser)
+
+
+def test_the_tags_page_pages_through_every_tag_once(
+    browser: Browser, proxy_ui: Proxy, users: dict[str, str], registry: Registry
+) -> None:
+    """Guards paging in the browser: following the next link shows every tag exactly once."""
+    repository = f"acme/many-{uuid.uuid4().hex[:6]}"
+    tags = [f"t{number:02}" for number in range(30)]
+    for tag in tags:
+        push_labelled(registry.url, repository, tag, {}, {TITLE: "many"}, CREATED, {})
+    sign_in(browser, proxy_ui, "bob", users)
+    browser.open(tags_url(proxy_ui, repository))
+    seen: list[str] = []
+    for _ in range(len(tags)):
+        assert_clean(browser)
+        seen += [str(row.get_attribute("data-tag")) for row in find_all(browser, "tr.tag")]
+        if not present(browser, "a#next"):
+            break
+        follow(browser, find(browser, "a#next"))
+    assert seen == tags
