@@ -466,20 +466,42 @@ def test_the_session_cookie_is_invisible_to_scripts(
 
 
 def test_a_cookie_replayed_after_sign_out_is_refused(
-    browser: Browser, proxy_ui: Proxy, users: dict[str, str]
+    browser: Browser, proxy_ui: Proxy, users: dict[str, str], images: dict[str, str]
 ) -> None:
-    """Guards sign-out on the server: the old cookie, put back after sign-out, opens nothing."""
+    """Guards sign-out on the server: the old cookie, put back after sign-out, opens nothing;
+    and the Back button does not bring the signed-in page back from the browser's cache."""
     sign_in(browser, proxy_ui, "alice", users)
     cookie = browser.driver.get_cookie("rp_session")
     assert cookie is not None
+    browser.open(tags_url(proxy_ui, APP))
     submit_and_wait(browser, find(browser, "form#logout"))
+    assert path_of(browser).startswith("/ui/login")
     assert_clean(browser)
+    browser.driver.back()
+    wait_until(lambda: path_of(browser).startswith("/ui/login"), "Back to ask for a sign-in")
+    assert not present(browser, "table#tags")
+
     browser.driver.add_cookie(
         {"name": cookie["name"], "value": cookie["value"], "path": cookie["path"]}
     )
     browser.open(proxy_ui.url + "/ui/")
     assert path_of(browser).startswith("/ui/login")
     assert listed(browser) == []
+
+
+def test_a_signed_out_visitor_lands_on_the_page_they_asked_for_after_signing_in(
+    browser: Browser, proxy_ui: Proxy, users: dict[str, str], images: dict[str, str]
+) -> None:
+    """Guards the sign-in detour: a link to a tags page, opened signed out, leads there."""
+    browser.open(tags_url(proxy_ui, APP))
+    assert path_of(browser).startswith("/ui/login?")
+    form = find(browser, "form#login")
+    form.find_element(By.CSS_SELECTOR, "input[name=username]").send_keys("bob")
+    form.find_element(By.CSS_SELECTOR, "input[name=password]").send_keys(users["bob"])
+    submit_and_wait(browser, form)
+    assert browser.driver.current_url == tags_url(proxy_ui, APP)
+    assert present(browser, "tr.tag[data-tag=v1]")
+    assert_clean(browser)
 
 
 def test_every_page_enforces_the_policy_and_breaks_none_of_it(
