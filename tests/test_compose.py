@@ -379,7 +379,7 @@ def test_podman_compose_runs_it_and_skopeo_pushes_and_pulls_over_tls(
         assert proxy["Config"]["User"] == "10001:10001"
         assert proxy["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
         mounts = {m["Destination"]: m for m in proxy["Mounts"]}
-        for secret in ("htpasswd", "tls_cert", "tls_key", "ui-session-key"):
+        for secret in ("htpasswd", "tls_cert", "tls_key", "ui_session_key"):
             assert not mounts[f"/run/secrets/{secret}"]["RW"], secret
 
         certs = tmp_path / "certs"
