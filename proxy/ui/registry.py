@@ -55,6 +55,10 @@ SEARCH_PAGES = 10
 # Config blobs remembered by digest (their content never changes).
 CONFIG_CACHE_SIZE = 4096
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+TAG_DELETE_UNSUPPORTED = (
+    "this registry deletes manifests only by digest, not tags alone (registry 2.x): open the "
+    "tag's manifest and delete it there, which removes every tag pointing to it"
+)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 3
 
@@ -457,6 +461,9 @@ class Registry:
                 url, headers=self._headers(who), allow_redirects=False
             ) as response:
                 body = await read_at_most(response.content, 64 * 1024) or b""
+                if response.status == 400 and not is_digest(reference):
+                    # Registry 2.x deletes manifests by digest only (the API answers the same).
+                    raise Refused(400, TAG_DELETE_UNSUPPORTED)
                 if response.status != 202:
                     raise Refused(response.status, _registry_message(response.status, body))
                 return response.headers.get("Docker-Content-Digest", reference)

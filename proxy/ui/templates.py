@@ -1,4 +1,4 @@
-"""Rendering the pages (Jinja2, autoescaped) and serving their two static files."""
+"""Rendering the pages (Jinja2, autoescaped) and serving their static files."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
-_STATIC_TYPES = {"ui.css": "text/css", "ui.js": "text/javascript"}
+_STATIC_TYPES = {"ui.css": "text/css", "ui.js": "text/javascript", "icon.svg": "image/svg+xml"}
 _STATIC = {
     name: (resources.files("proxy.ui") / "static" / name).read_bytes() for name in _STATIC_TYPES
 }
