@@ -341,7 +341,7 @@ class Registry:
             ) as response:
                 if response.content_length is not None and response.content_length > limit:
                     raise Refused(502, f"the registry's answer is larger than {limit} bytes")
-                body = await response.content.read(limit + 1)
+                body = await _read_up_to(response.content, limit + 1)
                 if len(body) > limit:
                     raise Refused(502, f"the registry's answer is larger than {limit} bytes")
                 return (
@@ -457,6 +457,19 @@ class Registry:
         except UPSTREAM_ERRORS as exc:
             log.warning("ui: registry delete %s failed: %s", path, exc)
             raise Refused(502, "the registry did not answer") from None
+
+
+async def _read_up_to(content: aiohttp.StreamReader, size: int) -> bytes:
+    """The body until its end or `size` bytes: one `read(size)` returns only what has arrived."""
+    chunks: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = await content.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _catalog_names(status: int, body: bytes) -> list[str]:
