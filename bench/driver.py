@@ -590,6 +590,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "nginx (auto and 1 worker) and the registry, with the workers targets (bench/scaling.py)",
     )
     parser.add_argument(
+        "--ui",
+        action="store_true",
+        help="instead: the registry browser's pages with 10,000 repositories and 1,000 tags "
+        "(300 and 100 with --small), beside the registry requests they need (bench/ui.py)",
+    )
+    parser.add_argument(
         "--tls", action="store_true", help="with --workers (implied): the same over HTTPS too"
     )
     parser.add_argument(
@@ -638,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
+
+    if args.ui:
+        from bench import ui
+
+        return ui.run(args)
 
     if args.workers or args.tls:
         from bench import scaling

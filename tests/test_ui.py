@@ -213,6 +213,20 @@ def test_the_tag_page_shows_digest_size_platform_created_and_pull_line(site: Pro
     assert re.search(r'class="size">\d+(\.\d)? (B|kB)<', cells)
 
 
+def test_a_config_larger_than_one_read_is_read_whole(site: Proxy) -> None:
+    """Guards reading a registry answer in one `read(n)`, which returns only what has arrived:
+    a config blob bigger than the client's buffer was cut short, read as no JSON, and the page
+    (and the cache, for good) lost its created time and platform."""
+    alice = basic_auth("alice", "alice-pw")
+    big = {"org.example.padding": "x" * (1 << 20)}
+    push_labelled(site.url, "team/big", "v1", alice, big, created="2026-10-09T08:07:06Z")
+    _, _, page = signed_in(site, "bob").request("/ui/tags?repository=team/big")
+    row = re.search(r'<tr class="tag" data-tag="v1">(.*?)</tr>', page, re.S)
+    assert row, page
+    assert "linux/arm64" in row[1]
+    assert "2026-10-09 08:07 UTC" in row[1]
+
+
 def test_labels_and_annotations_are_shown_escaped(site: Proxy) -> None:
     """Guards escaping of what a pusher wrote: labels and annotations carry markup here."""
     _, _, page = signed_in(site, "bob").request("/ui/manifest?repository=team/app&reference=v1")
