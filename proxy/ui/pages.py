@@ -318,8 +318,11 @@ def _usable(user: str, password: str) -> bool:
 def _one_cookie(request: web.Request, name: str) -> str | None:
     """The cookie's value if the browser sent it exactly once (a second may be a planted one)."""
     header = ";".join(request.headers.getall("Cookie", ()))
-    count = sum(1 for part in header.split(";") if part.strip().partition("=")[0] == name)
-    return request.cookies.get(name) if count == 1 else None
+    pairs = (part.strip().partition("=") for part in header.split(";"))
+    # Read here, not from request.cookies: aiohttp also splits at spaces and commas, so a
+    # cookie planted as `x=y rp_session=...` would be a second one the count did not see.
+    values = [value for key, _, value in pairs if key == name]
+    return values[0] if len(values) == 1 else None
 
 
 def _same_origin(request: web.Request, exchange: Exchange) -> bool:
@@ -335,7 +338,8 @@ def _safe_next(target: str) -> str:
     """Only our own pages: never another site (`//evil`, `/ui/../`)."""
     if not target.startswith(_HOME) or "//" in target or "\\" in target or ".." in target:
         return ""
-    return target
+    # A line break in the Location header would make aiohttp drop the answer.
+    return target if target.isprintable() else ""
 
 
 def _set_cookie(
