@@ -5,6 +5,7 @@ Each test names the hole it guards. The attacks that held are in tests/test_ui.p
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import re
 import secrets
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Proxy, Registry, htpasswd
+from proxy.auth.tokens_file import load_tokens, new_secret, write_tokens
+from tests.support import Proxy, Registry, basic_auth, call, htpasswd, wait_until
+from tests.test_tokens import create as create_token
 from tests.test_ui import Browser, signed_in, ui_proxy
 
 pytestmark = pytest.mark.system
@@ -87,3 +90,31 @@ def test_a_session_planted_inside_another_cookie_is_not_read(site: Proxy) -> Non
     for tossed in (f"planted=x rp_session={planted}", f"planted=x, rp_session={planted}"):
         assert page_user(site, f"rp_session={victim}; {tossed}") == "alice"
         assert page_user(site, f"{tossed}; rp_session={victim}") == "alice"
+
+
+def test_a_token_session_ends_when_the_token_gets_another_secret(
+    registry: Registry, passwords: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """Guards a session outliving the secret it signed in with: a token whose secret (or owner)
+    an administrator replaced in the tokens file kept every browser session of the old secret,
+    though Basic with it is refused. A new htpasswd password ends sessions; so must this."""
+    tokens = tmp_path / "tokens"
+    secret = create_token(tokens, "robot", repositories=("**",), actions="pull,catalog")
+    server = ui_proxy(tmp_path / "p", registry, passwords, key_file, PROXY_TOKENS=str(tokens))
+    server.start()
+    try:
+        browser = Browser(server.url)
+        status, _, page = browser.sign_in("robot", secret)
+        assert status == 303, page
+        assert browser.request("/ui/")[0] == 200
+        table = load_tokens(tokens)
+        _, rotated = new_secret()
+        write_tokens(tokens, {"robot": dataclasses.replace(table["robot"], sha256=rotated)})
+
+        def old_secret_refused() -> bool:
+            return call(server.url + "/v2/", headers=basic_auth("robot", secret))[0] == 401
+
+        wait_until(old_secret_refused, "the old secret to be refused by the API")
+        assert browser.request("/ui/")[0] == 303
+    finally:
+        server.stop()
