@@ -17,7 +17,7 @@ import pytest
 from proxy.auth.tokens_file import load_tokens, new_secret, write_tokens
 from tests.support import Proxy, Registry, basic_auth, call, htpasswd, wait_until
 from tests.test_tokens import create as create_token
-from tests.test_ui import Browser, signed_in, ui_proxy
+from tests.test_ui import Browser, push_labelled, signed_in, ui_proxy
 
 pytestmark = pytest.mark.system
 
@@ -118,3 +118,18 @@ def test_a_token_session_ends_when_the_token_gets_another_secret(
         assert browser.request("/ui/")[0] == 303
     finally:
         server.stop()
+
+
+def test_config_blobs_and_manifests_longer_than_one_read_are_shown(site: Proxy) -> None:
+    """Guards bodies read with one `read(n)`, which returns what has arrived so far: a config
+    blob of more than about 64 KiB (labels, long history) showed no created time, platform nor
+    labels, and that empty reading was cached for good under its digest."""
+    alice = basic_auth("alice", "alice-pw")
+    labels = {"org.example.big": "x" * 300_000, "org.example.mark": "found-me"}
+    push_labelled(site.url, "big/config", "v1", alice, labels)
+    browser = signed_in(site, "alice")
+    for _ in range(2):
+        status, _, page = browser.request("/ui/manifest?repository=big/config&reference=v1")
+        assert status == 200
+        assert "2026-11-30 12:34 UTC" in page and "linux/arm64" in page
+        assert "found-me" in page

@@ -266,6 +266,17 @@ async def _bounded(calls: Iterable[Callable[[], Awaitable[T]]], limit: int) -> l
     return await asyncio.gather(*(run(call) for call in calls))
 
 
+async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to `limit` bytes: one `read(n)` returns only what has arrived so far."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 class Registry:
     """Registry reads and deletes for the pages, each authorized as the API would authorize it."""
 
@@ -341,7 +352,7 @@ class Registry:
             ) as response:
                 if response.content_length is not None and response.content_length > limit:
                     raise Refused(502, f"the registry's answer is larger than {limit} bytes")
-                body = await response.content.read(limit + 1)
+                body = await _read_at_most(response.content, limit + 1)
                 if len(body) > limit:
                     raise Refused(502, f"the registry's answer is larger than {limit} bytes")
                 return (
