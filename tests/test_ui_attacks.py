@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from proxy.auth.tokens_file import load_tokens, new_secret, write_tokens
-from tests.support import Proxy, Registry, basic_auth, call, htpasswd, wait_until
+from tests.support import Proxy, Registry, basic_auth, call, htpasswd, rss, wait_until
 from tests.test_tokens import create as create_token
 from tests.test_ui import Browser, push_labelled, signed_in, ui_proxy
 
@@ -125,7 +125,7 @@ def test_config_blobs_and_manifests_longer_than_one_read_are_shown(site: Proxy) 
     blob of more than about 64 KiB (labels, long history) showed no created time, platform nor
     labels, and that empty reading was cached for good under its digest."""
     alice = basic_auth("alice", "alice-pw")
-    labels = {"org.example.big": "x" * 300_000, "org.example.mark": "found-me"}
+    labels = {"org.example.big": "x" * 300_000, "org.example.a-mark": "found-me"}
     push_labelled(site.url, "big/config", "v1", alice, labels)
     browser = signed_in(site, "alice")
     for _ in range(2):
@@ -133,3 +133,26 @@ def test_config_blobs_and_manifests_longer_than_one_read_are_shown(site: Proxy) 
         assert status == 200
         assert "2026-11-30 12:34 UTC" in page and "linux/arm64" in page
         assert "found-me" in page
+
+
+def test_labels_a_pusher_wrote_by_the_megabyte_do_not_stay_in_memory(site: Proxy) -> None:
+    """Guards memory held for what a pusher wrote: every config a page reads is cached by digest
+    (up to 4096 of them), and the cache kept labels whole, so images with megabytes of labels
+    grew the proxy by that much for each one a page showed, until it ran out of memory. What a
+    config's facts keep is bounded, however large the labels."""
+    alice = basic_auth("alice", "alice-pw")
+    browser = signed_in(site, "alice")
+    label_bytes = 7 * 1024 * 1024
+    before = rss(site)
+    for round_ in range(3):
+        repository = f"huge/labels-{round_}"
+        for n in range(12):
+            pad = {"org.example.pad": f"{round_}-{n}-" + "x" * label_bytes}
+            push_labelled(site.url, repository, f"v{n:02d}", alice, pad)
+        status, _, _ = browser.request(f"/ui/tags?repository={repository}")
+        assert status == 200
+    # Whole labels would hold 3 * 12 * 7 MiB; bounded ones next to nothing.
+    assert rss(site) - before < 3 * 12 * label_bytes // 2
+    status, _, page = browser.request("/ui/manifest?repository=huge/labels-0&reference=v00")
+    assert status == 200 and len(page) < 1024 * 1024
+    assert re.search(r"<dd>0-0-x+…</dd>", page)

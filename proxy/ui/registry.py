@@ -53,6 +53,10 @@ PAGE_CONCURRENCY = 8
 SEARCH_PAGES = 10
 # Config blobs remembered by digest (their content never changes).
 CONFIG_CACHE_SIZE = 4096
+# What one config's facts keep of what its pusher wrote: the cache holds every config read, so
+# megabytes of labels each would fill the memory (cut values end with "…").
+MAX_LABEL_CHARS = 64 * 1024
+MAX_FACT_CHARS = 256
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 T = TypeVar("T")
@@ -194,10 +198,23 @@ def read_config(body: bytes) -> ConfigFacts:
     created = document.get("created")
     has_platform = "os" in document or "architecture" in document
     return ConfigFacts(
-        str(created) if isinstance(created, str) else None,
-        _platform(document) if has_platform else None,
-        labels,
+        created[:MAX_FACT_CHARS] if isinstance(created, str) else None,
+        _platform(document)[:MAX_FACT_CHARS] if has_platform else None,
+        _kept_labels(labels),
     )
+
+
+def _kept_labels(labels: dict[str, str]) -> dict[str, str]:
+    """The labels, in name order, until MAX_LABEL_CHARS of names and values are kept."""
+    kept: dict[str, str] = {}
+    room = MAX_LABEL_CHARS
+    for key, value in sorted(labels.items()):
+        if room <= len(key):
+            break
+        room -= len(key)
+        kept[key] = value if len(value) <= room else value[: max(room - 1, 0)] + "…"
+        room -= len(kept[key])
+    return kept
 
 
 def read_manifest(digest: str, media_type: str, body: bytes) -> Manifest:
