@@ -23,6 +23,15 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A registry of this module's own: the images pushed here stay out of other modules' lists."""
+    server = Registry(tmp_path_factory.mktemp("ui-attack-registry"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ui-attack-key") / "ui-session.key"
     path.write_text(secrets.token_urlsafe(32))
