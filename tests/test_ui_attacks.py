@@ -9,8 +9,10 @@ import dataclasses
 import http.client
 import re
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -165,3 +167,29 @@ def test_labels_a_pusher_wrote_by_the_megabyte_do_not_stay_in_memory(site: Proxy
     status, _, page = browser.request("/ui/manifest?repository=huge/labels-0&reference=v00")
     assert status == 200 and len(page) < 1024 * 1024
     assert re.search(r"<dd>0-0-x+…</dd>", page)
+
+
+def test_a_form_whose_body_arrives_in_pieces_is_read_whole(site: Proxy) -> None:
+    """Guards forms read with one `read(n)`, which returns what has arrived so far: a sign-in
+    whose body came in two TCP segments (a long password, a slow link) was refused as "too
+    large". Here the body is sent in two parts after the proxy answered `100 Continue`."""
+    browser = Browser(site.url)
+    csrf = browser.csrf()
+    body = f"csrf={quote(csrf, safe='')}&username=alice&password=alice-pw&next=".encode()
+    head = (
+        "POST /ui/login HTTP/1.1\r\n"
+        f"Host: {site.host}\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Origin: {site.url}\r\n"
+        f"Cookie: rp_login={browser.cookies['rp_login']}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
+    host, port = site.host.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(head)
+        assert connection.recv(100).startswith(b"HTTP/1.1 100 ")
+        connection.sendall(body[:20])
+        connection.sendall(body[20:])
+        answer = connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 303 "), answer[:200]

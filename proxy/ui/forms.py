@@ -35,8 +35,14 @@ async def read_form(request: web.Request, wanted: Iterable[str]) -> dict[str, st
         raise BadForm(f"expected a form ({_FORM_TYPE})")
     if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
         raise BadForm("form too large")
-    body = await request.content.read(MAX_FORM_BYTES + 1)
-    if len(body) > MAX_FORM_BYTES or not request.content.at_eof():
+    body = b""
+    # One read(n) returns only what has arrived: a body in two TCP segments needs two.
+    while len(body) <= MAX_FORM_BYTES:
+        chunk = await request.content.read(MAX_FORM_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    if len(body) > MAX_FORM_BYTES:
         raise BadForm("form too large")
     try:
         text = body.decode("utf-8")
