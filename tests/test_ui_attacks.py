@@ -17,7 +17,16 @@ from urllib.parse import quote
 import pytest
 
 from proxy.auth.tokens_file import load_tokens, new_secret, write_tokens
-from tests.support import Proxy, Registry, basic_auth, call, htpasswd, rss, wait_until
+from tests.support import (
+    Proxy,
+    Registry,
+    access_records,
+    basic_auth,
+    call,
+    htpasswd,
+    rss,
+    wait_until,
+)
 from tests.test_tokens import create as create_token
 from tests.test_ui import Browser, push_labelled, signed_in, ui_proxy
 
@@ -193,3 +202,42 @@ def test_a_form_whose_body_arrives_in_pieces_is_read_whole(site: Proxy) -> None:
         connection.sendall(body[20:])
         answer = connection.recv(65536)
     assert answer.startswith(b"HTTP/1.1 303 "), answer[:200]
+
+
+def test_refusals_in_the_browser_are_audited_as_the_api_audits_them(site: Proxy) -> None:
+    """Guards the audit trail of refused attempts: a delete the rules refuse and a wrong
+    password went into the access log as `decision: allowed` with no reason or repository, so
+    the refusal metrics and whoever watches for denied requests missed every browser attempt.
+    The browser's lines must say what the API's say for the same user and request."""
+    alice = basic_auth("alice", "alice-pw")
+    push_labelled(site.url, "audit/app", "v1", alice)
+    bob = signed_in(site, "bob")
+    form = {"csrf": bob.csrf("/ui/"), "repository": "audit/app", "reference": "v1"}
+    assert bob.request("/ui/delete", "POST", form)[0] == 403
+    assert (
+        call(f"{site.url}/v2/audit/app/manifests/v1", "DELETE", basic_auth("bob", "bob-pw"))[0]
+        == 403
+    )
+    assert Browser(site.url).sign_in("bob", "wrong")[0] == 401
+    assert call(site.url + "/v2/", headers=basic_auth("bob", "wrong"))[0] == 401
+
+    def lines() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        records = access_records(site.log())
+        deletes = [r for r in records if r["user"] == "bob" and r["status"] == 403]
+        logins = [r for r in records if r["tried_user"] == "bob" and r["status"] == 401]
+        return deletes, logins
+
+    wait_until(lambda: all(len(found) == 2 for found in lines()), "the four access lines")
+    deletes, logins = lines()
+    fields = ("decision", "reason", "repository", "reference")
+    assert [{k: r[k] for k in fields} for r in deletes] == 2 * [
+        {
+            "decision": "denied",
+            "reason": "delete on audit/app denied",
+            "repository": "audit/app",
+            "reference": "v1",
+        }
+    ]
+    assert [(r["decision"], r["auth"]) for r in logins] == 2 * [
+        ("bad_credentials", "bad_credentials")
+    ]

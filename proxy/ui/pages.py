@@ -18,6 +18,7 @@ from proxy.gate import Gate
 from proxy.identity import AuthFailure, AuthOutcome
 from proxy.log import escape
 from proxy.paths import Action, Target, is_repository
+from proxy.refusal import Refusal
 from proxy.throttle.store import ThrottleStore
 from proxy.ui import templates
 from proxy.ui.forms import BadForm, query_values, read_form
@@ -33,6 +34,11 @@ TAGS_PER_PAGE = 25
 MAX_NAME_CHARS = 256
 MAX_PASSWORD_CHARS = 8192
 _HOME = "/ui/"
+# The access log's decision for a refused sign-in, as the gate records a refused Basic login.
+_LOGIN_REFUSALS = {
+    AuthOutcome.THROTTLED: Refusal.THROTTLED,
+    AuthOutcome.UNAVAILABLE: Refusal.AUTH_UNAVAILABLE,
+}
 _LOGIN = "/ui/login"
 
 Exchanges = Callable[[web.Request], Exchange]
@@ -120,6 +126,7 @@ class BrowserUI:
             return self._login_page(request, 400, "Enter a user name and a password.", "")
         result = await self._gate.log_in(exchange, user, password)
         if isinstance(result, AuthFailure):
+            exchange.refusal = _LOGIN_REFUSALS.get(result.how, Refusal.BAD_CREDENTIALS)
             return self._refused_login(request, result, user)
         kind, name, binding = self._signed_in.kind_of(result)
         _, value = self._signer.issue(kind, name, binding)
@@ -197,6 +204,9 @@ class BrowserUI:
             except BadForm as exc:
                 return self._message(page, 400, "Bad request", str(exc))
             except Refused as exc:
+                if exc.refusal is not None:
+                    # The access log says what the API's would for the same request.
+                    exchange.refusal, exchange.refusal_detail = exc.refusal, exc.reason
                 return self._message(page, exc.status, "Refused", exc.reason)
 
         return handler
@@ -290,10 +300,11 @@ class BrowserUI:
             return self._message(page, 403, "Refused", "The form expired. Please try again.")
         repository = _repository(form.get("repository", ""))
         reference = form.get("reference", "")
-        digest = await self._registry().delete(page.who, repository, reference)
         exchange = page.exchange
-        exchange.event = "delete"
+        # Before the registry is asked: a refused delete's line names what it tried too.
         exchange.target = Target(Action.MANIFEST, repository, reference)
+        digest = await self._registry().delete(page.who, repository, reference)
+        exchange.event = "delete"
         log.info("ui: %s deleted %s:%s (%s)", escape(page.session.name), repository,
                  escape(reference), escape(digest))  # fmt: skip
         return _see_other("/ui/tags?" + urlencode({"repository": repository, "deleted": reference}))

@@ -27,6 +27,7 @@ from proxy.gate import AccessControl
 from proxy.identity import Identity
 from proxy.paths import Action, Target, classify, is_digest
 from proxy.reading import CATALOG_MAX_N, reference_problem
+from proxy.refusal import Refusal
 from proxy.relay.failure import UPSTREAM_ERRORS
 
 log = logging.getLogger("registry_proxy.ui")
@@ -63,12 +64,16 @@ T = TypeVar("T")
 
 
 class Refused(Exception):
-    """The API would refuse this request to this user: `status` and why."""
+    """The API would refuse this request to this user: `status` and why.
 
-    def __init__(self, status: int, reason: str) -> None:
+    `refusal` is the access log's decision when the API's gate would have refused it too.
+    """
+
+    def __init__(self, status: int, reason: str, refusal: Refusal | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.refusal = refusal
 
 
 @dataclass(frozen=True)
@@ -342,8 +347,9 @@ class Registry:
         reason = self.refusal(who, method, path)
         if reason is not None:
             # The API's statuses: 405 for a write while read-only, else 403.
-            read_only = self._access.read_only and method in _WRITES
-            raise Refused(405 if read_only else 403, reason)
+            if self._access.read_only and method in _WRITES:
+                raise Refused(405, reason, Refusal.READ_ONLY)
+            raise Refused(403, reason, Refusal.DENIED)
 
     def _headers(self, who: Acting, accept: str | None = None) -> dict[str, str]:
         headers = {
@@ -472,7 +478,9 @@ class Registry:
         self._check(who, "DELETE", path)
         refusal = await self._guard.delete_refusal(repository, reference, self._access.immutable)
         if refusal is not None:
-            raise Refused(503 if refusal.unconfirmed else 403, refusal.reason)
+            if refusal.unconfirmed:
+                raise Refused(503, refusal.reason, Refusal.UNCONFIRMED)
+            raise Refused(403, refusal.reason, Refusal.DENIED)
         url = URL(self._base + path, encoded=True)
         try:
             async with self._session.delete(
