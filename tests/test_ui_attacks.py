@@ -241,3 +241,44 @@ def test_refusals_in_the_browser_are_audited_as_the_api_audits_them(site: Proxy)
     assert [(r["decision"], r["auth"]) for r in logins] == 2 * [
         ("bad_credentials", "bad_credentials")
     ]
+
+
+def test_another_site_cannot_sign_the_browser_out(site: Proxy) -> None:
+    """Guards logout CSRF: a form another site posts to /ui/logout comes without the session
+    cookie (SameSite=Strict), so no session and no token were checked, and the answer cleared
+    the cookie anyway; browsers apply that Set-Cookie on a top-level navigation, so any page
+    could sign its visitors out. A cross-origin sign-out is refused and clears nothing."""
+    for cross_site in ({"Origin": "https://evil.example.net"}, {"Sec-Fetch-Site": "cross-site"}):
+        browser = Browser(site.url)
+        status, _, _ = browser.request("/ui/logout", "POST", {"csrf": ""}, cross_site)
+        assert status == 403
+        assert not [line for line in browser.last_set_cookie if "rp_session" in line]
+    # Signing out from our own page still works and clears the cookie.
+    browser = signed_in(site, "alice")
+    status, _, _ = browser.request("/ui/logout", "POST", {"csrf": browser.csrf("/ui/")})
+    assert status == 303 and "rp_session" not in browser.cookies
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="revocations evict the one that expires soonest: a flood of the attacker's own "
+    "sign-outs pushes out a victim's older one (see the docstring)",
+)
+def test_a_flood_of_sign_outs_does_not_revive_an_earlier_one() -> None:
+    """Guards the bound on revoked sessions (MAX_REVOKED, 100,000 in every store): when full,
+    the entry that expires soonest goes, which is the oldest sign-out. Anyone with an account
+    signs in and out in a loop (about 600 revocations a second from one client here, so the
+    bound is passed in about three minutes), and a stolen cookie its owner signed out of works
+    again. Shown on a store with a bound of 3; the real one is the same code."""
+    import asyncio
+
+    from proxy.throttle.store import MemoryStore
+
+    async def replayed() -> bool:
+        store = MemoryStore(max_revoked=3)
+        await store.revoke("victim-session", until=1000.0, now=0.0)
+        for n in range(3):
+            await store.revoke(f"attacker-session-{n}", until=1000.0 + 10 * (n + 1), now=1.0 + n)
+        return not await store.is_revoked("victim-session", now=10.0)
+
+    assert not asyncio.run(replayed())

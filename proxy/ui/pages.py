@@ -156,11 +156,15 @@ class BrowserUI:
             form = await read_form(request, ("csrf",))
         except BadForm as exc:
             return templates.message(400, "Bad request", str(exc))
+        expired = templates.message(403, "Refused", "The form expired. Please try again.")
+        # Checked with or without a session: another site's form comes without the cookie
+        # (SameSite), and clearing it on such a request would let any page sign people out.
+        if not _same_origin(request, self._exchanges(request)):
+            return expired
         session = self._signer.read(_one_cookie(request, COOKIE))
         if session is not None:
-            same_origin = _same_origin(request, self._exchanges(request))
-            if not same_origin or not self._signer.csrf_ok(session, form.get("csrf", "")):
-                return templates.message(403, "Refused", "The form expired. Please try again.")
+            if not self._signer.csrf_ok(session, form.get("csrf", "")):
+                return expired
             # Until the cookie would have expired anyway: a copy replayed later is refused.
             await self._store().revoke(session.id, session.expires, time.time())
             log.info("ui: %s signed out", escape(session.name))
