@@ -45,9 +45,14 @@ IMAGE_TYPES = frozenset(
     }
 )
 MANIFEST_ACCEPT = ", ".join(sorted(INDEX_TYPES | IMAGE_TYPES))
-# The registry refuses manifests over 4 MiB; a config blob is a few KiB (history can grow it).
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-MAX_CONFIG_BYTES = 8 * 1024 * 1024
+# Tag and catalog lists: the registry's own bound on a manifest.
+MAX_LIST_BYTES = 4 * 1024 * 1024
+# What a page parses of one manifest or config blob. Real ones take a few KiB (an index of many
+# platforms or a long history, tens); the registry takes manifests up to 4 MiB, and a tag page
+# parses 25 of each on the event loop, so a pusher's largest would cost every client of the
+# worker seconds and hundreds of MB per view. Larger ones are not shown.
+MAX_MANIFEST_BYTES = 512 * 1024
+MAX_CONFIG_BYTES = 512 * 1024
 # Registry requests one page may have in flight at once.
 PAGE_CONCURRENCY = 8
 # Catalog pages (of CATALOG_MAX_N names) one search may read before offering to go on.
@@ -74,6 +79,10 @@ class Refused(Exception):
         self.status = status
         self.reason = reason
         self.refusal = refusal
+
+
+class TooLarge(Refused):
+    """The registry's answer is over the bound a page reads."""
 
 
 @dataclass(frozen=True)
@@ -374,10 +383,10 @@ class Registry:
                 url, headers=self._headers(who, accept), max_redirects=3
             ) as response:
                 if response.content_length is not None and response.content_length > limit:
-                    raise Refused(502, f"the registry's answer is larger than {limit} bytes")
+                    raise TooLarge(502, f"the registry's answer is larger than {limit} bytes")
                 body = await _read_at_most(response.content, limit + 1)
                 if len(body) > limit:
-                    raise Refused(502, f"the registry's answer is larger than {limit} bytes")
+                    raise TooLarge(502, f"the registry's answer is larger than {limit} bytes")
                 return (
                     response.status,
                     response.headers.get("Content-Type", "").partition(";")[0].strip(),
@@ -401,7 +410,7 @@ class Registry:
         pages = SEARCH_PAGES if search else 2
         for _ in range(pages):
             query = f"n={CATALOG_MAX_N}" + (f"&last={quote(cursor, safe='')}" if cursor else "")
-            status, _, _, body = await self._get(who, path, query, limit=MAX_MANIFEST_BYTES)
+            status, _, _, body = await self._get(who, path, query, limit=MAX_LIST_BYTES)
             names = _catalog_names(status, body)
             for index, name in enumerate(names):
                 if search in name and policy.may_pull(context, name):
@@ -417,7 +426,7 @@ class Registry:
     async def tags(self, who: Acting, repository: str, after: str | None, count: int) -> TagPage:
         """A page of tags with what each points to (only this page's manifests are read)."""
         path = api_path(Action.TAGS, repository)
-        status, _, _, body = await self._get(who, path, limit=MAX_MANIFEST_BYTES)
+        status, _, _, body = await self._get(who, path, limit=MAX_LIST_BYTES)
         if status == 404:
             raise Refused(404, f"no repository {repository}")
         if status != 200:
@@ -442,9 +451,15 @@ class Registry:
     async def manifest(self, who: Acting, repository: str, reference: str) -> Manifest:
         """One manifest, with its config's facts for an image."""
         path = api_path(Action.MANIFEST, repository, reference)
-        status, media_type, digest, body = await self._get(
-            who, path, accept=MANIFEST_ACCEPT, limit=MAX_MANIFEST_BYTES
-        )
+        try:
+            status, media_type, digest, body = await self._get(
+                who, path, accept=MANIFEST_ACCEPT, limit=MAX_MANIFEST_BYTES
+            )
+        except TooLarge:
+            known = reference if is_digest(reference) else ""
+            return Manifest(
+                known, "", problem=f"over {MAX_MANIFEST_BYTES // 1024} KiB: too large to show"
+            )
         if status == 404:
             return Manifest(digest, media_type, problem="not found")
         if status != 200:
