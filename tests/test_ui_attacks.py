@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import http.server
 import json
 import re
 import secrets
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -25,6 +27,7 @@ from tests.support import (
     access_records,
     basic_auth,
     call,
+    free_port,
     htpasswd,
     push_blob,
     rss,
@@ -324,3 +327,66 @@ def test_a_tag_page_of_huge_manifests_does_not_swell_or_stall_the_proxy(site: Pr
     assert rss(site) - before < 100 * 1024 * 1024
     status, _, page = browser.request("/ui/manifest?repository=fat/app&reference=t00")
     assert status == 200 and "too large to show" in page
+
+
+class _ObjectStorage(http.server.BaseHTTPRequestHandler):
+    """Serves the registry's storage as a bucket behind presigned URLs would: only for requests
+    naming its own host (a presigned URL's signature covers it); records what it was sent."""
+
+    root: Path
+    own_host: str
+    seen: list[dict[str, str]]
+
+    def do_GET(self) -> None:
+        self.seen.append(dict(self.headers.items()))
+        file = self.root / self.path.lstrip("/")
+        if self.headers.get("Host") != self.own_host or ".." in self.path or not file.is_file():
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = file.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_blobs_the_registry_redirects_to_object_storage_are_read_without_the_clients_headers(
+    key_file: Path, passwords: Path, tmp_path: Path
+) -> None:
+    """Guards config blobs served from object storage (S3's `redirect`, on by default): the
+    pages followed the registry's 307 with the client's Host, address and request id, so the
+    presigned URL was refused (created time, platform and labels never shown on such a
+    registry) and the storage provider learnt every viewer's address. The API passes the 307
+    to the client; the pages follow it with none of the client's headers."""
+    seen: list[dict[str, str]] = []
+    port = free_port()
+
+    class Storage(_ObjectStorage):
+        root = tmp_path / "r" / "data"
+        own_host = f"127.0.0.1:{port}"
+
+    Storage.seen = seen
+    storage = http.server.ThreadingHTTPServer(("127.0.0.1", port), Storage)
+    threading.Thread(target=storage.serve_forever, daemon=True).start()
+    middleware = f'[{{name: redirect, options: {{baseurl: "http://127.0.0.1:{port}/"}}}}]'
+    registry = Registry(tmp_path / "r", env={"REGISTRY_MIDDLEWARE_STORAGE": middleware})
+    registry.start()
+    server = ui_proxy(tmp_path / "p", registry, passwords, key_file)
+    server.start()
+    try:
+        push_labelled(server.url, "s3/app", "v1", basic_auth("alice", "alice-pw"), {"tier": "db"})
+        browser = signed_in(server, "alice")
+        status, _, page = browser.request("/ui/manifest?repository=s3/app&reference=v1")
+        assert status == 200
+        assert "2026-11-30 12:34 UTC" in page and "linux/arm64" in page and "db" in page
+        assert seen and not [h for h in seen if "X-Forwarded-For" in h or "X-Request-ID" in h]
+    finally:
+        server.stop()
+        registry.stop()
+        storage.shutdown()
+        storage.server_close()

@@ -64,6 +64,9 @@ CONFIG_CACHE_SIZE = 4096
 MAX_LABEL_CHARS = 64 * 1024
 MAX_FACT_CHARS = 256
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Redirects a read follows (a blob GET to object storage takes one).
+MAX_REDIRECTS = 3
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 T = TypeVar("T")
 
@@ -308,6 +311,21 @@ async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
     return bytes(body)
 
 
+async def _answer(response: aiohttp.ClientResponse, limit: int) -> tuple[int, str, str, bytes]:
+    """Status, content type, digest header and body (TooLarge past `limit` bytes)."""
+    if response.content_length is not None and response.content_length > limit:
+        raise TooLarge(502, f"the registry's answer is larger than {limit} bytes")
+    body = await _read_at_most(response.content, limit + 1)
+    if len(body) > limit:
+        raise TooLarge(502, f"the registry's answer is larger than {limit} bytes")
+    return (
+        response.status,
+        response.headers.get("Content-Type", "").partition(";")[0].strip(),
+        response.headers.get("Docker-Content-Digest", ""),
+        body,
+    )
+
+
 class Registry:
     """Registry reads and deletes for the pages, each authorized as the API would authorize it."""
 
@@ -378,21 +396,20 @@ class Registry:
         """GET an authorized path: status, content type, digest header and body (bounded)."""
         self._check(who, "GET", path)
         url = URL(self._base + path + (f"?{query}" if query else ""), encoded=True)
+        headers = self._headers(who, accept)
         try:
-            async with self._session.get(
-                url, headers=self._headers(who, accept), max_redirects=3
-            ) as response:
-                if response.content_length is not None and response.content_length > limit:
-                    raise TooLarge(502, f"the registry's answer is larger than {limit} bytes")
-                body = await _read_at_most(response.content, limit + 1)
-                if len(body) > limit:
-                    raise TooLarge(502, f"the registry's answer is larger than {limit} bytes")
-                return (
-                    response.status,
-                    response.headers.get("Content-Type", "").partition(";")[0].strip(),
-                    response.headers.get("Docker-Content-Digest", ""),
-                    body,
-                )
+            for _ in range(MAX_REDIRECTS + 1):
+                async with self._session.get(
+                    url, headers=headers, allow_redirects=False
+                ) as response:
+                    location = response.headers.get("Location")
+                    if response.status not in _REDIRECTS or not location:
+                        return await _answer(response, limit)
+                # Blobs in object storage: a presigned URL on another host, which is told
+                # nothing of the client (its Host would void the signature).
+                url = url.join(URL(location, encoded=True))
+                headers = {"Accept": accept} if accept else {}
+            raise Refused(502, "the registry redirected too many times")
         except UPSTREAM_ERRORS as exc:
             log.warning("ui: registry request %s failed: %s", path, exc)
             raise Refused(502, "the registry did not answer") from None
