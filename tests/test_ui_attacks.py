@@ -390,3 +390,18 @@ def test_blobs_the_registry_redirects_to_object_storage_are_read_without_the_cli
         registry.stop()
         storage.shutdown()
         storage.server_close()
+
+
+def test_the_deleted_notice_shows_only_a_reference(site: Proxy) -> None:
+    """Guards text injection into a trusted page: `deleted` from the query string was shown as
+    "Deleted …." whatever it held, so a link could make the registry's own page tell its
+    reader anything ("Deleted latest. Your session expired: sign in at https://evil…"). Only a
+    tag or digest, as the delete redirect writes it, is shown."""
+    alice = basic_auth("alice", "alice-pw")
+    push_labelled(site.url, "notice/app", "v1", alice)
+    browser = signed_in(site, "alice")
+    lure = "latest. Your session expired: sign in again at evil.example.net"
+    status, _, page = browser.request(f"/ui/tags?repository=notice/app&deleted={quote(lure)}")
+    assert status == 200 and "evil.example.net" not in page
+    status, _, page = browser.request("/ui/tags?repository=notice/app&deleted=v0")
+    assert status == 200 and "Deleted v0." in page

@@ -275,7 +275,7 @@ class BrowserUI:
             deletable=deletable,
             host=page.request.host,
             next_link=next_link,
-            deleted=query.get("deleted", ""),
+            deleted=_reference_or_nothing(repository, query.get("deleted", "")),
         )
 
     async def manifest(self, page: Page) -> web.StreamResponse:
@@ -318,6 +318,15 @@ def _repository(name: str) -> str:
     if not is_repository(name):
         raise BadForm("not a repository name")
     return name
+
+
+def _reference_or_nothing(repository: str, reference: str) -> str:
+    """`reference` if it is a tag or digest: the notice must not say what a link wants."""
+    try:
+        api_path(Action.MANIFEST, repository, reference)
+    except Refused:
+        return ""
+    return reference
 
 
 def _usable(user: str, password: str) -> bool:
