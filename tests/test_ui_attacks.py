@@ -5,6 +5,7 @@ Each test names the hole it guards. The attacks that held are in tests/test_ui.p
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import http.client
 import http.server
@@ -17,7 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import aiohttp
+import aiohttp.web
 import pytest
+import yarl
 
 from proxy.auth.tokens_file import load_tokens, new_secret, write_tokens
 from tests.support import (
@@ -405,3 +409,103 @@ def test_the_deleted_notice_shows_only_a_reference(site: Proxy) -> None:
     assert status == 200 and "evil.example.net" not in page
     status, _, page = browser.request("/ui/tags?repository=notice/app&deleted=v0")
     assert status == 200 and "Deleted v0." in page
+
+
+class _HoldingRelay:
+    """Between the proxy and the registry: answers to paths holding `held` wait for `release`."""
+
+    def __init__(self, upstream: str, held: str) -> None:
+        self.upstream = upstream
+        self.held = held
+        self.port = free_port()
+        self.waiting = 0
+        self._loop = asyncio.new_event_loop()
+        self._release = asyncio.Event()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait(30)
+
+    def release(self) -> None:
+        self._loop.call_soon_threadsafe(self._release.set)
+
+    def stop(self) -> None:
+        self.release()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.run_until_complete(self._session.close())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = aiohttp.web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._relay)
+        self._runner = aiohttp.web.AppRunner(app)
+        await self._runner.setup()
+        await aiohttp.web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def _relay(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        if self.held in request.path:
+            self.waiting += 1
+            await self._release.wait()
+        url = yarl.URL(self.upstream + request.raw_path, encoded=True)
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with self._session.request(
+            request.method, url, headers=headers, data=await request.read(), allow_redirects=False
+        ) as answer:
+            body = await answer.read()
+            kept = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
+            }
+            return aiohttp.web.Response(status=answer.status, body=body, headers=kept)
+
+
+def test_one_browser_user_cannot_take_every_upstream_connection(
+    registry: Registry, key_file: Path, passwords: Path, tmp_path: Path
+) -> None:
+    """Guards the fair shares of the upstream pool: the API holds one user to
+    `upstream_connections_per_user` and answers 503 past it, but the pages' registry requests
+    took connections from the shared pool with no share at all, so one user's tag pages (eight
+    manifests at once each) could hold every connection while other users' pulls waited."""
+    for n in range(8):
+        push_labelled(registry.url, "team/held", f"v{n}", {})
+    push_labelled(registry.url, "team/free", "v1", {})
+    relay = _HoldingRelay(registry.url, "/team/held/manifests/")
+    relay.start()
+    server = ui_proxy(tmp_path / "p", registry, passwords, key_file)
+    server.upstream = relay.url
+    server.extra_env.update(
+        PROXY_UPSTREAM_CONNECTIONS="4",
+        PROXY_UPSTREAM_CONNECTIONS_PER_USER="2",
+        PROXY_CONNECT_TIMEOUT="5",
+    )
+    server.start()
+    try:
+        alice = signed_in(server, "alice")
+        page = threading.Thread(target=alice.request, args=("/ui/tags?repository=team/held",))
+        page.start()
+        wait_until(lambda: relay.waiting >= 2, "alice's manifest requests to be held")
+        pull = f"{server.url}/v2/team/free/manifests/v1"
+        status, _, _ = call(pull, headers={**basic_auth("bob", "bob-pw"), "Accept": OCI_MANIFEST})
+        held_by_alice = relay.waiting
+        relay.release()
+        page.join(60)
+        assert (status, held_by_alice) == (200, 2)
+    finally:
+        server.stop()
+        relay.stop()

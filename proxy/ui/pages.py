@@ -201,7 +201,7 @@ class BrowserUI:
             exchange.identity, exchange.user = identity, session.name
             exchange.auth_outcome = AuthOutcome.CACHED
             who = Acting(identity, exchange.client, exchange.scheme, request.host,
-                         exchange.request_id)  # fmt: skip
+                         exchange.request_id, session.name)  # fmt: skip
             page = Page(request, exchange, session, who, self._signer.csrf(session))
             try:
                 return await draw(page)

@@ -9,10 +9,11 @@ browser can do nothing the API would refuse the same user.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -29,6 +30,7 @@ from proxy.paths import Action, Target, classify, is_digest
 from proxy.reading import CATALOG_MAX_N, reference_problem
 from proxy.refusal import Refusal
 from proxy.relay.failure import UPSTREAM_ERRORS
+from proxy.relay.slots import UpstreamSlots
 
 log = logging.getLogger("registry_proxy.ui")
 
@@ -97,6 +99,8 @@ class Acting:
     scheme: str
     host: str
     request_id: str
+    # Whose share of the upstream pool the requests take (the name the API's would count).
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -336,12 +340,27 @@ class Registry:
         access: AccessControl,
         guard: TagGuard,
         configs: ConfigCache | None = None,
+        slots: UpstreamSlots | None = None,
     ) -> None:
         self._session = session
         self._base = str(upstream.origin())
         self._access = access
         self._guard = guard
         self._configs = configs if configs is not None else ConfigCache()
+        self._slots = slots
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, who: Acting) -> AsyncIterator[None]:
+        """A slot in the user's share of the upstream pool, as the API's requests take one."""
+        if self._slots is None:
+            yield
+            return
+        if not await self._slots.acquire(who.user):
+            raise Refused(503, "proxy busy: no upstream connection free; try again")
+        try:
+            yield
+        finally:
+            self._slots.release(who.user)
 
     @property
     def read_only(self) -> bool:
@@ -399,9 +418,10 @@ class Registry:
         headers = self._headers(who, accept)
         try:
             for _ in range(MAX_REDIRECTS + 1):
-                async with self._session.get(
-                    url, headers=headers, allow_redirects=False
-                ) as response:
+                async with (
+                    self._slot(who),
+                    self._session.get(url, headers=headers, allow_redirects=False) as response,
+                ):
                     location = response.headers.get("Location")
                     if response.status not in _REDIRECTS or not location:
                         return await _answer(response, limit)
@@ -515,9 +535,12 @@ class Registry:
             raise Refused(403, refusal.reason, Refusal.DENIED)
         url = URL(self._base + path, encoded=True)
         try:
-            async with self._session.delete(
-                url, headers=self._headers(who), allow_redirects=False
-            ) as response:
+            async with (
+                self._slot(who),
+                self._session.delete(
+                    url, headers=self._headers(who), allow_redirects=False
+                ) as response,
+            ):
                 body = await response.content.read(64 * 1024)
                 if response.status != 202:
                     raise Refused(response.status, _registry_message(response.status, body))
