@@ -509,3 +509,19 @@ def test_one_browser_user_cannot_take_every_upstream_connection(
     finally:
         server.stop()
         relay.stop()
+
+
+def test_a_refused_delete_of_no_reference_logs_nothing_of_it(site: Proxy) -> None:
+    """Guards the access log against what a form carries: a delete's reference is logged only
+    once it reads as a tag or digest (a line break or kilobytes of text stay out of it)."""
+    browser = signed_in(site, "alice")
+    reference = "v1\nforged line " + "x" * 5000
+    form = {"csrf": browser.csrf("/ui/"), "repository": "team/app", "reference": reference}
+    assert browser.request("/ui/delete", "POST", form)[0] == 400
+
+    def refused_line() -> bool:
+        records = access_records(site.log())
+        return any(r["path"] == "/ui/delete" and r["status"] == 400 for r in records)
+
+    wait_until(refused_line, "the refused delete's access line")
+    assert "forged line" not in site.log()

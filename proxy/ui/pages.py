@@ -305,7 +305,9 @@ class BrowserUI:
         repository = _repository(form.get("repository", ""))
         reference = form.get("reference", "")
         exchange = page.exchange
-        # Before the registry is asked: a refused delete's line names what it tried too.
+        # Once read as the API reads it (only then may the access log show it), and before the
+        # registry is asked: a refused delete's line names what it tried too.
+        api_path(Action.MANIFEST, repository, reference)
         exchange.target = Target(Action.MANIFEST, repository, reference)
         digest = await self._registry().delete(page.who, repository, reference)
         exchange.event = "delete"
