@@ -516,7 +516,8 @@ def test_one_browser_user_cannot_take_every_upstream_connection(
 
 def test_a_refused_delete_of_no_reference_logs_nothing_of_it(site: Proxy) -> None:
     """Guards the access log against what a form carries: a delete's reference is logged only
-    once it reads as a tag or digest (a line break or kilobytes of text stay out of it)."""
+    once it reads as a tag or digest (a line break or kilobytes of text stay out of it), and
+    the line says `bad_request`, as the API's gate says of a reference it cannot read."""
     browser = signed_in(site, "alice")
     reference = "v1\nforged line " + "x" * 5000
     form = {"csrf": browser.csrf("/ui/"), "repository": "team/app", "reference": reference}
@@ -528,6 +529,8 @@ def test_a_refused_delete_of_no_reference_logs_nothing_of_it(site: Proxy) -> Non
 
     wait_until(refused_line, "the refused delete's access line")
     assert "forged line" not in site.log()
+    refused = [r for r in access_records(site.log()) if r["path"] == "/ui/delete"][-1]
+    assert (refused["decision"], refused["reference"]) == ("bad_request", None)
 
 
 @pytest.mark.xfail(

@@ -34,12 +34,12 @@ TAGS_PER_PAGE = 25
 MAX_NAME_CHARS = 256
 MAX_PASSWORD_CHARS = 8192
 _HOME = "/ui/"
+_LOGIN = "/ui/login"
 # The access log's decision for a refused sign-in, as the gate records a refused Basic login.
 _LOGIN_REFUSALS = {
     AuthOutcome.THROTTLED: Refusal.THROTTLED,
     AuthOutcome.UNAVAILABLE: Refusal.AUTH_UNAVAILABLE,
 }
-_LOGIN = "/ui/login"
 
 Exchanges = Callable[[web.Request], Exchange]
 

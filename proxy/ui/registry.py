@@ -183,7 +183,11 @@ def api_path(action: Action, repository: str = "", reference: str = "") -> str:
     path = f"/v2/{repository}{suffix}"
     expected = Target(action, repository, reference or None)
     if classify(path) != expected or reference_problem(expected) is not None:
-        raise Refused(400, "not a repository name and reference the registry reads one way")
+        raise Refused(
+            400,
+            "not a repository name and reference the registry reads one way",
+            Refusal.BAD_REQUEST,
+        )
     return path
 
 
