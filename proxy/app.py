@@ -280,7 +280,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     )
     app[GATE].tags = guard = TagGuard(session, config.upstream, config.body_timeout)
     if BROWSER in app:
-        app[BROWSER].registry = Registry(session, config.upstream, app[ACCESS], guard)
+        app[BROWSER].registry = Registry(session, config.upstream, app[ACCESS], guard, slots=slots)
     app[BLOB_RELAY] = blob_relay = BlobRelay(
         config.upstream,
         app[METRICS],

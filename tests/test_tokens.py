@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import stat
 import subprocess
@@ -27,8 +26,10 @@ from tests.support import (
     basic_auth,
     call,
     counting_upstream,
+    create_token,
     htpasswd,
     scrape,
+    token_cli,
     value,
     wait_until,
     write_oci_layout,
@@ -39,38 +40,6 @@ pytestmark = pytest.mark.system
 ROOT = Path(__file__).resolve().parent.parent
 # What the issue promises: a revocation reaches every proxy within this many seconds.
 REVOCATION_DEADLINE = 10.0
-
-
-def token_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`registry-proxy token ARGS`, with no PROXY_* variable but those in `env`."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", "token", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**clean, **(env or {})},
-        timeout=60,
-        check=False,
-    )
-
-
-def create(
-    path: Path,
-    name: str,
-    *,
-    owner: str = "alice",
-    repositories: tuple[str, ...] = ("tok/**",),
-    actions: str = "pull,push",
-    expires: str = "30d",
-) -> str:
-    """Make a token with the CLI; its secret (the last line of stdout)."""
-    result = token_cli(
-        "create", name, "--file", str(path), "--owner", owner, "--repositories", *repositories,
-        "--actions", actions, "--expires", expires,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()[-1]
 
 
 def ping(proxy: Proxy, user: str, secret: str) -> int:
@@ -99,7 +68,7 @@ def token_proxy(
     start_proxy: Callable[..., Proxy], registry: Registry, own_htpasswd: Path, tokens_path: Path
 ) -> Proxy:
     """A proxy reading `tokens_path`; alice may pull and push `tok/**` and pull `shared/**`."""
-    create(tokens_path, "seed-token", expires="1d")
+    create_token(tokens_path, "seed-token", expires="1d")
     rules = (
         "[{users: [alice], repositories: ['tok/**'], actions: [pull, push]},"
         " {users: [alice], repositories: ['shared/**'], actions: [pull]}]"
@@ -181,8 +150,8 @@ def test_docker_login_and_skopeo_with_a_token_within_its_scope(
 ) -> None:
     """Guards the login path: docker login -u NAME with the secret, skopeo push and pull within
     scope; the owner's push right outside the token's scope is refused with 403."""
-    secret = create(tokens_path, "ci-robot", repositories=("tok/**",), actions="pull,push")
-    narrow = create(tokens_path, "reader", repositories=("tok/**",), actions="pull")
+    secret = create_token(tokens_path, "ci-robot", repositories=("tok/**",), actions="pull,push")
+    narrow = create_token(tokens_path, "reader", repositories=("tok/**",), actions="pull")
     wait_until(lambda: ping(token_proxy, "reader", narrow) == 200, "the new tokens to load")
     clients = Clients(tmp_path / "clients", token_proxy)
     clients.ok("docker", "login", token_proxy.host, "-u", "ci-robot", "--password-stdin",
@@ -232,7 +201,7 @@ def test_expired_and_revoked_tokens_get_a_401_and_the_audit_says_why(
     def reasons(name: str) -> set[object]:
         return {r["auth"] for r in records_for(token_proxy, name) if r["status"] == 401}
 
-    secret = loaded_everywhere(token_proxy, lambda: create(tokens_path, "old-robot"))
+    secret = loaded_everywhere(token_proxy, lambda: create_token(tokens_path, "old-robot"))
     assert ping(token_proxy, "old-robot", secret) == 200
     tokens = load_tokens(tokens_path)
     tokens["old-robot"] = dataclasses.replace(tokens["old-robot"], expires=time.time() - 60)
@@ -244,7 +213,7 @@ def test_expired_and_revoked_tokens_get_a_401_and_the_audit_says_why(
     assert (expired[0], expired[2]) == (wrong[0], wrong[2]) == (401, wrong[2])
     assert expired[1]["WWW-Authenticate"] == wrong[1]["WWW-Authenticate"]
 
-    revoked_secret = loaded_everywhere(token_proxy, lambda: create(tokens_path, "gone-robot"))
+    revoked_secret = loaded_everywhere(token_proxy, lambda: create_token(tokens_path, "gone-robot"))
     assert ping(token_proxy, "gone-robot", revoked_secret) == 200
     revoke = lambda: token_cli("revoke", "gone-robot", "--file", str(tokens_path))  # noqa: E731
     assert loaded_everywhere(token_proxy, revoke).returncode == 0
@@ -268,7 +237,7 @@ def test_an_owner_removed_or_restricted_takes_the_right_from_the_token_at_once(
 ) -> None:
     """Guards the per-request intersection: after the htpasswd reload drops the owner, her
     token is refused, though the token file did not change."""
-    secret = create(tokens_path, "bobs-robot", owner="bob", actions="pull")
+    secret = create_token(tokens_path, "bobs-robot", owner="bob", actions="pull")
     wait_until(lambda: ping(token_proxy, "bobs-robot", secret) == 200, "the token")
     # bob has no rule: the token logs in but may pull nothing.
     assert call(token_proxy.url + "/v2/tok/app/tags/list",
@@ -282,7 +251,7 @@ def test_a_name_both_user_and_token_is_refused_at_start_and_on_reload(
 ) -> None:
     """Guards name clashes: check-config exits 2 naming both files; a reload bringing a clash in
     (either file) keeps the tables in force."""
-    secret = create(tokens_path, "robot")
+    secret = create_token(tokens_path, "robot")
     wait_until(lambda: ping(token_proxy, "robot", secret) == 200, "the token")
     clashing = tmp_path / "clashing"
     shutil.copy(tokens_path, clashing)
@@ -312,7 +281,7 @@ def test_a_wrong_secret_counts_in_the_password_guessing_throttle(
 ) -> None:
     """Guards guessing: wrong secrets for a token are failures like wrong passwords (429 after
     the limit); the right secret of an existing token is not a guess."""
-    create(tokens_path, "guessed")
+    create_token(tokens_path, "guessed")
     proxy = start_proxy(
         registry.url, PROXY_TOKENS=str(tokens_path), PROXY_AUTH_MAX_FAILURES="2",
         PROXY_AUTH_MAX_FAILURES_PER_USER="1000",
@@ -327,7 +296,7 @@ def test_a_revocation_reaches_two_proxies_sharing_the_file_within_10_seconds(
     """Guards revocation across tasks: two proxies reading one tokens file (a shared volume in
     the Swarm stack) both refuse a revoked token within 10 s, without a restart; the secret
     reaches neither log nor /metrics."""
-    secret = create(tokens_path, "shared-robot")
+    secret = create_token(tokens_path, "shared-robot")
     proxies = [start_proxy(registry.url, PROXY_TOKENS=str(tokens_path)) for _ in range(2)]
     for proxy in proxies:
         assert ping(proxy, "shared-robot", secret) == 200
@@ -348,7 +317,7 @@ async def test_the_secret_never_reaches_the_upstream(
 ) -> None:
     """Guards the upstream request: neither the secret nor its Authorization header is forwarded
     for a token's requests."""
-    secret = create(tokens_path, "quiet-robot")
+    secret = create_token(tokens_path, "quiet-robot")
     async with counting_upstream() as (upstream, url):
         proxy = start_proxy(url, PROXY_TOKENS=str(tokens_path))
         headers = basic_auth("quiet-robot", secret)

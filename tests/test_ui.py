@@ -18,6 +18,7 @@ import pytest
 
 from tests.support import (
     OCI_MANIFEST,
+    UI_RULES,
     PageClient,
     Proxy,
     RedisServer,
@@ -30,17 +31,12 @@ from tests.support import (
     listed_repositories,
     push_labelled,
     signed_in,
+    ui_proxy,
     wait_until,
 )
 
 pytestmark = pytest.mark.system
 
-RULES = (
-    "[{users: [alice], repositories: ['**'], actions: [pull, push, delete, catalog]},"
-    " {users: [bob], repositories: ['team/**'], actions: [pull, catalog]},"
-    " {users: [carol], repositories: ['team/app'], actions: [pull]}]"
-)
-IMMUTABLE = "[{repositories: ['team/lib'], tags: ['1.*']}]"
 # Labels as an attacker who may push would write them.
 HOSTILE = {
     "org.example.note": "<script>document.title='pwned'</script>",
@@ -62,19 +58,6 @@ def ui_htpasswd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for user in ("alice", "bob", "carol", "dave"):
         htpasswd(path, "-B", "-C", "4", user=user, password=f"{user}-pw")
     return path
-
-
-def ui_proxy(root: Path, registry: Registry, passwords: Path, key: Path, **env: str) -> Proxy:
-    settings = {
-        "PROXY_UI": "true",
-        "PROXY_UI_SESSION_KEY_FILE": str(key),
-        "PROXY_ACCESS": RULES,
-        "PROXY_IMMUTABLE_TAGS": IMMUTABLE,
-        "PROXY_AUTH_MAX_FAILURES": "1000",
-        "PROXY_AUTH_MAX_FAILURES_PER_USER": "1000",
-        **env,
-    }
-    return Proxy(root, registry.url, passwords, settings)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +201,7 @@ def test_a_config_larger_than_one_read_is_read_whole(site: Proxy) -> None:
     a config blob bigger than the client's buffer was cut short, read as no JSON, and the page
     (and the cache, for good) lost its created time and platform."""
     alice = basic_auth("alice", "alice-pw")
-    big = {"org.example.padding": "x" * (1 << 20)}
+    big = {"org.example.padding": "x" * 300_000}  # many reads, within what pages parse
     push_labelled(site.url, "team/big", "v1", alice, big, created="2026-10-09T08:07:06Z")
     _, _, page = signed_in(site, "bob").request("/ui/tags?repository=team/big")
     row = re.search(r'<tr class="tag" data-tag="v1">(.*?)</tr>', page, re.S)
@@ -420,7 +403,7 @@ def test_a_lost_right_applies_to_an_open_session(
 ) -> None:
     """Guards rights frozen into a session: the rules in force decide every page (SIGHUP)."""
     config = tmp_path / "proxy.yml"
-    config.write_text(f"access: {RULES}\n")
+    config.write_text(f"access: {UI_RULES}\n")
     server = ui_proxy(tmp_path / "p", registry, ui_htpasswd, key_file)
     server.extra_env.pop("PROXY_ACCESS")
     server.extra_env["PROXY_CONFIG"] = str(config)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,16 +17,16 @@ from tests.support import (
     Registry,
     Slapd,
     basic_auth,
+    create_token,
     listed_repositories,
     push_labelled,
     signed_in,
+    token_cli,
     user_dn,
     wait_until,
 )
 
 pytestmark = pytest.mark.system
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -36,15 +34,6 @@ def key_file(tmp_path: Path) -> Path:
     path = tmp_path / "ui-session.key"
     path.write_text(secrets.token_urlsafe(32))
     return path
-
-
-def token_command(*args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "token", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()[-1] if result.stdout else ""
 
 
 def test_a_token_session_keeps_the_token_scope_and_ends_when_it_is_revoked(
@@ -58,9 +47,9 @@ def test_a_token_session_keeps_the_token_scope_and_ends_when_it_is_revoked(
     """Guards a token signing in to the browser: the session must keep the token's scope (not
     its owner's rights) and end the moment the token is revoked."""
     tokens = tmp_path / "tokens.json"
-    secret = token_command("create", "ci-reader", "--file", str(tokens), "--owner", "alice",
-                           "--repositories", "tok/app", "--actions", "pull,catalog",
-                           "--expires", "1d")  # fmt: skip
+    secret = create_token(
+        tokens, "ci-reader", repositories=("tok/app",), actions="pull,catalog", expires="1d"
+    )
     proxy = start_proxy(
         registry.url,
         PROXY_UI="true",
@@ -76,7 +65,7 @@ def test_a_token_session_keeps_the_token_scope_and_ends_when_it_is_revoked(
     assert "tok/app" in listed_repositories(page)
     assert "tok/other" not in listed_repositories(page)
     assert browser.request("/ui/tags?repository=tok/other")[0] == 403
-    token_command("revoke", "ci-reader", "--file", str(tokens))
+    assert token_cli("revoke", "ci-reader", "--file", str(tokens)).returncode == 0
     wait_until(lambda: browser.request("/ui/")[0] == 303, "the token's session to end")
 
 

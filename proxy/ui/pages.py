@@ -18,6 +18,7 @@ from proxy.gate import Gate
 from proxy.identity import AuthFailure, AuthOutcome
 from proxy.log import escape
 from proxy.paths import Action, Target, is_repository
+from proxy.refusal import Refusal
 from proxy.throttle.store import ThrottleStore
 from proxy.ui import templates
 from proxy.ui.forms import BadForm, query_values, read_form
@@ -34,6 +35,11 @@ MAX_NAME_CHARS = 256
 MAX_PASSWORD_CHARS = 8192
 _HOME = "/ui/"
 _LOGIN = "/ui/login"
+# The access log's decision for a refused sign-in, as the gate records a refused Basic login.
+_LOGIN_REFUSALS = {
+    AuthOutcome.THROTTLED: Refusal.THROTTLED,
+    AuthOutcome.UNAVAILABLE: Refusal.AUTH_UNAVAILABLE,
+}
 
 Exchanges = Callable[[web.Request], Exchange]
 
@@ -120,6 +126,7 @@ class BrowserUI:
             return self._login_page(request, 400, "Enter a user name and a password.", "")
         result = await self._gate.log_in(exchange, user, password)
         if isinstance(result, AuthFailure):
+            exchange.refusal = _LOGIN_REFUSALS.get(result.how, Refusal.BAD_CREDENTIALS)
             return self._refused_login(request, result, user)
         kind, name, binding = self._signed_in.kind_of(result)
         _, value = self._signer.issue(kind, name, binding)
@@ -149,11 +156,15 @@ class BrowserUI:
             form = await read_form(request, ("csrf",))
         except BadForm as exc:
             return templates.message(400, "Bad request", str(exc))
+        expired = templates.message(403, "Refused", "The form expired. Please try again.")
+        # Checked with or without a session: another site's form comes without the cookie
+        # (SameSite), and clearing it on such a request would let any page sign people out.
+        if not _same_origin(request, self._exchanges(request)):
+            return expired
         session = self._signer.read(_one_cookie(request, COOKIE))
         if session is not None:
-            same_origin = _same_origin(request, self._exchanges(request))
-            if not same_origin or not self._signer.csrf_ok(session, form.get("csrf", "")):
-                return templates.message(403, "Refused", "The form expired. Please try again.")
+            if not self._signer.csrf_ok(session, form.get("csrf", "")):
+                return expired
             # Until the cookie would have expired anyway: a copy replayed later is refused.
             await self._store().revoke(session.id, session.expires, time.time())
             log.info("ui: %s signed out", escape(session.name))
@@ -190,13 +201,16 @@ class BrowserUI:
             exchange.identity, exchange.user = identity, session.name
             exchange.auth_outcome = AuthOutcome.CACHED
             who = Acting(identity, exchange.client, exchange.scheme, request.host,
-                         exchange.request_id)  # fmt: skip
+                         exchange.request_id, session.name)  # fmt: skip
             page = Page(request, exchange, session, who, self._signer.csrf(session))
             try:
                 return await draw(page)
             except BadForm as exc:
                 return self._message(page, 400, "Bad request", str(exc))
             except Refused as exc:
+                if exc.refusal is not None:
+                    # The access log says what the API's would for the same request.
+                    exchange.refusal, exchange.refusal_detail = exc.refusal, exc.reason
                 return self._message(page, exc.status, "Refused", exc.reason)
 
         return handler
@@ -261,7 +275,7 @@ class BrowserUI:
             deletable=deletable,
             host=page.request.host,
             next_link=next_link,
-            deleted=query.get("deleted", ""),
+            deleted=_reference_or_nothing(repository, query.get("deleted", "")),
         )
 
     async def manifest(self, page: Page) -> web.StreamResponse:
@@ -292,10 +306,13 @@ class BrowserUI:
             return self._message(page, 403, "Refused", "The form expired. Please try again.")
         repository = _repository(form.get("repository", ""))
         reference = form.get("reference", "")
-        digest = await self._registry().delete(page.who, repository, reference)
         exchange = page.exchange
-        exchange.event = "delete"
+        # Once read as the API reads it (only then may the access log show it), and before the
+        # registry is asked: a refused delete's line names what it tried too.
+        api_path(Action.MANIFEST, repository, reference)
         exchange.target = Target(Action.MANIFEST, repository, reference)
+        digest = await self._registry().delete(page.who, repository, reference)
+        exchange.event = "delete"
         log.info("ui: %s deleted %s:%s (%s)", escape(page.session.name), repository,
                  escape(reference), escape(digest))  # fmt: skip
         return _see_other("/ui/tags?" + urlencode({"repository": repository, "deleted": reference}))
@@ -305,6 +322,15 @@ def _repository(name: str) -> str:
     if not is_repository(name):
         raise BadForm("not a repository name")
     return name
+
+
+def _reference_or_nothing(repository: str, reference: str) -> str:
+    """`reference` if it is a tag or digest: the notice must not say what a link wants."""
+    try:
+        api_path(Action.MANIFEST, repository, reference)
+    except Refused:
+        return ""
+    return reference
 
 
 def _usable(user: str, password: str) -> bool:
@@ -320,8 +346,11 @@ def _usable(user: str, password: str) -> bool:
 def _one_cookie(request: web.Request, name: str) -> str | None:
     """The cookie's value if the browser sent it exactly once (a second may be a planted one)."""
     header = ";".join(request.headers.getall("Cookie", ()))
-    count = sum(1 for part in header.split(";") if part.strip().partition("=")[0] == name)
-    return request.cookies.get(name) if count == 1 else None
+    pairs = (part.strip().partition("=") for part in header.split(";"))
+    # Read here, not from request.cookies: aiohttp also splits at spaces and commas, so a
+    # cookie planted as `x=y rp_session=...` would be a second one the count did not see.
+    values = [value for key, _, value in pairs if key == name]
+    return values[0] if len(values) == 1 else None
 
 
 def _same_origin(request: web.Request, exchange: Exchange) -> bool:
@@ -337,7 +366,8 @@ def _safe_next(target: str) -> str:
     """Only our own pages: never another site (`//evil`, `/ui/../`)."""
     if not target.startswith(_HOME) or "//" in target or "\\" in target or ".." in target:
         return ""
-    return target
+    # A line break in the Location header would make aiohttp drop the answer.
+    return target if target.isprintable() else ""
 
 
 def _set_cookie(

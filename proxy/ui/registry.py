@@ -9,10 +9,11 @@ browser can do nothing the API would refuse the same user.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -27,7 +28,9 @@ from proxy.gate import AccessControl
 from proxy.identity import Identity
 from proxy.paths import Action, Target, classify, is_digest
 from proxy.reading import CATALOG_MAX_N, reference_problem
+from proxy.refusal import Refusal
 from proxy.relay.failure import UPSTREAM_ERRORS
+from proxy.relay.slots import UpstreamSlots
 from proxy.ui.forms import read_at_most
 
 log = logging.getLogger("registry_proxy.ui")
@@ -45,15 +48,24 @@ IMAGE_TYPES = frozenset(
     }
 )
 MANIFEST_ACCEPT = ", ".join(sorted(INDEX_TYPES | IMAGE_TYPES))
-# The registry refuses manifests over 4 MiB; a config blob is a few KiB (history can grow it).
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-MAX_CONFIG_BYTES = 8 * 1024 * 1024
+# Tag and catalog lists: the registry's own bound on a manifest.
+MAX_LIST_BYTES = 4 * 1024 * 1024
+# What a page parses of one manifest or config blob. Real ones take a few KiB (an index of many
+# platforms or a long history, tens); the registry takes manifests up to 4 MiB, and a tag page
+# parses 25 of each on the event loop, so a pusher's largest would cost every client of the
+# worker seconds and hundreds of MB per view. Larger ones are not shown.
+MAX_MANIFEST_BYTES = 512 * 1024
+MAX_CONFIG_BYTES = 512 * 1024
 # Registry requests one page may have in flight at once.
 PAGE_CONCURRENCY = 8
 # Catalog pages (of CATALOG_MAX_N names) one search may read before offering to go on.
 SEARCH_PAGES = 10
 # Config blobs remembered by digest (their content never changes).
 CONFIG_CACHE_SIZE = 4096
+# What one config's facts keep of what its pusher wrote: the cache holds every config read, so
+# megabytes of labels each would fill the memory (cut values end with "…").
+MAX_LABEL_CHARS = 64 * 1024
+MAX_FACT_CHARS = 256
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 TAG_DELETE_UNSUPPORTED = (
     "this registry deletes manifests only by digest, not tags alone (registry 2.x): open the "
@@ -66,12 +78,20 @@ T = TypeVar("T")
 
 
 class Refused(Exception):
-    """The API would refuse this request to this user: `status` and why."""
+    """The API would refuse this request to this user: `status` and why.
 
-    def __init__(self, status: int, reason: str) -> None:
+    `refusal` is the access log's decision when the API's gate would have refused it too.
+    """
+
+    def __init__(self, status: int, reason: str, refusal: Refusal | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.refusal = refusal
+
+
+class TooLarge(Refused):
+    """The registry's answer is over the bound a page reads."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,8 @@ class Acting:
     scheme: str
     host: str
     request_id: str
+    # Whose share of the upstream pool the requests take (the name the API's would count).
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -165,7 +187,11 @@ def api_path(action: Action, repository: str = "", reference: str = "") -> str:
     path = f"/v2/{repository}{suffix}"
     expected = Target(action, repository, reference or None)
     if classify(path) != expected or reference_problem(expected) is not None:
-        raise Refused(400, "not a repository name and reference the registry reads one way")
+        raise Refused(
+            400,
+            "not a repository name and reference the registry reads one way",
+            Refusal.BAD_REQUEST,
+        )
     return path
 
 
@@ -201,10 +227,23 @@ def read_config(body: bytes) -> ConfigFacts:
     created = document.get("created")
     has_platform = "os" in document or "architecture" in document
     return ConfigFacts(
-        str(created) if isinstance(created, str) else None,
-        _platform(document) if has_platform else None,
-        labels,
+        created[:MAX_FACT_CHARS] if isinstance(created, str) else None,
+        _platform(document)[:MAX_FACT_CHARS] if has_platform else None,
+        _kept_labels(labels),
     )
+
+
+def _kept_labels(labels: dict[str, str]) -> dict[str, str]:
+    """The labels, in name order, until MAX_LABEL_CHARS of names and values are kept."""
+    kept: dict[str, str] = {}
+    room = MAX_LABEL_CHARS
+    for key, value in sorted(labels.items()):
+        if room <= len(key):
+            break
+        room -= len(key)
+        kept[key] = value if len(value) <= room else value[: max(room - 1, 0)] + "…"
+        room -= len(kept[key])
+    return kept
 
 
 def read_manifest(digest: str, media_type: str, body: bytes) -> Manifest:
@@ -273,6 +312,21 @@ async def _bounded(calls: Iterable[Callable[[], Awaitable[T]]], limit: int) -> l
     return await asyncio.gather(*(run(call) for call in calls))
 
 
+async def _answer(response: aiohttp.ClientResponse, limit: int) -> tuple[int, str, str, bytes]:
+    """Status, content type, digest header and body (TooLarge past `limit` bytes)."""
+    if response.content_length is not None and response.content_length > limit:
+        raise TooLarge(502, f"the registry's answer is larger than {limit} bytes")
+    body = await read_at_most(response.content, limit)
+    if body is None:
+        raise TooLarge(502, f"the registry's answer is larger than {limit} bytes")
+    return (
+        response.status,
+        response.headers.get("Content-Type", "").partition(";")[0].strip(),
+        response.headers.get("Docker-Content-Digest", ""),
+        body,
+    )
+
+
 class Registry:
     """Registry reads and deletes for the pages, each authorized as the API would authorize it."""
 
@@ -283,12 +337,27 @@ class Registry:
         access: AccessControl,
         guard: TagGuard,
         configs: ConfigCache | None = None,
+        slots: UpstreamSlots | None = None,
     ) -> None:
         self._session = session
         self._base = str(upstream.origin())
         self._access = access
         self._guard = guard
         self._configs = configs if configs is not None else ConfigCache()
+        self._slots = slots
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, who: Acting) -> AsyncIterator[None]:
+        """A slot in the user's share of the upstream pool, as the API's requests take one."""
+        if self._slots is None:
+            yield
+            return
+        if not await self._slots.acquire(who.user):
+            raise Refused(503, "proxy busy: no upstream connection free; try again")
+        try:
+            yield
+        finally:
+            self._slots.release(who.user)
 
     @property
     def read_only(self) -> bool:
@@ -321,8 +390,9 @@ class Registry:
         reason = self.refusal(who, method, path)
         if reason is not None:
             # The API's statuses: 405 for a write while read-only, else 403.
-            read_only = self._access.read_only and method in _WRITES
-            raise Refused(405 if read_only else 403, reason)
+            if self._access.read_only and method in _WRITES:
+                raise Refused(405, reason, Refusal.READ_ONLY)
+            raise Refused(403, reason, Refusal.DENIED)
 
     def _headers(self, who: Acting, accept: str | None = None) -> dict[str, str]:
         headers = {
@@ -349,16 +419,18 @@ class Registry:
         headers = self._headers(who, accept)
         try:
             for _ in range(MAX_REDIRECTS + 1):
-                async with self._session.get(
-                    url, headers=headers, allow_redirects=False
-                ) as response:
+                async with (
+                    self._slot(who),
+                    self._session.get(url, headers=headers, allow_redirects=False) as response,
+                ):
                     location = response.headers.get("Location")
-                    if response.status in _REDIRECTS and location:
-                        url = url.join(URL(location))
-                        if url.origin() != URL(self._base):
-                            headers = {}
-                        continue
-                    return await _answer(response, limit)
+                    if response.status not in _REDIRECTS or not location:
+                        return await _answer(response, limit)
+                # Blobs in object storage: a presigned URL on another host, which is told
+                # nothing of the client (its Host would void the signature).
+                url = url.join(URL(location, encoded=True))
+                headers = {"Accept": accept} if accept else {}
+            raise Refused(502, "the registry redirected too many times")
         except UPSTREAM_ERRORS as exc:
             log.warning("ui: registry request %s failed: %s", path, exc)
             raise Refused(502, "the registry did not answer") from None
@@ -377,7 +449,7 @@ class Registry:
         pages = SEARCH_PAGES if search else 2
         for _ in range(pages):
             query = f"n={CATALOG_MAX_N}" + (f"&last={quote(cursor, safe='')}" if cursor else "")
-            status, _, _, body = await self._get(who, path, query, limit=MAX_MANIFEST_BYTES)
+            status, _, _, body = await self._get(who, path, query, limit=MAX_LIST_BYTES)
             names = _catalog_names(status, body)
             for index, name in enumerate(names):
                 if search.lower() in name and policy.may_pull(context, name):
@@ -393,7 +465,7 @@ class Registry:
     async def tags(self, who: Acting, repository: str, after: str | None, count: int) -> TagPage:
         """A page of tags with what each points to (only this page's manifests are read)."""
         path = api_path(Action.TAGS, repository)
-        status, _, _, body = await self._get(who, path, limit=MAX_MANIFEST_BYTES)
+        status, _, _, body = await self._get(who, path, limit=MAX_LIST_BYTES)
         if status == 404:
             raise Refused(404, f"no repository {repository}")
         if status != 200:
@@ -418,9 +490,15 @@ class Registry:
     async def manifest(self, who: Acting, repository: str, reference: str) -> Manifest:
         """One manifest, with its config's facts for an image."""
         path = api_path(Action.MANIFEST, repository, reference)
-        status, media_type, digest, body = await self._get(
-            who, path, accept=MANIFEST_ACCEPT, limit=MAX_MANIFEST_BYTES
-        )
+        try:
+            status, media_type, digest, body = await self._get(
+                who, path, accept=MANIFEST_ACCEPT, limit=MAX_MANIFEST_BYTES
+            )
+        except TooLarge:
+            known = reference if is_digest(reference) else ""
+            return Manifest(
+                known, "", problem=f"over {MAX_MANIFEST_BYTES // 1024} KiB: too large to show"
+            )
         if status == 404:
             return Manifest(digest, media_type, problem="not found")
         if status != 200:
@@ -454,12 +532,17 @@ class Registry:
         self._check(who, "DELETE", path)
         refusal = await self._guard.delete_refusal(repository, reference, self._access.immutable)
         if refusal is not None:
-            raise Refused(503 if refusal.unconfirmed else 403, refusal.reason)
+            if refusal.unconfirmed:
+                raise Refused(503, refusal.reason, Refusal.UNCONFIRMED)
+            raise Refused(403, refusal.reason, Refusal.DENIED)
         url = URL(self._base + path, encoded=True)
         try:
-            async with self._session.delete(
-                url, headers=self._headers(who), allow_redirects=False
-            ) as response:
+            async with (
+                self._slot(who),
+                self._session.delete(
+                    url, headers=self._headers(who), allow_redirects=False
+                ) as response,
+            ):
                 body = await read_at_most(response.content, 64 * 1024) or b""
                 if response.status == 400 and not is_digest(reference):
                     # Registry 2.x deletes manifests by digest only (the API answers the same).
@@ -470,21 +553,6 @@ class Registry:
         except UPSTREAM_ERRORS as exc:
             log.warning("ui: registry delete %s failed: %s", path, exc)
             raise Refused(502, "the registry did not answer") from None
-
-
-async def _answer(response: aiohttp.ClientResponse, limit: int) -> tuple[int, str, str, bytes]:
-    too_large = Refused(502, f"the registry's answer is larger than {limit} bytes")
-    if response.content_length is not None and response.content_length > limit:
-        raise too_large
-    body = await read_at_most(response.content, limit)
-    if body is None:
-        raise too_large
-    return (
-        response.status,
-        response.headers.get("Content-Type", "").partition(";")[0].strip(),
-        response.headers.get("Docker-Content-Digest", ""),
-        body,
-    )
 
 
 def _catalog_names(status: int, body: bytes) -> list[str]:

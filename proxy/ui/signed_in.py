@@ -2,8 +2,9 @@
 
 A session names who signed in, not what they may do: rights come from the rules in force, so a
 lost right applies at once. The session ends when its user leaves the htpasswd file or gets a
-new password, when its token expires or is revoked, or when the directory no longer holds its user
-(asked at most every `auth_cache_ttl`, as Basic logins are cached).
+new password, when its token expires, is revoked or gets another secret or owner, or when the
+directory no longer holds its user (asked at most every `auth_cache_ttl`, as Basic logins are
+cached).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 from proxy.auth.directory import Directory
 from proxy.auth.tokens import TokenTable
+from proxy.auth.tokens_file import Token
 from proxy.identity import ANONYMOUS_GROUP, AuthOutcome, Identity
 from proxy.ui.session import Kind, Session, SessionSigner
 
@@ -46,7 +48,9 @@ class SignedIn:
     def kind_of(self, identity: Identity) -> tuple[Kind, str, str]:
         """How to remember a fresh login: its kind, the name to keep, and its binding."""
         if identity.scope is not None:
-            return Kind.TOKEN, identity.scope.token, ""
+            name = identity.scope.token
+            token = self._tokens.tokens.get(name)
+            return Kind.TOKEN, name, "" if token is None else self._token_binding(token)
         assert identity.name is not None
         stored = self._users().get(identity.name)
         if stored is not None:
@@ -66,7 +70,7 @@ class SignedIn:
                 return None
             return Identity.user(session.name, AuthOutcome.CACHED)
         if session.kind is Kind.TOKEN:
-            return self._token_identity(session.name, users)
+            return self._token_identity(session, users)
         if self._directory is None or session.name in users:
             return None
         groups = await self._groups(session.name, self._directory)
@@ -74,16 +78,22 @@ class SignedIn:
             return None
         return Identity(session.name, AuthOutcome.CACHED, groups)
 
-    def _token_identity(self, name: str, users: Mapping[str, str]) -> Identity | None:
+    def _token_identity(self, session: Session, users: Mapping[str, str]) -> Identity | None:
+        name = session.name
         token = self._tokens.tokens.get(name)
         if (
             token is None
+            # Another secret under the same name (rewritten by hand) is another token.
+            or self._token_binding(token) != session.binding
             or token.revoked is not None
             or token.expired(self._wall_clock())
             or token.owner not in users
         ):
             return None
         return Identity(token.owner, AuthOutcome.CACHED, scope=self._tokens.scope(name))
+
+    def _token_binding(self, token: Token) -> str:
+        return self._signer.binding(f"token\0{token.owner}\0{token.sha256}")
 
     async def _groups(self, user: str, directory: Directory) -> frozenset[str] | None:
         entry = self._looked_up.get(user)

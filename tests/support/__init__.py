@@ -61,15 +61,19 @@ from tests.support.images import OCI_MANIFEST, tar_gz, write_oci_layout
 from tests.support.ldap import LDAP_USERS, SLAPD_BIN, Slapd, user_dn
 from tests.support.metrics import Samples, gauge, scrape, value
 from tests.support.pages import (
+    UI_IMMUTABLE,
+    UI_RULES,
     PageClient,
     fetch,
     listed_repositories,
     push_labelled,
     signed_in,
+    ui_proxy,
 )
 from tests.support.polling import STARTUP_DEADLINE, eventually, wait_until
 from tests.support.proxy import NO_CACHE, Proxy, access_records, rss, serving, worker_pids
 from tests.support.tls import write_certificate
+from tests.support.tokens import create_token, token_cli
 from tests.support.upstreams import Behaviour, CountingUpstream, counting_upstream, fake_upstream
 
 # The name test_deploy knows the registry binary by.
@@ -90,6 +94,8 @@ __all__ = [
     "REGISTRY_BINARY",
     "SLAPD_BIN",
     "STARTUP_DEADLINE",
+    "UI_IMMUTABLE",
+    "UI_RULES",
     "Behaviour",
     "Browser",
     "Clients",
@@ -112,6 +118,7 @@ __all__ = [
     "build_stand_in_base",
     "call",
     "counting_upstream",
+    "create_token",
     "eventually",
     "exchange_raw",
     "fake_upstream",
@@ -139,6 +146,8 @@ __all__ = [
     "status_of",
     "tar_gz",
     "token",
+    "token_cli",
+    "ui_proxy",
     "unread_bytes",
     "user_dn",
     "value",

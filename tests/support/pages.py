@@ -8,13 +8,22 @@ import json
 import re
 from email.message import Message as HTTPMessage
 from http.cookies import SimpleCookie
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from tests.support.client import call, push_blob
-from tests.support.harness import sha256
+from tests.support.harness import Registry, sha256
 from tests.support.images import OCI_MANIFEST, tar_gz
 from tests.support.proxy import Proxy
 
+# The browser tests' rules: alice may do everything, bob pull team/** and list, carol pull
+# team/app only (no catalog); team/lib's 1.* tags are immutable.
+UI_RULES = (
+    "[{users: [alice], repositories: ['**'], actions: [pull, push, delete, catalog]},"
+    " {users: [bob], repositories: ['team/**'], actions: [pull, catalog]},"
+    " {users: [carol], repositories: ['team/app'], actions: [pull]}]"
+)
+UI_IMMUTABLE = "[{repositories: ['team/lib'], tags: ['1.*']}]"
 ANNOTATIONS = {"org.opencontainers.image.description": "<b>bold</b> & 'quoted'"}
 
 
@@ -140,3 +149,17 @@ def listed_repositories(page: str) -> list[str]:
     """The names in the repository page's list."""
     block = re.search(r'<ul id="repositories"[^>]*>(.*?)</ul>', page, re.S)
     return re.findall(r">([^<]+)</a></li>", block[1]) if block else []
+
+
+def ui_proxy(root: Path, registry: Registry, passwords: Path, key: Path, **env: str) -> Proxy:
+    """An unstarted proxy with the browser on, UI_RULES and UI_IMMUTABLE; `env` overrides."""
+    settings = {
+        "PROXY_UI": "true",
+        "PROXY_UI_SESSION_KEY_FILE": str(key),
+        "PROXY_ACCESS": UI_RULES,
+        "PROXY_IMMUTABLE_TAGS": UI_IMMUTABLE,
+        "PROXY_AUTH_MAX_FAILURES": "1000",
+        "PROXY_AUTH_MAX_FAILURES_PER_USER": "1000",
+        **env,
+    }
+    return Proxy(root, registry.url, passwords, settings)
