@@ -536,22 +536,15 @@ def test_a_refused_delete_of_no_reference_logs_nothing_of_it(site: Proxy) -> Non
     assert (refused["decision"], refused["reference"]) == ("bad_request", None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a directory session is re-checked by a search, which a changed password, a locked "
-    "or a disabled account passes; the fix is a design choice (see the docstring)",
-)
 def test_a_directory_users_session_ends_when_the_api_would_refuse_the_user(
     registry: Registry, key_file: Path, passwords: Path, tmp_path: Path, slapd: Slapd
 ) -> None:
     """Guards a directory user the directory no longer lets in: Basic binds as the user once the
     cached login expires (`auth_cache_ttl`), so a new password, a lock-out or a disabled
     account refuse the API within minutes, as docs/ldap.md promises. A browser session is
-    re-checked only by the service account's search, which still finds the entry: it keeps
-    working for the whole `ui_session_lifetime` (8 h), where an htpasswd user's session ends
-    at a new password. A fix needs a directory check that a lock-out fails (binding as the
-    user is impossible without the password): an account-status filter in `user_filter`, or
-    directory sessions capped near `auth_cache_ttl` and renewed by signing in again."""
+    re-checked by the service account's search, which still finds the entry: it kept working
+    for the whole `ui_session_lifetime` (8 h). Now the session is bound to the entry's
+    `modifyTimestamp`, which a new password, a lock-out or a disabled account changes."""
     env = slapd.proxy_env(PROXY_AUTH_CACHE_TTL="1")
     server = ui_proxy(tmp_path / "p", registry, passwords, key_file, **env)
     server.start()

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ldap
@@ -77,6 +78,19 @@ def user_base(template: str, user: str) -> str:
     return template.replace("{user}", escape_dn_chars(user))
 
 
+# Operational attributes that change with every change to an entry: the standard one (whole
+# seconds), OpenLDAP's change sequence number and Active Directory's (finer than a second).
+_STAMPS = ["modifyTimestamp", "entryCSN", "uSNChanged"]
+
+
+@dataclass(frozen=True)
+class DirectoryUser:
+    """What a lookup finds: the user's groups, and a stamp of the entry's last change."""
+
+    groups: frozenset[str]
+    stamp: str
+
+
 class Directory:
     """Logins against one LDAP directory, run off the event loop."""
 
@@ -100,8 +114,12 @@ class Directory:
             return None
         return await self._run(lambda: self._login(user, password))
 
-    async def lookup(self, user: str) -> frozenset[str] | None:
-        """The user's groups if the directory still holds the user (no password), else None."""
+    async def lookup(self, user: str) -> DirectoryUser | None:
+        """The user's groups and entry stamp, if the directory still holds the user, else None.
+
+        Asked as the service account: no password, so what ends a browser session is a change
+        to the entry (a new password, a lock-out, a disabled account all change its stamp).
+        """
         return await self._run(lambda: self._lookup(user))
 
     async def check(self) -> None:
@@ -176,11 +194,14 @@ class Directory:
         finally:
             _close(connection)
 
-    def _lookup(self, user: str) -> frozenset[str] | None:
+    def _lookup(self, user: str) -> DirectoryUser | None:
         connection = self._service_connection()
         try:
-            dn = self._find_user(connection, user)
-            return None if dn is None else self._groups(connection, dn, user)
+            found = self._find_entry(connection, user)
+            if found is None:
+                return None
+            dn, stamp = found
+            return DirectoryUser(self._groups(connection, dn, user), stamp)
         except _UNREACHABLE as exc:
             raise DirectoryUnavailable(_describe(exc)) from None
         except ldap.LDAPError as exc:
@@ -191,6 +212,11 @@ class Directory:
 
     def _find_user(self, connection: Any, user: str) -> str | None:
         """The DN of the one entry the user filter matches; None for none or several."""
+        found = self._find_entry(connection, user)
+        return None if found is None else found[0]
+
+    def _find_entry(self, connection: Any, user: str) -> tuple[str, str] | None:
+        """The DN and change stamp of the one entry the user filter matches, or None."""
         settings = self._settings
         assert settings.user_base is not None
         try:
@@ -198,15 +224,20 @@ class Directory:
                 user_base(settings.user_base, user),
                 ldap.SCOPE_SUBTREE,
                 user_filter(settings.user_filter, user),
-                ["1.1"],  # no attributes: the DN is all we need
+                # Operational attributes, sent only when asked for.
+                _STAMPS,
                 timeout=settings.timeout,
                 sizelimit=2,
             )
         except (ldap.SIZELIMIT_EXCEEDED, ldap.NO_SUCH_OBJECT):
             return None
         # Referrals and continuation references come without a DN: never followed.
-        entries = [dn for dn, _ in found if dn]
-        return entries[0] if len(entries) == 1 else None
+        entries = [(dn, attributes) for dn, attributes in found if dn]
+        if len(entries) != 1:
+            return None
+        dn, attributes = entries[0]
+        stamp = b"\0".join(value for name in _STAMPS for value in attributes.get(name, ()))
+        return dn, stamp.decode("utf-8", "replace")
 
     def _groups(self, connection: Any, dn: str, user: str) -> frozenset[str]:
         settings = self._settings

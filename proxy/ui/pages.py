@@ -128,7 +128,7 @@ class BrowserUI:
         if isinstance(result, AuthFailure):
             exchange.refusal = _LOGIN_REFUSALS.get(result.how, Refusal.BAD_CREDENTIALS)
             return self._refused_login(request, result, user)
-        kind, name, binding = self._signed_in.kind_of(result)
+        kind, name, binding = await self._signed_in.kind_of(result)
         _, value = self._signer.issue(kind, name, binding)
         exchange.event = "login"
         log.info("ui: %s signed in", escape(name))

@@ -3,17 +3,18 @@
 A session names who signed in, not what they may do: rights come from the rules in force, so a
 lost right applies at once. The session ends when its user leaves the htpasswd file or gets a
 new password, when its token expires, is revoked or gets another secret or owner, or when the
-directory no longer holds its user (asked at most every `auth_cache_ttl`, as Basic logins are
-cached).
+directory no longer holds its user or its entry changed since the sign-in (a new password, a
+lock-out, a disabled account; asked at most every `auth_cache_ttl`, as Basic logins are cached).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
-from proxy.auth.directory import Directory
+from proxy.auth.directory import Directory, DirectoryUnavailable, DirectoryUser
 from proxy.auth.tokens import TokenTable
 from proxy.auth.tokens_file import Token
 from proxy.identity import ANONYMOUS_GROUP, AuthOutcome, Identity
@@ -43,9 +44,9 @@ class SignedIn:
         self._ttl = directory_ttl
         self._clock = clock
         self._wall_clock = wall_clock
-        self._looked_up: OrderedDict[str, tuple[float, frozenset[str] | None]] = OrderedDict()
+        self._looked_up: OrderedDict[str, tuple[float, DirectoryUser | None]] = OrderedDict()
 
-    def kind_of(self, identity: Identity) -> tuple[Kind, str, str]:
+    async def kind_of(self, identity: Identity) -> tuple[Kind, str, str]:
         """How to remember a fresh login: its kind, the name to keep, and its binding."""
         if identity.scope is not None:
             name = identity.scope.token
@@ -55,8 +56,15 @@ class SignedIn:
         stored = self._users().get(identity.name)
         if stored is not None:
             return Kind.PASSWORD, identity.name, self._signer.binding(stored)
-        self._remember(identity.name, identity.groups)
-        return Kind.DIRECTORY, identity.name, ""
+        found = None
+        if self._directory is not None:
+            # Read afresh: the session is bound to the entry as it is now.
+            self._looked_up.pop(identity.name, None)
+            with contextlib.suppress(DirectoryUnavailable):
+                found = await self._lookup(identity.name, self._directory)
+        # Without the entry's stamp the session binds to nothing, and holds no page.
+        binding = "" if found is None else self._entry_binding(found)
+        return Kind.DIRECTORY, identity.name, binding
 
     async def identity(self, session: Session) -> Identity | None:
         """The identity the session stands for now, or None if it no longer stands for one.
@@ -73,10 +81,11 @@ class SignedIn:
             return self._token_identity(session, users)
         if self._directory is None or session.name in users:
             return None
-        groups = await self._groups(session.name, self._directory)
-        if groups is None:
+        found = await self._lookup(session.name, self._directory)
+        if found is None or not session.binding or self._entry_binding(found) != session.binding:
             return None
-        return Identity(session.name, AuthOutcome.CACHED, groups)
+        # `@anonymous` means a request without credentials: no directory group may claim it.
+        return Identity(session.name, AuthOutcome.CACHED, found.groups - {ANONYMOUS_GROUP})
 
     def _token_identity(self, session: Session, users: Mapping[str, str]) -> Identity | None:
         name = session.name
@@ -95,20 +104,17 @@ class SignedIn:
     def _token_binding(self, token: Token) -> str:
         return self._signer.binding(f"token\0{token.owner}\0{token.sha256}")
 
-    async def _groups(self, user: str, directory: Directory) -> frozenset[str] | None:
+    def _entry_binding(self, found: DirectoryUser) -> str:
+        return self._signer.binding(f"directory\0{found.stamp}")
+
+    async def _lookup(self, user: str, directory: Directory) -> DirectoryUser | None:
         entry = self._looked_up.get(user)
         if entry is not None and entry[0] > self._clock():
             self._looked_up.move_to_end(user)
             return entry[1]
-        groups = await directory.lookup(user)
-        self._remember(user, groups)
-        return groups
-
-    def _remember(self, user: str, groups: frozenset[str] | None) -> None:
-        if groups is not None:
-            # `@anonymous` means a request without credentials: no directory group may claim it.
-            groups = groups - {ANONYMOUS_GROUP}
-        self._looked_up[user] = (self._clock() + self._ttl, groups)
+        found = await directory.lookup(user)
+        self._looked_up[user] = (self._clock() + self._ttl, found)
         self._looked_up.move_to_end(user)
         while len(self._looked_up) > DIRECTORY_CACHE_SIZE:
             self._looked_up.popitem(last=False)
+        return found
