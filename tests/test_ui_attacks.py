@@ -300,6 +300,22 @@ def test_a_flood_of_sign_outs_does_not_revive_an_earlier_one(site: Proxy) -> Non
     assert page_user(site, f"rp_session={elsewhere.cookies['rp_session']}") is None
 
 
+def test_a_signed_out_cookie_cannot_sign_its_user_out_again(site: Proxy) -> None:
+    """Guards sign-out with a dead cookie: a sign-out ends every session of the user up to that
+    moment, so whoever kept a copy of a signed-out cookie (and its form's token, which never
+    changes for the session) could post it again and again to end the user's new sessions too.
+    A cookie whose session has ended signs out nobody: only its own cookie is cleared."""
+    alice = signed_in(site, "alice")
+    stolen, csrf = dict(alice.cookies), alice.csrf("/ui/")
+    assert alice.request("/ui/logout", "POST", {"csrf": csrf})[0] == 303
+    again = signed_in(site, "alice")
+    thief = PageClient(site.url)
+    thief.cookies = stolen
+    status, headers, _ = thief.request("/ui/logout", "POST", {"csrf": csrf})
+    assert (status, headers["Location"]) == (303, "/ui/login")
+    assert again.request("/ui/")[0] == 200
+
+
 def test_a_tag_page_of_huge_manifests_does_not_swell_or_stall_the_proxy(site: Proxy) -> None:
     """Guards the work one page view makes: the tag page parsed all 25 of its manifests up to
     the registry's 4 MiB each (configs up to 8 MiB) on the event loop, so a pusher's manifests

@@ -168,7 +168,9 @@ class BrowserUI:
         # (SameSite), and clearing it on such a request would let any page sign people out.
         if not _same_origin(request, self._exchanges(request)):
             return expired
-        session = self._signer.read(_one_cookie(request, COOKIE))
+        # A session already ended signs out nobody: a kept copy of its cookie must not end the
+        # user's later sessions.
+        session = await self._session(request)
         if session is not None:
             if not self._signer.csrf_ok(session, form.get("csrf", "")):
                 return expired
