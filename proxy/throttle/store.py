@@ -100,8 +100,9 @@ class ThrottleStore(Protocol):
 
     async def end_sessions(self, user: str, before: float, until: float, now: float) -> None:
         """Sessions of `user` (an opaque key, up to 64 chars of [A-Za-z0-9_-]) issued at or
-        before `before` are refused until `until` (wall-clock seconds); a later call with a
-        later `before` wins, never an earlier one."""
+        before `before` (an issue time in the caller's unit: the browser's are milliseconds)
+        are refused until `until` (wall-clock seconds); a later `before` wins, never an earlier
+        one, and the later `until`."""
         ...
 
     async def sessions_ended(self, user: str, now: float) -> float | None:
