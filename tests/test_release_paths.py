@@ -123,11 +123,11 @@ class Ledger:
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
         return await self.inner.recall(user, client, ttl, now)
 
-    async def revoke(self, session: str, until: float, now: float) -> None:
-        await self.inner.revoke(session, until, now)
+    async def end_sessions(self, user: str, before: float, until: float, now: float) -> None:
+        await self.inner.end_sessions(user, before, until, now)
 
-    async def is_revoked(self, session: str, now: float) -> bool:
-        return await self.inner.is_revoked(session, now)
+    async def sessions_ended(self, user: str, now: float) -> float | None:
+        return await self.inner.sessions_ended(user, now)
 
     def _give_back(self, key: str, member: str) -> None:
         self.balance[key, member] -= 1

@@ -360,6 +360,36 @@ def test_sign_out_ends_the_session_on_the_server(site: Proxy) -> None:
     assert status == 303 and headers["Location"].startswith("/ui/login")
 
 
+def test_sign_out_ends_the_users_sessions_in_every_browser(site: Proxy) -> None:
+    """Guards sign-out as "sign out everywhere": it ends every session of the user issued up to
+    it (so a copy of any of her cookies, stolen from whichever browser, is refused), and no
+    other user's."""
+    laptop, phone, other = (
+        signed_in(site, "alice"),
+        signed_in(site, "alice"),
+        signed_in(site, "bob"),
+    )
+    assert phone.request("/ui/")[0] == 200
+    status, _, _ = laptop.request("/ui/logout", "POST", {"csrf": laptop.csrf("/ui/")})
+    assert status == 303
+    status, headers, _ = phone.request("/ui/")
+    assert status == 303 and headers["Location"].startswith("/ui/login")
+    assert other.request("/ui/")[0] == 200
+
+
+def test_signing_in_right_after_signing_out_works(site: Proxy) -> None:
+    """Guards the issue time's resolution: a sign-out ends the sessions issued up to it, and in
+    whole seconds a session made in the same second as the sign-out would be ended too, so a
+    user signing straight back in was sent back to the sign-in form."""
+    for _ in range(3):
+        browser = signed_in(site, "alice")
+        assert browser.request("/ui/")[0] == 200
+        status, _, _ = browser.request("/ui/logout", "POST", {"csrf": browser.csrf("/ui/")})
+        assert status == 303
+        again = signed_in(site, "alice")
+        assert again.request("/ui/")[0] == 200
+
+
 def test_a_forged_or_altered_cookie_is_no_session(site: Proxy) -> None:
     """Guards the cookie's signature: a user who edits the name in it becomes nobody."""
     browser = signed_in(site, "bob")

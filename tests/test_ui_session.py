@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 from pathlib import Path
 
 import pytest
 
 from proxy.paths import Action
+from proxy.throttle.store import check_owner
 from proxy.ui.registry import Refused, api_path, read_config, read_manifest
-from proxy.ui.session import Kind, SessionSigner, read_session_key
+from proxy.ui.session import Kind, SessionSigner, owner_key, read_session_key
 
 KEY = b"k" * 32
 
@@ -45,6 +48,36 @@ def test_any_altered_field_breaks_the_signature(field: str) -> None:
     fields[field] = {"n": "alice", "k": "t", "e": fields["e"] + 10**6, "i": "x", "b": "y"}[field]
     forged = base64.urlsafe_b64encode(json.dumps(fields).encode()).rstrip(b"=").decode()
     assert signer.read(f"{forged}.{mac}") is None
+
+
+def test_sessions_are_issued_to_the_millisecond_and_older_cookies_read_as_none() -> None:
+    """Guards the issue time a sign-out compares with: whole seconds would end a session made
+    in the same second after a sign-out. A cookie of the earlier format (seconds) is no session."""
+    clock = Clock()
+    clock.now = 1_796_000_000.1234
+    signer = SessionSigner(KEY, 3600, clock)
+    session, value = signer.issue(Kind.PASSWORD, "alice")
+    assert session.issued == 1_796_000_000_123
+    assert session.expires == 1_796_003_600
+    payload = value.split(".")[0]
+    fields = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    fields.update(v=1, t=1_796_000_000)
+    old = base64.urlsafe_b64encode(json.dumps(fields).encode()).rstrip(b"=").decode()
+    mac = hmac.new(KEY, b"session\0" + old.encode(), hashlib.sha256).digest()
+    signed = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    assert signer.read(f"{old}.{signed}") is None
+
+
+def test_a_users_key_in_the_stores_is_a_fixed_size_hash_of_kind_and_name() -> None:
+    """Guards the key sign-outs are kept under: any name (long, odd characters) must make a key
+    the stores take, and a user and a token of the same name must not share one."""
+    for name in ("alice", "a" * 256, "caf\u00e9 : \n", ""):
+        key = owner_key(Kind.PASSWORD, name)
+        assert len(key) == 43 and check_owner(key) == key
+    assert owner_key(Kind.PASSWORD, "ci") != owner_key(Kind.TOKEN, "ci")
+    assert owner_key(Kind.PASSWORD, "ci") != owner_key(Kind.PASSWORD, "cj")
+    session, _ = SessionSigner(KEY, 3600).issue(Kind.TOKEN, "ci")
+    assert session.owner_key == owner_key(Kind.TOKEN, "ci")
 
 
 def test_another_key_reads_nothing_and_garbage_is_no_session() -> None:

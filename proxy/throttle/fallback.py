@@ -10,12 +10,12 @@ addresses where users logged in through it stay known, and guesses at a name dur
 cannot spend its rate for its owner there. Guessers get at most one extra budget per process for the
 outage, minus what this process saw them use.
 
-Revoked browser sessions (`revoke`) are written to the local store too, always. A revocation
-made while the shared store was away lives in the local store only: other proxy tasks (with
-Redis) or other hosts never learn of it, so a copy of that cookie replayed through them is taken
+The browser's sign-outs (`end_sessions`) are written to the local store too, always. One made
+while the shared store was away lives in the local store only: other proxy tasks (with Redis) or
+other hosts never learn of it, so a copy of a cookie it ended, replayed through them, is taken
 until it expires. This process (and, below Redis, every worker of its host) keeps refusing it
-after the shared store is back: `is_revoked` asks the local store too whenever the shared
-one says no. That costs a lookup in memory, or with workers a call to the supervisor.
+after the shared store is back: `sessions_ended` asks the local store too and takes the later of
+the two answers. That costs a lookup in memory, or with workers a call to the supervisor.
 """
 
 from __future__ import annotations
@@ -94,14 +94,19 @@ class FallbackStore:
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
         return await self._call(lambda store: store.recall(user, client, ttl, now))
 
-    async def revoke(self, session: str, until: float, now: float) -> None:
-        await self._call(lambda store: store.revoke(session, until, now), mirror=True)
+    async def end_sessions(self, user: str, before: float, until: float, now: float) -> None:
+        await self._call(lambda store: store.end_sessions(user, before, until, now), mirror=True)
 
-    async def is_revoked(self, session: str, now: float) -> bool:
-        if await self._call(lambda store: store.is_revoked(session, now)):
-            return True
-        # A revocation made while the shared store was away is in the local store only.
-        return self.up and await self.local.is_revoked(session, now)
+    async def sessions_ended(self, user: str, now: float) -> float | None:
+        ended = await self._call(lambda store: store.sessions_ended(user, now))
+        if not self.up:
+            return ended  # that was the local store's answer
+        # A sign-out made while the shared store was away is in the local store only, and may
+        # be later than the shared store's (made before the outage): the later one holds.
+        local = await self.local.sessions_ended(user, now)
+        if ended is None or (local is not None and local > ended):
+            return local
+        return ended
 
     async def _call(
         self, call: Callable[[ThrottleStore], Awaitable[T]], *, mirror: bool = False

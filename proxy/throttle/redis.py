@@ -12,11 +12,12 @@ last login, kept by a second script within the same bounds as `MemoryStore`'s an
 TTL: `maxmemory-policy volatile-ttl` evicts only keys with one, so a flood of failures filling
 `maxmemory` evicts failures, never a known address. Any `allkeys-*` policy would not keep that.
 
-Revoked browser sessions are one sorted set (session id -> the time its refusal ends), also
-without a TTL for the same reason: a flood of failures must not let a signed-out cookie back
-in. Each revocation drops the ended ones and, past `MAX_REVOKED`, those that end soonest. A
-restarted Redis without persistence forgets them, as it forgets failures: a cookie signed out
-before the restart is taken again until it expires.
+The browser's sign-outs are a sorted set of users (user's key -> when the refusal ends) and a
+hash of the same users (-> the issue time up to which their sessions are refused), kept in step by
+a third script, also without a TTL for the same reason: a flood of failures must not let a
+signed-out cookie back in. Each sign-out drops ended entries (a few at a time) and, past
+`MAX_ENDED_USERS`, those that end soonest. A restarted Redis without persistence forgets them, as
+it forgets failures: a cookie signed out before the restart is taken again until it expires.
 """
 
 from __future__ import annotations
@@ -35,18 +36,19 @@ from redis.exceptions import RedisError
 from proxy.config import redacted
 from proxy.throttle.store import (
     KNOWN_PER_USER,
+    MAX_ENDED_USERS,
     MAX_KNOWN_USERS,
-    MAX_REVOKED,
     RESERVATION_LEASE,
     Entry,
     StoreUnavailable,
-    check_session,
+    check_owner,
 )
 
 PREFIX = "registry-proxy:throttle:"
 KNOWN = PREFIX + "known:"
 KNOWN_USERS = PREFIX + "known-users"
-REVOKED = PREFIX + "revoked-sessions"
+ENDED = PREFIX + "ended-sessions"
+ENDED_BEFORE = PREFIX + "ended-sessions-before"
 # Past these, a call fails and the throttle uses the local store until Redis answers again.
 SOCKET_TIMEOUT = 0.5
 POOL_TIMEOUT = 2.0
@@ -151,18 +153,41 @@ end
 return false
 """
 
-# KEYS: the revoked sessions' set (score: when the refusal ends). ZADD GT keeps the later end
-# when a session is revoked twice.
-_REVOKED_SCRIPT = """
-local op, session, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if op == 'is_revoked' then
-  local ends = tonumber(redis.call('ZSCORE', KEYS[1], session))
-  return ends ~= nil and ends > now
+# KEYS: the users' set (score: when the refusal ends), the users' hash (-> before). An entry
+# that has ended counts as none, until it is dropped.
+_ENDED_SCRIPT = """
+local op, user, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ends = tonumber(redis.call('ZSCORE', KEYS[1], user))
+local live = ends ~= nil and ends > now
+if op == 'sessions_ended' then
+  if not live then return false end
+  return redis.call('HGET', KEYS[2], user)
 end
 -- Times go to Redis as the strings given: a Lua number would be cut to 14 digits.
-if tonumber(ARGV[4]) > now then redis.call('ZADD', KEYS[1], 'GT', ARGV[4], session) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1 - tonumber(ARGV[5]))
+local before, ends_new, max_users = ARGV[4], ARGV[5], tonumber(ARGV[6])
+if tonumber(ends_new) > now then
+  if not live then
+    redis.call('ZADD', KEYS[1], ends_new, user)
+    redis.call('HSET', KEYS[2], user, before)
+  else
+    -- Never an earlier `before`, never a sooner end: each only refuses more.
+    redis.call('ZADD', KEYS[1], 'GT', ends_new, user)
+    local kept = tonumber(redis.call('HGET', KEYS[2], user))
+    if kept == nil or kept < tonumber(before) then redis.call('HSET', KEYS[2], user, before) end
+  end
+end
+-- Ended entries (a few at a time), then those ending soonest beyond the bound.
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, 64)
+local over = redis.call('ZCARD', KEYS[1]) - #gone - max_users
+if over > 0 then
+  for _, name in ipairs(redis.call('ZRANGE', KEYS[1], #gone, #gone + over - 1)) do
+    gone[#gone + 1] = name
+  end
+end
+for _, name in ipairs(gone) do
+  redis.call('ZREM', KEYS[1], name)
+  redis.call('HDEL', KEYS[2], name)
+end
 return false
 """
 
@@ -178,11 +203,11 @@ class RedisStore:
         *,
         max_known_users: int = MAX_KNOWN_USERS,
         known_per_user: int = KNOWN_PER_USER,
-        max_revoked: int = MAX_REVOKED,
+        max_ended_users: int = MAX_ENDED_USERS,
     ) -> None:
         self.url = redacted(url)
         self._known_bounds = [repr(known_per_user), repr(max_known_users)]
-        self._max_revoked = repr(max_revoked)
+        self._max_ended_users = repr(max_ended_users)
         pool = BlockingConnectionPool.from_url(
             url,
             # The calls' connections, and one for the ping.
@@ -199,7 +224,7 @@ class RedisStore:
         self._redis = Redis(connection_pool=pool)
         self._script = self._redis.register_script(_SCRIPT)
         self._known_script = self._redis.register_script(_KNOWN_SCRIPT)
-        self._revoked_script = self._redis.register_script(_REVOKED_SCRIPT)
+        self._ended_script = self._redis.register_script(_ENDED_SCRIPT)
         # Calls queue here for a connection: a queue of checks under load is no outage (the
         # pool's wait timing out was taken for one). Once a call has failed, those queued fail
         # at once rather than each wait out its timeout, until a ping answers.
@@ -234,13 +259,15 @@ class RedisStore:
         args = ["recall", repr(now), repr(ttl), client]
         return bool(await self._eval(self._known_script, [KNOWN + user, KNOWN_USERS], args))
 
-    async def revoke(self, session: str, until: float, now: float) -> None:
-        args = ["revoke", check_session(session), repr(now), repr(until), self._max_revoked]
-        await self._eval(self._revoked_script, [REVOKED], args)
+    async def end_sessions(self, user: str, before: float, until: float, now: float) -> None:
+        args = ["end_sessions", check_owner(user), repr(now), repr(before), repr(until),
+                self._max_ended_users]  # fmt: skip
+        await self._eval(self._ended_script, [ENDED, ENDED_BEFORE], args)
 
-    async def is_revoked(self, session: str, now: float) -> bool:
-        args = ["is_revoked", check_session(session), repr(now)]
-        return bool(await self._eval(self._revoked_script, [REVOKED], args))
+    async def sessions_ended(self, user: str, now: float) -> float | None:
+        args = ["sessions_ended", check_owner(user), repr(now)]
+        ended = await self._eval(self._ended_script, [ENDED, ENDED_BEFORE], args)
+        return None if ended is None else float(ended)
 
     async def ping(self) -> None:
         try:

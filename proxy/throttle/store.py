@@ -10,8 +10,9 @@ Apart from those keys, `remember` and `recall` keep the addresses where each use
 only a successful login makes one, so no number of failures may push one out. They have bounds
 of their own (`KNOWN_PER_USER`, `MAX_KNOWN_USERS`), and failures have theirs (`MAX_KEYS`).
 
-`revoke` and `is_revoked` keep the browser sessions signed out before their cookies expire,
-apart from both and bounded apart (`MAX_REVOKED`): no failure evicts one either.
+`end_sessions` and `sessions_ended` keep the browser's sign-outs: one entry per user, ending
+every session of hers issued up to the sign-out, until those sessions would have expired. They
+are apart from both and bounded apart (`MAX_ENDED_USERS`): no failure evicts one either.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ RESERVATION_LEASE = 600.0
 MAX_KEYS = 30_000
 MAX_KNOWN_USERS = 10_000
 KNOWN_PER_USER = 16
-# Sessions signed out before their cookie expires. Only a signed-in user can sign out, and each
-# sign-in costs a password check (throttled), so only a long-lived misuse reaches this bound
-# (about 22 MB in memory with 43-character ids).
-MAX_REVOKED = 100_000
-# What a session id may be (the browser's cookie names one): bounded, and safe in any store.
-SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Users whose sign-out still ends sessions. One entry per user, however often she signs out, so
+# only that many distinct accounts signing out within one session lifetime reach this bound
+# (about 25 MB in memory with 43-character keys).
+MAX_ENDED_USERS = 100_000
+# What a user's key may be (the browser passes a hash of who signed in): bounded, and safe in
+# any store.
+OWNER_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class StoreUnavailable(Exception):
@@ -96,21 +98,23 @@ class ThrottleStore(Protocol):
         """Whether `user` logged in from `client` within `ttl` (and is still remembered)."""
         ...
 
-    async def revoke(self, session: str, until: float, now: float) -> None:
-        """Refuse `session` (an opaque id, up to 64 chars of [A-Za-z0-9_-]) until `until`
-        (wall-clock seconds)."""
+    async def end_sessions(self, user: str, before: float, until: float, now: float) -> None:
+        """Sessions of `user` (an opaque key, up to 64 chars of [A-Za-z0-9_-]) issued at or
+        before `before` (an issue time in the caller's unit: the browser's are milliseconds)
+        are refused until `until` (wall-clock seconds); a later `before` wins, never an earlier
+        one, and the later `until`."""
         ...
 
-    async def is_revoked(self, session: str, now: float) -> bool:
-        """Whether `session` was revoked and `until` has not passed."""
+    async def sessions_ended(self, user: str, now: float) -> float | None:
+        """The latest `before` still in force for `user` (its `until` not passed), or None."""
         ...
 
 
-def check_session(session: str) -> str:
-    """`session` if it is a session id as the stores keep them; else `ValueError`."""
-    if not SESSION_ID.fullmatch(session):
-        raise ValueError(f"not a session id: {session[:80]!r}")
-    return session
+def check_owner(user: str) -> str:
+    """`user` if it is a user's key as the stores keep sign-outs; else `ValueError`."""
+    if not OWNER_KEY.fullmatch(user):
+        raise ValueError(f"not a user's key: {user[:80]!r}")
+    return user
 
 
 @dataclass
@@ -171,52 +175,65 @@ class KnownClients:
         return at is not None and at > now - ttl
 
 
-class Revocations:
-    """Sessions refused until a time each, at most `max_sessions`: past it, the one that expires
-    soonest goes (it is the one whose replay would be refused for the least time)."""
+class EndedSessions:
+    """Per user, the issue time up to which her sessions are refused, and until when; at most
+    `max_users` users. Past it, the user whose entry ends soonest goes.
 
-    def __init__(self, max_sessions: int) -> None:
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be at least 1")
-        self._max_sessions = max_sessions
-        self._until: dict[str, float] = {}
-        # (until, session), soonest first; an entry whose session was revoked again for longer
-        # is stale: it no longer matches `_until` and is skipped when it comes up.
+    That eviction is safe: a user's sign-outs all rewrite her one entry, so a flood of them
+    takes no room from anyone else's. Only as many distinct accounts, each signing in with a
+    (throttled) password check, signing out within one session lifetime reach the bound.
+    """
+
+    def __init__(self, max_users: int) -> None:
+        if max_users < 1:
+            raise ValueError("max_users must be at least 1")
+        self._max_users = max_users
+        # user -> (before, until)
+        self._ended: dict[str, tuple[float, float]] = {}
+        # (until, user), soonest first; an entry whose user signed out again since is stale: it
+        # no longer matches `_ended` and is skipped when it comes up.
         self._ends: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
-        return len(self._until)
+        return len(self._ended)
 
-    def revoke(self, session: str, until: float, now: float) -> None:
+    def end(self, user: str, before: float, until: float, now: float) -> None:
         self._drop_ended(now)
-        if until <= now or self._until.get(session, now) >= until:
-            return  # over already, or revoked for as long or longer
-        self._until[session] = until
-        heapq.heappush(self._ends, (until, session))
-        while len(self._until) > self._max_sessions:
+        if until <= now:
+            return  # nothing left to refuse
+        earlier = self._ended.get(user)
+        if earlier is not None:
+            # Never an earlier `before`, never a sooner end: each only refuses more.
+            before, until = max(before, earlier[0]), max(until, earlier[1])
+            if (before, until) == earlier:
+                return
+        self._ended[user] = (before, until)
+        heapq.heappush(self._ends, (until, user))
+        while len(self._ended) > self._max_users:
             self._pop_soonest()
-        if len(self._ends) > 2 * len(self._until) + 16:
-            self._ends = [(end, sid) for sid, end in self._until.items()]
+        if len(self._ends) > 2 * len(self._ended) + 16:
+            self._ends = [(end, name) for name, (_, end) in self._ended.items()]
             heapq.heapify(self._ends)
 
-    def is_revoked(self, session: str, now: float) -> bool:
-        until = self._until.get(session)
-        return until is not None and until > now
+    def ended(self, user: str, now: float) -> float | None:
+        entry = self._ended.get(user)
+        return entry[0] if entry is not None and entry[1] > now else None
 
     def _drop_ended(self, now: float) -> None:
         while self._ends and self._ends[0][0] <= now:
             self._pop_soonest()
 
     def _pop_soonest(self) -> None:
-        until, session = heapq.heappop(self._ends)
-        if self._until.get(session) == until:
-            del self._until[session]
+        until, user = heapq.heappop(self._ends)
+        entry = self._ended.get(user)
+        if entry is not None and entry[1] == until:
+            del self._ended[user]
 
 
 class MemoryStore:
     """`ThrottleStore` in this process's memory, bounded to `max_keys` keys of failures and
-    blocks, and known addresses and revoked sessions bounded apart (`KnownClients`,
-    `Revocations`): no failure evicts one.
+    blocks, and known addresses and sign-outs bounded apart (`KnownClients`,
+    `EndedSessions`): no failure evicts one.
 
     When full, the key touched least recently goes first; keys with reservations in flight
     and blocked keys go only once no other key is left. Keys made by a reservation are over
@@ -229,14 +246,14 @@ class MemoryStore:
         *,
         max_known_users: int = MAX_KNOWN_USERS,
         known_per_user: int = KNOWN_PER_USER,
-        max_revoked: int = MAX_REVOKED,
+        max_ended_users: int = MAX_ENDED_USERS,
     ) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         self._max_keys = max_keys
         self._entries: OrderedDict[str, MemoryEntry] = OrderedDict()
         self._known = KnownClients(known_per_user, max_known_users)
-        self._revoked = Revocations(max_revoked)
+        self._ended = EndedSessions(max_ended_users)
 
     def __len__(self) -> int:
         """The keys of failures and blocks (known addresses are kept apart)."""
@@ -248,11 +265,11 @@ class MemoryStore:
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
         return self._known.recall(user, client, ttl, now)
 
-    async def revoke(self, session: str, until: float, now: float) -> None:
-        self._revoked.revoke(check_session(session), until, now)
+    async def end_sessions(self, user: str, before: float, until: float, now: float) -> None:
+        self._ended.end(check_owner(user), before, until, now)
 
-    async def is_revoked(self, session: str, now: float) -> bool:
-        return self._revoked.is_revoked(check_session(session), now)
+    async def sessions_ended(self, user: str, now: float) -> float | None:
+        return self._ended.ended(check_owner(user), now)
 
     async def get(self, key: str, window: float, now: float) -> Entry:
         entry = self._entries.get(key)

@@ -18,7 +18,7 @@ import socket
 from collections import deque
 from typing import Any
 
-from proxy.throttle.store import Entry, MemoryStore, StoreUnavailable, check_session
+from proxy.throttle.store import Entry, MemoryStore, StoreUnavailable, check_owner
 
 log = logging.getLogger("registry_proxy.throttle")
 
@@ -95,8 +95,8 @@ class HostStoreServer:
             return _value(await store.reserve(*args))
         if op == "recall":
             return await store.recall(*args)
-        if op == "is_revoked":
-            return await store.is_revoked(*args)
+        if op == "sessions_ended":
+            return await store.sessions_ended(*args)
         if op == "commit":
             key, member, window, now, limit, block = args
             await store.commit(key, member, window, now, limit=limit, block=block)
@@ -106,8 +106,8 @@ class HostStoreServer:
             await store.clear(*args)
         elif op == "remember":
             await store.remember(*args)
-        elif op == "revoke":
-            await store.revoke(*args)
+        elif op == "end_sessions":
+            await store.end_sessions(*args)
         elif op != "ping":
             raise KeyError(f"unknown call {op!r}")
         return None
@@ -151,12 +151,13 @@ class HostStoreClient:
     async def recall(self, user: str, client: str, ttl: float, now: float) -> bool:
         return bool(await self._call("recall", user, client, ttl, now))
 
-    async def revoke(self, session: str, until: float, now: float) -> None:
-        # Checked here: a bad id the supervisor refused would end this worker's connection.
-        await self._call("revoke", check_session(session), until, now)
+    async def end_sessions(self, user: str, before: float, until: float, now: float) -> None:
+        # Checked here: a bad key the supervisor refused would end this worker's connection.
+        await self._call("end_sessions", check_owner(user), before, until, now)
 
-    async def is_revoked(self, session: str, now: float) -> bool:
-        return bool(await self._call("is_revoked", check_session(session), now))
+    async def sessions_ended(self, user: str, now: float) -> float | None:
+        ended = await self._call("sessions_ended", check_owner(user), now)
+        return None if ended is None else float(ended)
 
     async def ping(self) -> None:
         await self._call("ping")

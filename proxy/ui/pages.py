@@ -23,7 +23,14 @@ from proxy.throttle.store import ThrottleStore
 from proxy.ui import templates
 from proxy.ui.forms import BadForm, query_values, read_form
 from proxy.ui.registry import Acting, Refused, Registry, api_path
-from proxy.ui.session import COOKIE, COOKIE_PATH, LOGIN_COOKIE, Session, SessionSigner
+from proxy.ui.session import (
+    COOKIE,
+    COOKIE_PATH,
+    LOGIN_COOKIE,
+    Session,
+    SessionSigner,
+    milliseconds,
+)
 from proxy.ui.signed_in import SignedIn
 
 log = logging.getLogger("registry_proxy.ui")
@@ -161,12 +168,17 @@ class BrowserUI:
         # (SameSite), and clearing it on such a request would let any page sign people out.
         if not _same_origin(request, self._exchanges(request)):
             return expired
-        session = self._signer.read(_one_cookie(request, COOKIE))
+        # A session already ended signs out nobody: a kept copy of its cookie must not end the
+        # user's later sessions.
+        session = await self._session(request)
         if session is not None:
             if not self._signer.csrf_ok(session, form.get("csrf", "")):
                 return expired
-            # Until the cookie would have expired anyway: a copy replayed later is refused.
-            await self._store().revoke(session.id, session.expires, time.time())
+            # Every session of the user up to now, in every browser, until the last of them would
+            # have expired anyway: a copy of any of their cookies replayed later is refused.
+            now = time.time()
+            until = max(now + self._signer.lifetime, session.expires)
+            await self._store().end_sessions(session.owner_key, milliseconds(now), until, now)
             log.info("ui: %s signed out", escape(session.name))
         response = _see_other(_LOGIN)
         response.del_cookie(COOKIE, path=COOKIE_PATH)
@@ -176,7 +188,10 @@ class BrowserUI:
 
     async def _session(self, request: web.Request) -> Session | None:
         session = self._signer.read(_one_cookie(request, COOKIE))
-        if session is None or await self._store().is_revoked(session.id, time.time()):
+        if session is None:
+            return None
+        ended = await self._store().sessions_ended(session.owner_key, time.time())
+        if ended is not None and session.issued <= ended:
             return None
         return session
 

@@ -1,9 +1,10 @@
 """The browser's session: a signed, expiring cookie naming who signed in, and its CSRF tokens.
 
-Nothing is stored per session: the cookie carries the session's id, who signed in and when it
-expires, with an HMAC under the `ui_session_key_file` key, so every worker and every proxy task
-holding the key reads it alike. Sign-out revokes the id in the throttle's shared store until the
-cookie would have expired anyway.
+Nothing is stored per session: the cookie carries the session's id, who signed in, when (to the
+millisecond) and when it expires, with an HMAC under the `ui_session_key_file` key, so every
+worker and every proxy task holding the key reads it alike. Sign-out ends every session of that
+user issued up to that moment: one entry per user in the throttle's shared store (`owner_key`),
+kept until those sessions would have expired anyway.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import enum
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -27,7 +29,8 @@ COOKIE_PATH = "/ui/"
 MIN_KEY_BYTES = 32
 # A cookie longer than this is no cookie of ours (names are at most a few hundred bytes).
 MAX_COOKIE_CHARS = 2048
-_VERSION = 1
+# 2: issue times in milliseconds (a cookie of version 1 is no session).
+_VERSION = 2
 
 
 class Kind(enum.StrEnum):
@@ -46,10 +49,28 @@ class Session:
     kind: Kind
     # The user's name, or the access token's.
     name: str
+    # Wall-clock milliseconds: a sign-out ends the sessions issued up to its own millisecond, so
+    # signing in again right after it makes a session that works.
     issued: int
+    # Wall-clock seconds.
     expires: int
     # For htpasswd users, a MAC of the password hash they signed in with: a new password ends it.
     binding: str = ""
+
+    @property
+    def owner_key(self) -> str:
+        """Who signed in, as the stores keep her sign-outs (`owner_key`)."""
+        return owner_key(self.kind, self.name)
+
+
+def owner_key(kind: Kind, name: str) -> str:
+    """A user's or token's key in the stores: 43 characters of [A-Za-z0-9_-], whatever the name."""
+    return _b64(hashlib.sha256(f"{kind}\0{name}".encode()).digest())
+
+
+def milliseconds(seconds: float) -> int:
+    """Wall-clock seconds as the sessions' issue times count them (rounded down)."""
+    return math.floor(seconds * 1000)
 
 
 def read_session_key(path: Path) -> bytes:
@@ -85,9 +106,14 @@ class SessionSigner:
 
     def issue(self, kind: Kind, name: str, binding: str = "") -> tuple[Session, str]:
         """A new session and its cookie value."""
-        now = int(self._clock())
+        now = self._clock()
         session = Session(
-            secrets.token_urlsafe(16), kind, name, now, now + int(self.lifetime), binding
+            secrets.token_urlsafe(16),
+            kind,
+            name,
+            milliseconds(now),
+            int(now) + int(self.lifetime),
+            binding,
         )
         fields = {
             "v": _VERSION,
