@@ -11,7 +11,7 @@ import html
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -249,10 +249,15 @@ def test_delete_is_offered_only_with_the_right_and_never_for_an_immutable_tag(
     assert 'class="delete"' not in page
 
 
-def last_record(site: Proxy, matches: Callable[[dict[str, object]], bool]) -> dict[str, object]:
-    """The last access log line that `matches`, once written (after the answer is sent)."""
-    wait_until(lambda: any(map(matches, access_records(site.log()))), "the access log line")
-    return [record for record in access_records(site.log()) if matches(record)][-1]
+def record_of(site: Proxy, headers: dict[str, str]) -> dict[str, object]:
+    """The access log line of the answer with these headers, once written (after it is sent)."""
+
+    def found() -> list[dict[str, object]]:
+        wanted = headers["X-Request-Id"]
+        return [record for record in access_records(site.log()) if record["request_id"] == wanted]
+
+    wait_until(lambda: bool(found()), "the access log line")
+    return found()[0]
 
 
 def delete(browser: PageClient, repository: str, reference: str, **extra: str) -> int:
@@ -288,9 +293,12 @@ def test_delete_follows_the_api_rules(site: Proxy) -> None:
     fixed = headers["Docker-Content-Digest"]
     assert delete(admin, "team/lib", fixed) == 403
     assert manifest_status(site, "team/lib", "1.0") == 200
-    assert delete(admin, "team/gone", digest) == 303
+    form = {"csrf": admin.csrf("/ui/"), "repository": "team/gone", "reference": digest}
+    status, headers, _ = admin.request("/ui/delete", "POST", form)
+    assert status == 303
     assert manifest_status(site, "team/gone", digest) == 404
-    record = last_record(site, lambda r: r.get("event") == "delete")
+    record = record_of(site, headers)
+    assert record["event"] == "delete"
     assert (record["user"], record["repository"], record["reference"]) == (
         "alice",
         "team/gone",
@@ -336,14 +344,15 @@ def test_the_sign_in_form_needs_its_token_too(site: Proxy) -> None:
 def test_a_wrong_password_is_refused_and_audited_like_basic(site: Proxy) -> None:
     """Guards the form's audit line: the same `auth` outcome and `tried_user` as Basic."""
     browser = PageClient(site.url)
-    status, _, page = browser.sign_in("alice", "wrong")
+    status, headers, page = browser.sign_in("alice", "wrong")
     assert status == 401
     assert "Wrong user name or password" in page
     assert "rp_session" not in browser.cookies
-    refused = last_record(site, lambda r: r["path"] == "/ui/login" and r["status"] == 401)
+    refused = record_of(site, headers)
     assert (refused["auth"], refused["tried_user"]) == ("bad_credentials", "alice")
-    signed_in(site, "alice")
-    login = last_record(site, lambda r: r["path"] == "/ui/login" and r["status"] == 303)
+    status, headers, _ = browser.sign_in("alice", "alice-pw")
+    assert status == 303
+    login = record_of(site, headers)
     assert (login["event"], login["user"]) == ("login", "alice")
     assert login["auth"] in ("success", "cached")  # alice signed in before: her check is cached
 

@@ -171,3 +171,13 @@ def test_a_manifest_and_config_are_read_defensively() -> None:
     assert read_config(b"not json").labels == {}
     facts = read_config(json.dumps({"created": 5, "config": {"Labels": None}}).encode())
     assert facts.created is None and facts.labels == {}
+
+
+def test_a_session_is_issued_after_the_sign_out_it_follows() -> None:
+    """Guards a sign-in in the same millisecond as a sign-out: its session would be ended by it
+    (issued at or before the sign-out) and never hold a page."""
+    clock = Clock()
+    signer = SessionSigner(KEY, 3600, clock)
+    signed_out = int(clock.now * 1000)
+    session, _ = signer.issue(Kind.PASSWORD, "alice", after=signed_out)
+    assert session.issued > signed_out

@@ -30,6 +30,7 @@ from proxy.ui.session import (
     Session,
     SessionSigner,
     milliseconds,
+    owner_key,
 )
 from proxy.ui.signed_in import SignedIn
 
@@ -136,7 +137,9 @@ class BrowserUI:
             exchange.refusal = _LOGIN_REFUSALS.get(result.how, Refusal.BAD_CREDENTIALS)
             return self._refused_login(request, result, user)
         kind, name, binding = await self._signed_in.kind_of(result)
-        _, value = self._signer.issue(kind, name, binding)
+        # A sign-in in the same millisecond as a sign-out must not make a session it ends.
+        ended = await self._store().sessions_ended(owner_key(kind, name), time.time())
+        _, value = self._signer.issue(kind, name, binding, None if ended is None else int(ended))
         exchange.event = "login"
         log.info("ui: %s signed in", escape(name))
         response = _see_other(_safe_next(form.get("next", "")) or _HOME)

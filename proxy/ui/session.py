@@ -104,14 +104,17 @@ class SessionSigner:
         message = purpose.encode() + b"\0" + data.encode()
         return _b64(hmac.new(self._key, message, hashlib.sha256).digest())
 
-    def issue(self, kind: Kind, name: str, binding: str = "") -> tuple[Session, str]:
-        """A new session and its cookie value."""
+    def issue(
+        self, kind: Kind, name: str, binding: str = "", after: int | None = None
+    ) -> tuple[Session, str]:
+        """A new session and its cookie value; issued later than `after` (a sign-out's time)."""
         now = self._clock()
+        issued = milliseconds(now) if after is None else max(milliseconds(now), after + 1)
         session = Session(
             secrets.token_urlsafe(16),
             kind,
             name,
-            milliseconds(now),
+            issued,
             int(now) + int(self.lifetime),
             binding,
         )

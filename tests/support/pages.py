@@ -107,7 +107,7 @@ class PageClient:
 
     def csrf(self, path: str = "/ui/login") -> str:
         status, _, page = self.request(path)
-        assert status == 200, page
+        assert status == 200, (status, page[:600])
         found = re.search(r'name="csrf" value="([^"]+)"', page)
         assert found, page
         return found[1]
