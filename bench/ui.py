@@ -36,8 +36,9 @@ import aiohttp
 from bench import report, seed
 from bench.client import BenchError
 from bench.services import Proxy
+from proxy.ui.manifests import MANIFEST_ACCEPT
 from proxy.ui.pages import REPOSITORIES_PER_PAGE, TAGS_PER_PAGE
-from proxy.ui.registry import MANIFEST_ACCEPT, PAGE_CONCURRENCY
+from proxy.ui.registry import PAGE_CONCURRENCY
 from tests.support.harness import Registry, htpasswd
 from tests.support.polling import wait_until
 

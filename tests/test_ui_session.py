@@ -12,7 +12,8 @@ import pytest
 
 from proxy.paths import Action
 from proxy.throttle.store import check_owner
-from proxy.ui.registry import Refused, api_path, read_config, read_manifest
+from proxy.ui.manifests import read_config, read_manifest
+from proxy.ui.registry import Refused, api_path
 from proxy.ui.session import Kind, SessionSigner, owner_key, read_session_key
 
 KEY = b"k" * 32
