@@ -595,7 +595,7 @@ def test_image_installs_every_module_of_the_package(image_root: Path) -> None:
     """Guards pyproject's package list and package data: a subpackage or template left out
     passes every editable test only."""
     site_package = image_root / "opt/registry-proxy/lib/python3.11/site-packages/proxy"
-    shipped = ("*.py", "*.html", "*.css", "*.js")
+    shipped = ("*.py", "*.html", "*.css", "*.js", "*.svg")
     installed = {
         str(path.relative_to(site_package)) for kind in shipped for path in site_package.rglob(kind)
     }

@@ -239,13 +239,14 @@ class BrowserUI:
         return self.registry
 
     def _render(self, page: Page, name: str, status: int = 200, **values: Any) -> web.Response:
-        registry = self._registry()
+        # No registry yet (the proxy is starting): a message page still renders.
+        read_only = self.registry is not None and self.registry.read_only
         return templates.render(
             name,
             status=status,
             user=page.session.name,
             csrf=page.csrf,
-            read_only=registry.read_only,
+            read_only=read_only,
             **values,
         )
 

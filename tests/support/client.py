@@ -59,29 +59,43 @@ def push_image(
     """Push what a client pushes (config, one layer, an OCI manifest tagged `tag`); return the
     manifest's digest. Registry v3 lists a repository in its catalog only once it has a manifest.
     """
-    layer = tar_gz({"repository.txt": repo.encode()})
-    config = json.dumps(
-        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [
-            sha256(gzip.decompress(layer))]}}
-    ).encode()  # fmt: skip
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": push_blob(base, repo, config, headers),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": push_blob(base, repo, layer, headers),
-                    "size": len(layer),
-                }
-            ],
-        }
-    ).encode()
+    config = {"architecture": "amd64", "os": "linux"}
+    return push_manifest(base, repo, tag, headers, config, {"repository.txt": repo.encode()})
+
+
+def push_manifest(
+    base: str,
+    repo: str,
+    tag: str,
+    headers: Mapping[str, str] | None,
+    config: Mapping[str, object],
+    files: Mapping[str, bytes],
+    annotations: Mapping[str, str] | None = None,
+) -> str:
+    """Push an image of one layer holding `files`, its config `config` (with the layer's
+    rootfs), and an OCI manifest tagged `tag` with `annotations`; the manifest's digest."""
+    layer = tar_gz(files)
+    rootfs = {"type": "layers", "diff_ids": [sha256(gzip.decompress(layer))]}
+    config_blob = json.dumps({**config, "rootfs": rootfs}).encode()
+    document: dict[str, object] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": push_blob(base, repo, config_blob, headers),
+            "size": len(config_blob),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": push_blob(base, repo, layer, headers),
+                "size": len(layer),
+            }
+        ],
+    }
+    if annotations is not None:
+        document["annotations"] = dict(annotations)
+    manifest = json.dumps(document).encode()
     put_headers = {**(headers or {}), "Content-Type": OCI_MANIFEST}
     status, _, body = call(f"{base}/v2/{repo}/manifests/{tag}", "PUT", put_headers, manifest)
     assert status == 201, body

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
 import http.client
-import json
 import re
 from email.message import Message as HTTPMessage
 from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from tests.support.client import call, push_blob
-from tests.support.harness import Registry, sha256
-from tests.support.images import OCI_MANIFEST, tar_gz
+from tests.support.client import push_manifest
+from tests.support.harness import Registry
 from tests.support.proxy import Proxy
 
 # The browser tests' rules: alice may do everything, bob pull team/** and list, carol pull
@@ -37,39 +34,11 @@ def push_labelled(
     annotations: dict[str, str] | None = None,
 ) -> str:
     """Push an image whose config carries `labels` and a created time; its manifest's digest."""
-    layer = tar_gz({"file.txt": f"{repo}:{tag}".encode()})
-    config = json.dumps(
-        {
-            "architecture": "arm64",
-            "os": "linux",
-            "created": created,
-            "config": {"Labels": labels or {}},
-            "rootfs": {"type": "layers", "diff_ids": [sha256(gzip.decompress(layer))]},
-        }
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": push_blob(base, repo, config, headers),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": push_blob(base, repo, layer, headers),
-                    "size": len(layer),
-                }
-            ],
-            "annotations": ANNOTATIONS if annotations is None else annotations,
-        }
-    ).encode()
-    put = {**headers, "Content-Type": OCI_MANIFEST}
-    status, _, body = call(f"{base}/v2/{repo}/manifests/{tag}", "PUT", put, manifest)
-    assert status == 201, body
-    return sha256(manifest)
+    config = {"architecture": "arm64", "os": "linux", "created": created,
+              "config": {"Labels": labels or {}}}  # fmt: skip
+    files = {"file.txt": f"{repo}:{tag}".encode()}
+    chosen = ANNOTATIONS if annotations is None else annotations
+    return push_manifest(base, repo, tag, headers, config, files, chosen)
 
 
 class PageClient:
