@@ -1,10 +1,15 @@
-"""The browser's registry reader against stand-ins for what the test registry cannot do: a blob
-redirected to object storage (S3, GCS), as the registry answers with such storage."""
+"""The browser against stand-ins for what the test registry cannot do: a blob redirected to
+object storage (S3, GCS), as the registry answers with such storage, and a registry that holds
+its answer while the proxy is told to stop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import secrets
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,6 +22,7 @@ from proxy.access.tag_guard import TagGuard
 from proxy.gate import AccessControl
 from proxy.identity import Identity
 from proxy.ui.registry import Acting, Registry
+from tests.support import Proxy, eventually, fake_upstream, signed_in
 
 CONFIG = json.dumps({"created": "2026-01-02T03:04:05Z", "os": "linux", "architecture": "s390x"})
 CONFIG_DIGEST = "sha256:" + "c" * 64
@@ -83,3 +89,46 @@ async def test_a_redirected_blob_is_fetched_without_our_headers(
     [headers] = storage[1]
     assert headers["Host"] == f"{storage[0].host}:{storage[0].port}"
     assert "X-Forwarded-For" not in headers and "X-Request-Id" not in headers
+
+
+async def test_a_page_in_progress_finishes_before_the_proxy_stops(
+    start_proxy: Callable[..., Proxy], users: dict[str, str], tmp_path: Path
+) -> None:
+    """Guards the drain on SIGTERM forgetting the browser's pages: only API requests counted as
+    in progress, so the drain waited for none (its log said 0, its deadline did not apply to
+    them) while a page still waited for the registry."""
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def registry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b" /v2/_catalog" in head.partition(b"\r\n")[0]:
+                asked.set()
+                await release.wait()
+                body = b'{"repositories":["team/app"]}'
+            else:
+                body = b"{}"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            await writer.drain()
+
+    key = tmp_path / "ui-session.key"
+    key.write_text(secrets.token_urlsafe(32))
+    async with fake_upstream(registry) as upstream:
+        proxy = start_proxy(upstream, PROXY_UI="true", PROXY_UI_SESSION_KEY_FILE=str(key))
+        browser = await asyncio.to_thread(signed_in, proxy, "alice", users["alice"])
+        page = asyncio.create_task(asyncio.to_thread(browser.request, "/ui/"))
+        await asyncio.wait_for(asked.wait(), 30)
+        assert proxy.process is not None
+        proxy.process.signal(signal.SIGTERM)
+        try:
+            await eventually(lambda: "stopped accepting" in proxy.log(), "the drain to start")
+            await eventually(
+                lambda: "for 1 requests in progress" in proxy.log(), "the drain's count", 10
+            )
+        finally:
+            release.set()
+        status, _, body = await page
+        assert status == 200 and "team/app" in body
+        assert await asyncio.to_thread(proxy.process.wait, 30) == 0
+        assert "all requests finished" in proxy.log()
