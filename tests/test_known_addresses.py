@@ -16,34 +16,19 @@ import redis.asyncio
 from proxy.throttle.policy import Throttle, Throttled
 from proxy.throttle.redis import RedisStore
 from proxy.throttle.store import MemoryStore, ThrottleStore
-from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 from tests.support import Proxy, RedisServer, Registry, call
 from tests.support.clock import Clock
+from tests.support.doubles import STORES, store_maker
 
 OWNER = "192.0.2.50"
 
 
-@pytest.fixture(params=["memory", "host", pytest.param("redis", marks=pytest.mark.system)])
+@pytest.fixture(params=STORES)
 async def bounded(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., ThrottleStore]]:
     """A store with small bounds: in this process, behind the supervisor's socket pair, or in
     a real redis-server (whose keys of failures are bounded by its `maxmemory` only)."""
-    made: list[HostStoreServer | HostStoreClient | RedisStore] = []
-
-    def make(max_keys: int = 30_000, **known_bounds: int) -> ThrottleStore:
-        if request.param == "redis":
-            server: RedisServer = request.getfixturevalue("redis_server")
-            made.append(redis_store := RedisStore(server.url, **known_bounds))
-            return redis_store
-        store = MemoryStore(max_keys, **known_bounds)
-        if request.param == "memory":
-            return store
-        made.append(host := HostStoreServer(store))
-        made.append(client := HostStoreClient(host.connect()))
-        return client
-
-    yield make
-    for each in reversed(made):
-        await each.close()
+    async with store_maker(request) as make:
+        yield make
 
 
 def throttle_on(store: ThrottleStore, clock: Clock, **settings: Any) -> Throttle:

@@ -21,7 +21,7 @@ from proxy.throttle.store import EndedSessions, MemoryStore, StoreUnavailable, T
 from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 from tests.support import RedisServer
 from tests.support.clock import Clock
-from tests.support.doubles import STORES, open_store
+from tests.support.doubles import STORES, open_store, store_maker
 from tests.support.polling import eventually
 
 # A wall-clock time, as the browser's sessions pass them, and the same in milliseconds.
@@ -36,27 +36,12 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[ThrottleStore]:
         yield opened
 
 
-@pytest.fixture(params=["memory", "host", pytest.param("redis", marks=pytest.mark.system)])
+@pytest.fixture(params=STORES)
 async def bounded(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[int], ThrottleStore]]:
     """A store keeping the sign-outs of at most `max_users` users: in this process, behind the
     supervisor's socket pair, or in a real redis-server."""
-    made: list[HostStoreServer | HostStoreClient | RedisStore] = []
-
-    def make(max_users: int) -> ThrottleStore:
-        if request.param == "redis":
-            server: RedisServer = request.getfixturevalue("redis_server")
-            made.append(redis_store := RedisStore(server.url, max_ended_users=max_users))
-            return redis_store
-        memory = MemoryStore(max_ended_users=max_users)
-        if request.param == "memory":
-            return memory
-        made.append(host := HostStoreServer(memory))
-        made.append(client := HostStoreClient(host.connect()))
-        return client
-
-    yield make
-    for each in reversed(made):
-        await each.close()
+    async with store_maker(request) as make:
+        yield lambda max_users: make(max_ended_users=max_users)
 
 
 async def ended(store: ThrottleStore, users: str, now: float) -> dict[str, float]:

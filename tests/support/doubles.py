@@ -23,7 +23,7 @@ from proxy.identity import AuthFailure, Identity
 from proxy.paths import classify
 from proxy.throttle.policy import Throttle, Throttled
 from proxy.throttle.redis import RedisStore
-from proxy.throttle.store import MemoryStore, ThrottleStore
+from proxy.throttle.store import MAX_KEYS, MemoryStore, ThrottleStore
 from proxy.throttle.supervisor import HostStoreClient, HostStoreServer
 
 # Redis is started by its fixture, on first use: a test with that store starts a process.
@@ -50,6 +50,33 @@ async def open_store(request: pytest.FixtureRequest) -> AsyncIterator[ThrottleSt
         redis_store = RedisStore(redis_server.url)
         yield redis_store
         await redis_store.close()
+
+
+@asynccontextmanager
+async def store_maker(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[..., ThrottleStore]]:
+    """Makes stores of the kind `request.param` names (one of `STORES`) with the bounds given;
+    closes them after. `max_keys` bounds failures in memory only (Redis's: its `maxmemory`)."""
+    made: list[HostStoreServer | HostStoreClient | RedisStore] = []
+
+    def make(max_keys: int = MAX_KEYS, **bounds: int) -> ThrottleStore:
+        if request.param == "redis":
+            server = request.getfixturevalue("redis_server")
+            made.append(redis_store := RedisStore(server.url, **bounds))
+            return redis_store
+        memory = MemoryStore(max_keys, **bounds)
+        if request.param == "memory":
+            return memory
+        made.append(host := HostStoreServer(memory))
+        made.append(client := HostStoreClient(host.connect()))
+        return client
+
+    try:
+        yield make
+    finally:
+        for each in reversed(made):
+            await each.close()
 
 
 async def fail(throttle: Throttle, address: str, user: str, times: int = 1) -> None:
