@@ -11,7 +11,7 @@ import html
 import json
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ from tests.support import (
     listed_repositories,
     push_labelled,
     signed_in,
+    ui_env,
     ui_proxy,
     wait_until,
 )
@@ -94,28 +95,23 @@ def test_sign_in_sets_a_session_cookie_scripts_cannot_read(site: Proxy) -> None:
 
 
 def test_the_session_cookie_is_secure_when_the_client_came_over_https(
-    registry: Registry, ui_htpasswd: Path, key_file: Path, tmp_path: Path
+    registry: Registry, ui_htpasswd: Path, key_file: Path, start_proxy: Callable[..., Proxy]
 ) -> None:
     """Guards a session cookie a browser would send over plain http after an https sign-in
     (behind a TLS-terminating balancer, the scheme it forwarded counts)."""
-    server = ui_proxy(
-        tmp_path, registry, ui_htpasswd, key_file, PROXY_TRUSTED_PROXIES="127.0.0.1/32"
-    )
-    server.start()
-    try:
-        browser = PageClient(server.url)
-        https = {"X-Forwarded-Proto": "https"}
-        _, _, page = browser.request("/ui/login", headers=https)
-        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
-        assert csrf
-        form = {"csrf": csrf[1], "username": "alice", "password": "alice-pw"}
-        origin = {**https, "Origin": "https://" + server.host}
-        status, _, _ = browser.request("/ui/login", "POST", form, origin)
-        assert status == 303
-        session = next(line for line in browser.last_set_cookie if "rp_session=" in line)
-        assert "secure" in session.lower()
-    finally:
-        server.stop()
+    env = ui_env(key_file, PROXY_TRUSTED_PROXIES="127.0.0.1/32")
+    server = start_proxy(registry.url, ui_htpasswd, **env)
+    browser = PageClient(server.url)
+    https = {"X-Forwarded-Proto": "https"}
+    _, _, page = browser.request("/ui/login", headers=https)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf
+    form = {"csrf": csrf[1], "username": "alice", "password": "alice-pw"}
+    origin = {**https, "Origin": "https://" + server.host}
+    status, _, _ = browser.request("/ui/login", "POST", form, origin)
+    assert status == 303
+    session = next(line for line in browser.last_set_cookie if "rp_session=" in line)
+    assert "secure" in session.lower()
 
 
 def test_pages_carry_a_strict_content_security_policy_and_no_inline_script(site: Proxy) -> None:
@@ -413,140 +409,110 @@ def test_a_forged_or_altered_cookie_is_no_session(site: Proxy) -> None:
 
 
 def test_a_user_removed_or_given_a_new_password_loses_the_session_at_once(
-    registry: Registry, key_file: Path, tmp_path: Path
+    registry: Registry, key_file: Path, tmp_path: Path, start_proxy: Callable[..., Proxy]
 ) -> None:
     """Guards sessions outliving their user: the htpasswd file is asked on every request."""
     passwords = tmp_path / "htpasswd"
     for user in ("alice", "dave"):
         htpasswd(passwords, "-B", "-C", "4", user=user, password=f"{user}-pw")
-    server = ui_proxy(tmp_path / "p", registry, passwords, key_file)
-    server.start()
-    try:
-        dave = signed_in(server, "dave")
-        alice = signed_in(server, "alice")
-        htpasswd(passwords, "-B", "-C", "4", user="alice", password="new-pw")
-        passwords.write_text(
-            "\n".join(
-                line for line in passwords.read_text().splitlines() if not line.startswith("dave:")
-            )
-            + "\n"
+    server = start_proxy(registry.url, passwords, **ui_env(key_file))
+    dave = signed_in(server, "dave")
+    alice = signed_in(server, "alice")
+    htpasswd(passwords, "-B", "-C", "4", user="alice", password="new-pw")
+    passwords.write_text(
+        "\n".join(
+            line for line in passwords.read_text().splitlines() if not line.startswith("dave:")
         )
-        wait_until(lambda: dave.request("/ui/")[0] == 303, "dave's session to end")
-        assert alice.request("/ui/")[0] == 303
-    finally:
-        server.stop()
+        + "\n"
+    )
+    wait_until(lambda: dave.request("/ui/")[0] == 303, "dave's session to end")
+    assert alice.request("/ui/")[0] == 303
 
 
 def test_a_lost_right_applies_to_an_open_session(
-    registry: Registry, ui_htpasswd: Path, key_file: Path, tmp_path: Path
+    registry: Registry,
+    ui_htpasswd: Path,
+    key_file: Path,
+    tmp_path: Path,
+    start_proxy: Callable[..., Proxy],
 ) -> None:
     """Guards rights frozen into a session: the rules in force decide every page (SIGHUP)."""
     config = tmp_path / "proxy.yml"
     config.write_text(f"access: {UI_RULES}\n")
-    server = ui_proxy(tmp_path / "p", registry, ui_htpasswd, key_file)
-    server.extra_env.pop("PROXY_ACCESS")
-    server.extra_env["PROXY_CONFIG"] = str(config)
-    server.start()
-    try:
-        bob = signed_in(server, "bob")
-        assert bob.request("/ui/tags?repository=team/app")[0] == 200
-        config.write_text("access: [{users: [alice], repositories: ['**'], actions: [pull]}]\n")
-        assert server.process is not None and server.process.popen is not None
-        server.process.popen.send_signal(1)
-        wait_until(
-            lambda: bob.request("/ui/tags?repository=team/app")[0] == 403, "bob's right to end"
-        )
-    finally:
-        server.stop()
+    env = ui_env(key_file, PROXY_CONFIG=str(config))
+    del env["PROXY_ACCESS"]
+    server = start_proxy(registry.url, ui_htpasswd, **env)
+    bob = signed_in(server, "bob")
+    assert bob.request("/ui/tags?repository=team/app")[0] == 200
+    config.write_text("access: [{users: [alice], repositories: ['**'], actions: [pull]}]\n")
+    assert server.process is not None and server.process.popen is not None
+    server.process.popen.send_signal(1)
+    wait_until(lambda: bob.request("/ui/tags?repository=team/app")[0] == 403, "bob's right to end")
 
 
 def test_the_throttle_applies_to_the_form(
-    registry: Registry, ui_htpasswd: Path, key_file: Path, tmp_path: Path
+    registry: Registry, ui_htpasswd: Path, key_file: Path, start_proxy: Callable[..., Proxy]
 ) -> None:
     """Guards a sign-in form that guesses passwords past the throttle Basic is held to."""
-    server = ui_proxy(
-        tmp_path,
-        registry,
-        ui_htpasswd,
-        key_file,
-        PROXY_AUTH_MAX_FAILURES="3",
-        PROXY_AUTH_MAX_FAILURES_PER_USER="3",
-    )
-    server.start()
-    try:
-        browser = PageClient(server.url)
-        statuses = [browser.sign_in("carol", f"guess-{n}")[0] for n in range(3)]
-        assert statuses == [401, 401, 401]
-        status, headers, page = browser.sign_in("carol", "guess-4")
-        assert status == 429 and "Too many failed sign-ins" in page
-        assert int(headers["Retry-After"]) > 0
-        # The API shares the count: Basic from the same address is throttled as well.
-        status, _, _ = call(server.url + "/v2/", headers=basic_auth("carol", "guess-5"))
-        assert status == 429
-    finally:
-        server.stop()
+    limits = {"PROXY_AUTH_MAX_FAILURES": "3", "PROXY_AUTH_MAX_FAILURES_PER_USER": "3"}
+    server = start_proxy(registry.url, ui_htpasswd, **ui_env(key_file, **limits))
+    browser = PageClient(server.url)
+    statuses = [browser.sign_in("carol", f"guess-{n}")[0] for n in range(3)]
+    assert statuses == [401, 401, 401]
+    status, headers, page = browser.sign_in("carol", "guess-4")
+    assert status == 429 and "Too many failed sign-ins" in page
+    assert int(headers["Retry-After"]) > 0
+    # The API shares the count: Basic from the same address is throttled as well.
+    status, _, _ = call(server.url + "/v2/", headers=basic_auth("carol", "guess-5"))
+    assert status == 429
 
 
 def test_read_only_shows_a_banner_and_refuses_deletes(
-    registry: Registry, ui_htpasswd: Path, key_file: Path, tmp_path: Path
+    registry: Registry, ui_htpasswd: Path, key_file: Path, start_proxy: Callable[..., Proxy]
 ) -> None:
     """Guards the read-only switch in the browser: told, and a delete refused as by the API."""
-    server = ui_proxy(tmp_path, registry, ui_htpasswd, key_file, PROXY_READ_ONLY="true")
-    server.start()
-    try:
-        alice = signed_in(server, "alice")
-        _, _, page = alice.request("/ui/")
-        assert 'id="read-only"' in page
-        _, _, page = alice.request("/ui/tags?repository=team/app")
-        assert 'class="delete"' not in page
-        assert delete(alice, "team/app", "latest") == 405
-        assert manifest_status(server, "team/app", "latest") == 200
-    finally:
-        server.stop()
+    server = start_proxy(registry.url, ui_htpasswd, **ui_env(key_file, PROXY_READ_ONLY="true"))
+    alice = signed_in(server, "alice")
+    _, _, page = alice.request("/ui/")
+    assert 'id="read-only"' in page
+    _, _, page = alice.request("/ui/tags?repository=team/app")
+    assert 'class="delete"' not in page
+    assert delete(alice, "team/app", "latest") == 405
+    assert manifest_status(server, "team/app", "latest") == 200
 
 
 def test_a_session_works_on_every_worker_and_sign_out_reaches_them_all(
-    registry: Registry, ui_htpasswd: Path, key_file: Path, tmp_path: Path
+    registry: Registry, ui_htpasswd: Path, key_file: Path, start_proxy: Callable[..., Proxy]
 ) -> None:
     """Guards sessions kept per process: with workers, each new connection may meet another."""
-    server = ui_proxy(tmp_path, registry, ui_htpasswd, key_file, PROXY_WORKERS="2")
-    server.start()
-    try:
-        browser = signed_in(server, "alice")
-        stolen = dict(browser.cookies)
-        assert all(browser.request("/ui/")[0] == 200 for _ in range(12))
-        browser.request("/ui/logout", "POST", {"csrf": browser.csrf("/ui/")})
-        replay = PageClient(server.url)
-        replay.cookies = stolen
-        assert all(replay.request("/ui/")[0] == 303 for _ in range(12))
-    finally:
-        server.stop()
+    server = start_proxy(registry.url, ui_htpasswd, **ui_env(key_file, PROXY_WORKERS="2"))
+    browser = signed_in(server, "alice")
+    stolen = dict(browser.cookies)
+    assert all(browser.request("/ui/")[0] == 200 for _ in range(12))
+    browser.request("/ui/logout", "POST", {"csrf": browser.csrf("/ui/")})
+    replay = PageClient(server.url)
+    replay.cookies = stolen
+    assert all(replay.request("/ui/")[0] == 303 for _ in range(12))
 
 
 def test_two_proxies_with_one_key_share_sessions_and_redis_shares_sign_outs(
     registry: Registry,
     ui_htpasswd: Path,
     key_file: Path,
-    tmp_path: Path,
+    start_proxy: Callable[..., Proxy],
     redis_server: RedisServer,
 ) -> None:
     """Guards the Swarm shape: a session from one task works on another, and a sign-out on
     one is refused on the other (the revocation lives in the throttle's shared store)."""
-    url = redis_server.url
-    first = ui_proxy(tmp_path / "a", registry, ui_htpasswd, key_file, PROXY_SHARED_STATE=url)
-    second = ui_proxy(tmp_path / "b", registry, ui_htpasswd, key_file, PROXY_SHARED_STATE=url)
-    first.start()
-    second.start()
-    try:
-        browser = signed_in(first, "alice")
-        elsewhere = PageClient(second.url)
-        elsewhere.cookies = dict(browser.cookies)
-        assert elsewhere.request("/ui/")[0] == 200
-        browser.request("/ui/logout", "POST", {"csrf": browser.csrf("/ui/")})
-        assert elsewhere.request("/ui/")[0] == 303
-    finally:
-        first.stop()
-        second.stop()
+    env = ui_env(key_file, PROXY_SHARED_STATE=redis_server.url)
+    first = start_proxy(registry.url, ui_htpasswd, **env)
+    second = start_proxy(registry.url, ui_htpasswd, **env)
+    browser = signed_in(first, "alice")
+    elsewhere = PageClient(second.url)
+    elsewhere.cookies = dict(browser.cookies)
+    assert elsewhere.request("/ui/")[0] == 200
+    browser.request("/ui/logout", "POST", {"csrf": browser.csrf("/ui/")})
+    assert elsewhere.request("/ui/")[0] == 303
 
 
 def test_the_session_cookie_never_reaches_the_registry() -> None:

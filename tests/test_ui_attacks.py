@@ -14,7 +14,7 @@ import re
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -42,6 +42,7 @@ from tests.support import (
     rss,
     signed_in,
     tar_gz,
+    ui_env,
     ui_proxy,
     user_dn,
     wait_until,
@@ -130,31 +131,31 @@ def test_a_session_planted_inside_another_cookie_is_not_read(site: Proxy) -> Non
 
 
 def test_a_token_session_ends_when_the_token_gets_another_secret(
-    registry: Registry, passwords: Path, key_file: Path, tmp_path: Path
+    registry: Registry,
+    passwords: Path,
+    key_file: Path,
+    tmp_path: Path,
+    start_proxy: Callable[..., Proxy],
 ) -> None:
     """Guards a session outliving the secret it signed in with: a token whose secret (or owner)
     an administrator replaced in the tokens file kept every browser session of the old secret,
     though Basic with it is refused. A new htpasswd password ends sessions; so must this."""
     tokens = tmp_path / "tokens"
     secret = create_token(tokens, "robot", repositories=("**",), actions="pull,catalog")
-    server = ui_proxy(tmp_path / "p", registry, passwords, key_file, PROXY_TOKENS=str(tokens))
-    server.start()
-    try:
-        browser = PageClient(server.url)
-        status, _, page = browser.sign_in("robot", secret)
-        assert status == 303, page
-        assert browser.request("/ui/")[0] == 200
-        table = load_tokens(tokens)
-        _, rotated = new_secret()
-        write_tokens(tokens, {"robot": dataclasses.replace(table["robot"], sha256=rotated)})
+    server = start_proxy(registry.url, passwords, **ui_env(key_file, PROXY_TOKENS=str(tokens)))
+    browser = PageClient(server.url)
+    status, _, page = browser.sign_in("robot", secret)
+    assert status == 303, page
+    assert browser.request("/ui/")[0] == 200
+    table = load_tokens(tokens)
+    _, rotated = new_secret()
+    write_tokens(tokens, {"robot": dataclasses.replace(table["robot"], sha256=rotated)})
 
-        def old_secret_refused() -> bool:
-            return call(server.url + "/v2/", headers=basic_auth("robot", secret))[0] == 401
+    def old_secret_refused() -> bool:
+        return call(server.url + "/v2/", headers=basic_auth("robot", secret))[0] == 401
 
-        wait_until(old_secret_refused, "the old secret to be refused by the API")
-        assert browser.request("/ui/")[0] == 303
-    finally:
-        server.stop()
+    wait_until(old_secret_refused, "the old secret to be refused by the API")
+    assert browser.request("/ui/")[0] == 303
 
 
 def test_config_blobs_and_manifests_longer_than_one_read_are_shown(site: Proxy) -> None:
@@ -559,7 +560,11 @@ def test_a_refused_delete_of_no_reference_logs_nothing_of_it(site: Proxy) -> Non
 
 
 def test_a_directory_users_session_ends_when_the_api_would_refuse_the_user(
-    registry: Registry, key_file: Path, passwords: Path, tmp_path: Path, slapd: Slapd
+    registry: Registry,
+    key_file: Path,
+    passwords: Path,
+    start_proxy: Callable[..., Proxy],
+    slapd: Slapd,
 ) -> None:
     """Guards a directory user the directory no longer lets in: Basic binds as the user once the
     cached login expires (`auth_cache_ttl`), so a new password, a lock-out or a disabled
@@ -568,23 +573,19 @@ def test_a_directory_users_session_ends_when_the_api_would_refuse_the_user(
     for the whole `ui_session_lifetime` (8 h). Now the session is bound to the entry's
     `modifyTimestamp`, which a new password, a lock-out or a disabled account changes."""
     env = slapd.proxy_env(PROXY_AUTH_CACHE_TTL="1")
-    server = ui_proxy(tmp_path / "p", registry, passwords, key_file, **env)
-    server.start()
-    try:
-        old = LDAP_USERS["dave"]
-        browser = PageClient(server.url)
-        status, _, page = browser.sign_in("dave", old)
-        assert status == 303, page
-        assert browser.request("/ui/")[0] == 200
-        slapd.modify(
-            f"dn: {user_dn('dave')}\nchangetype: modify\nreplace: userPassword\n"
-            "userPassword: a-new-directory-pw\n"
-        )
+    server = start_proxy(registry.url, passwords, **ui_env(key_file, **env))
+    old = LDAP_USERS["dave"]
+    browser = PageClient(server.url)
+    status, _, page = browser.sign_in("dave", old)
+    assert status == 303, page
+    assert browser.request("/ui/")[0] == 200
+    slapd.modify(
+        f"dn: {user_dn('dave')}\nchangetype: modify\nreplace: userPassword\n"
+        "userPassword: a-new-directory-pw\n"
+    )
 
-        def old_password_refused() -> bool:
-            return call(server.url + "/v2/", headers=basic_auth("dave", old))[0] == 401
+    def old_password_refused() -> bool:
+        return call(server.url + "/v2/", headers=basic_auth("dave", old))[0] == 401
 
-        wait_until(old_password_refused, "the API to refuse dave's old password")
-        assert browser.request("/ui/")[0] == 303
-    finally:
-        server.stop()
+    wait_until(old_password_refused, "the API to refuse dave's old password")
+    assert browser.request("/ui/")[0] == 303

@@ -68,6 +68,7 @@ from tests.support.pages import (
     listed_repositories,
     push_labelled,
     signed_in,
+    ui_env,
     ui_proxy,
 )
 from tests.support.polling import STARTUP_DEADLINE, eventually, wait_until
@@ -147,6 +148,7 @@ __all__ = [
     "tar_gz",
     "token",
     "token_cli",
+    "ui_env",
     "ui_proxy",
     "unread_bytes",
     "user_dn",

@@ -120,9 +120,9 @@ def listed_repositories(page: str) -> list[str]:
     return re.findall(r">([^<]+)</a></li>", block[1]) if block else []
 
 
-def ui_proxy(root: Path, registry: Registry, passwords: Path, key: Path, **env: str) -> Proxy:
-    """An unstarted proxy with the browser on, UI_RULES and UI_IMMUTABLE; `env` overrides."""
-    settings = {
+def ui_env(key: Path, **env: str) -> dict[str, str]:
+    """The settings of a proxy with the browser on, UI_RULES and UI_IMMUTABLE; `env` overrides."""
+    return {
         "PROXY_UI": "true",
         "PROXY_UI_SESSION_KEY_FILE": str(key),
         "PROXY_ACCESS": UI_RULES,
@@ -131,4 +131,8 @@ def ui_proxy(root: Path, registry: Registry, passwords: Path, key: Path, **env: 
         "PROXY_AUTH_MAX_FAILURES_PER_USER": "1000",
         **env,
     }
-    return Proxy(root, registry.url, passwords, settings)
+
+
+def ui_proxy(root: Path, registry: Registry, passwords: Path, key: Path, **env: str) -> Proxy:
+    """An unstarted proxy with `ui_env`'s settings (for a module's shared site)."""
+    return Proxy(root, registry.url, passwords, ui_env(key, **env))
