@@ -10,6 +10,7 @@ starts a process anyway fails, naming the mark it lacks.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -102,6 +103,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def workers() -> str:
     """PROXY_WORKERS for `proxy` and `start_proxy`: 1, unless a module or WITH_WORKERS says."""
     return "1"
+
+
+@pytest.fixture(scope="session")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A key for the browser's session cookies: 32 random bytes, base64 as the docs suggest."""
+    path = tmp_path_factory.mktemp("ui-key") / "ui-session.key"
+    path.write_text(secrets.token_urlsafe(32))
+    return path
 
 
 @pytest.fixture(scope="session")

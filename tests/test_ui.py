@@ -10,7 +10,6 @@ import base64
 import html
 import json
 import re
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,13 +43,6 @@ HOSTILE = {
     "org.example.img": "<img src=x onerror=alert(1)>",
     '"><svg onload=alert(2)>': "quote-breaker",
 }
-
-
-@pytest.fixture(scope="module")
-def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ui-key") / "ui-session.key"
-    path.write_text(secrets.token_urlsafe(32))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import http.client
 import http.server
 import json
 import re
-import secrets
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -58,13 +57,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ui-attack-key") / "ui-session.key"
-    path.write_text(secrets.token_urlsafe(32))
-    return path
 
 
 @pytest.fixture(scope="module")

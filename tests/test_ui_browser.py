@@ -7,9 +7,7 @@ repository and has no catalog right. Screenshots of the main pages go to the art
 
 from __future__ import annotations
 
-import base64
 import html
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -84,14 +82,6 @@ def described(registry: Registry, repository: str, title: str, tag: str = "v1") 
     """Push an image created at CREATED, titled `title` by a label and an annotation."""
     labels = {TITLE: title}
     return push_labelled(registry.url, repository, tag, {}, labels, CREATED, labels)
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    """A session signing key: 32 random bytes, base64 as the docs suggest."""
-    path = tmp_path / "ui-session.key"
-    path.write_bytes(base64.b64encode(os.urandom(32)))
-    return path
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ registry, a real slapd and the real `registry-proxy token` command."""
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,13 +26,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.system
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "ui-session.key"
-    path.write_text(secrets.token_urlsafe(32))
-    return path
 
 
 def test_a_token_session_keeps_the_token_scope_and_ends_when_it_is_revoked(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -92,7 +91,7 @@ async def test_a_redirected_blob_is_fetched_without_our_headers(
 
 
 async def test_a_page_in_progress_finishes_before_the_proxy_stops(
-    start_proxy: Callable[..., Proxy], users: dict[str, str], tmp_path: Path
+    start_proxy: Callable[..., Proxy], users: dict[str, str], key_file: Path
 ) -> None:
     """Guards the drain on SIGTERM forgetting the browser's pages: only API requests counted as
     in progress, so the drain waited for none (its log said 0, its deadline did not apply to
@@ -112,10 +111,8 @@ async def test_a_page_in_progress_finishes_before_the_proxy_stops(
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
             await writer.drain()
 
-    key = tmp_path / "ui-session.key"
-    key.write_text(secrets.token_urlsafe(32))
     async with fake_upstream(registry) as upstream:
-        proxy = start_proxy(upstream, PROXY_UI="true", PROXY_UI_SESSION_KEY_FILE=str(key))
+        proxy = start_proxy(upstream, PROXY_UI="true", PROXY_UI_SESSION_KEY_FILE=str(key_file))
         browser = await asyncio.to_thread(signed_in, proxy, "alice", users["alice"])
         page = asyncio.create_task(asyncio.to_thread(browser.request, "/ui/"))
         await asyncio.wait_for(asked.wait(), 30)
