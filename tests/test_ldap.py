@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from proxy.app import warn_about_unknown_users
-from proxy.auth.directory import group_filter, user_base, user_filter
+from proxy.auth.directory import Directory, group_filter, user_base, user_filter
 from proxy.config import ConfigError, load_config
 from tests.support import (
     LDAP_USERS,
@@ -87,6 +87,27 @@ def test_dn_values_are_escaped_as_rfc_4514_says() -> None:
     assert user_base("uid={user},ou=people", "a,ou=admins+cn=x") == (
         r"uid=a\,ou\=admins\+cn\=x,ou=people"
     )
+
+
+def test_the_entry_stamp_is_read_whatever_the_directory_calls_its_attributes() -> None:
+    """Guards the browser's directory sessions on a server that spells the change stamps in
+    another case (attribute names are case-insensitive): the stamp read empty, so a new
+    password no longer changed it and an open session outlived the password."""
+    settings = load_config(None, {"PROXY_HTPASSWD": "/h", "PROXY_LDAP_URL": "ldap://h",
+                                  "PROXY_LDAP_USER_BASE": "o=x"}).ldap  # fmt: skip
+
+    class Answers:
+        def search_ext_s(
+            self, *args: object, **kwargs: object
+        ) -> list[tuple[str, dict[str, list[bytes]]]]:
+            return [("uid=a,o=x", {"ENTRYCSN": [b"20261207.1#0"], "modifytimestamp": [b"2026"]})]
+
+    directory = Directory(settings, "")
+    try:
+        found = directory._find_entry(Answers(), "a")
+    finally:
+        directory.close()
+    assert found is not None and "20261207.1#0" in found[1] and "2026" in found[1]
 
 
 @pytest.mark.parametrize(

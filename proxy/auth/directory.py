@@ -236,7 +236,9 @@ class Directory:
         if len(entries) != 1:
             return None
         dn, attributes = entries[0]
-        stamp = b"\0".join(value for name in _STAMPS for value in attributes.get(name, ()))
+        # Attribute names are case-insensitive, and directories spell them as they like.
+        named = {name.lower(): values for name, values in attributes.items()}
+        stamp = b"\0".join(value for name in _STAMPS for value in named.get(name.lower(), ()))
         return dn, stamp.decode("utf-8", "replace")
 
     def _groups(self, connection: Any, dn: str, user: str) -> frozenset[str]:
